@@ -1,0 +1,49 @@
+"""Tiny random-weight configurations of real architectures, for exactness tests and demos.
+
+Each is small enough to trace and run in a second on CPU but keeps the features the passes must
+handle: GQA, RoPE variants (partial rotary), qk-norm, projection biases, learned positions.
+"""
+from __future__ import annotations
+
+import torch
+
+VOCAB = 272  # 256 bytes + specials, matching the byte tokenizer's range
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=256, eos_token_id=257)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, **common)
+    if arch == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if arch == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=None)
+    if arch == "qwen2":  # q/k/v projection biases
+        return tf.Qwen2Config(**llama_like)
+    if arch == "qwen3":  # qk-norm
+        return tf.Qwen3Config(**llama_like, head_dim=16)
+    if arch == "phi3":  # partial rotary, fused qkv projection
+        return tf.Phi3Config(**llama_like, partial_rotary_factor=0.5, pad_token_id=0)
+    if arch == "gemma":  # attention scaling by query_pre_attn_scalar-free head_dim, GeGLU
+        return tf.GemmaConfig(**llama_like, head_dim=16)
+    if arch == "gpt2":  # learned absolute positions, fused c_attn with bias, MHA
+        return tf.GPT2Config(vocab_size=VOCAB, n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                             bos_token_id=256, eos_token_id=257)
+    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
+
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A seeded random-weight model of `arch`, SDPA attention, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    model.config._kvcompile_source = f"tiny-{arch}"
+    return model.eval()

@@ -1,0 +1,142 @@
+"""Cache managers: own the K/V storage of a batch of sequences across prefill and decode.
+
+The compiled graph is functional: it reads `past_key.i`/`past_value.i` and returns this step's
+`new_key.i`/`new_value.i`. The manager keeps preallocated buffers, hands the graph views of the
+filled part (no copy of the past per step), and appends the new entries.
+
+Layouts:  full layer   key [B, Hkv, cap, D] and value [B, Hkv, cap, D] on the compute device
+          kcache layer key [B, Hkv, cap, D] on the device; value [B, cap, Hkv, D] in host memory
+          (token-major, so one token's values for all heads are one row; pinned when on CUDA)
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from kvcompile.spec import GraphSpec
+
+
+class HostMemoryError(RuntimeError):
+    """Pinned host memory for the V cache could not be allocated."""
+
+
+def allocate_host_values(shape, dtype, pin: bool) -> torch.Tensor:
+    try:
+        return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+    except RuntimeError as err:
+        gib = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() / 2**30
+        raise HostMemoryError(
+            f"cannot allocate {gib:.2f} GiB of {'pinned ' if pin else ''}host memory for the V cache "
+            f"{tuple(shape)}: {str(err).splitlines()[0]}; lower the batch size or the context length"
+        ) from None
+
+
+class KVCacheManager:
+    """K/V storage for `batch` sequences, growing by doubling when a step would overflow."""
+
+    def __init__(self, spec: GraphSpec, batch: int, capacity: int, device, dtype: torch.dtype):
+        self.spec = spec
+        self.batch = batch
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.length = 0  # positions filled (same for every sequence; padding is marked invalid)
+        self.capacity = 0
+        self.keys: List[torch.Tensor] = []
+        self.values: List[torch.Tensor] = []
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
+        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.host_copies_done: Optional[torch.cuda.Event] = None
+        self.reserve(max(capacity, 1))
+
+    # storage -------------------------------------------------------------------------------
+    def is_host_layer(self, layer: int) -> bool:
+        return self.spec.layer_kinds[layer] == "kcache"
+
+    def new_buffers(self, capacity: int):
+        spec, batch = self.spec, self.batch
+        keys, values = [], []
+        for layer in range(spec.num_layers):
+            keys.append(torch.zeros(batch, spec.kv_heads, capacity, spec.head_dim, dtype=self.dtype, device=self.device))
+            if self.is_host_layer(layer):
+                shape = (batch, capacity, spec.kv_heads, spec.head_dim)
+                values.append(allocate_host_values(shape, self.dtype, pin=self.device.type == "cuda"))
+            else:
+                values.append(torch.zeros_like(keys[-1]))
+        return keys, values
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` positions, keeping what is cached."""
+        if capacity <= self.capacity:
+            return
+        capacity = max(capacity, 2 * self.capacity)
+        self.wait_for_host_copies()
+        keys, values = self.new_buffers(capacity)
+        for layer in range(self.spec.num_layers):
+            if self.length:
+                keys[layer][:, :, : self.length].copy_(self.keys[layer][:, :, : self.length])
+                if self.is_host_layer(layer):
+                    values[layer][:, : self.length].copy_(self.values[layer][:, : self.length])
+                else:
+                    values[layer][:, :, : self.length].copy_(self.values[layer][:, :, : self.length])
+        self.keys, self.values, self.capacity = keys, values, capacity
+
+    # what the graph reads ------------------------------------------------------------------
+    def past(self, layer: int):
+        """(past_key, past_value) views of the filled positions, in the layer's layout."""
+        key = self.keys[layer][:, :, : self.length]
+        if self.is_host_layer(layer):
+            return key, self.values[layer][:, : self.length]
+        return key, self.values[layer][:, :, : self.length]
+
+    def past_all(self):
+        self.wait_for_host_copies()
+        pairs = [self.past(layer) for layer in range(self.spec.num_layers)]
+        return [k for k, _ in pairs], [v for _, v in pairs]
+
+    # what the graph wrote ------------------------------------------------------------------
+    def append(self, new_keys, new_values, new_valid: torch.Tensor, new_positions: torch.Tensor) -> None:
+        """Store this step's K/V ([B, Hkv, T, D] per layer) after the filled positions."""
+        tokens = new_valid.shape[1]
+        self.reserve(self.length + tokens)
+        start, end = self.length, self.length + tokens
+        for layer in range(self.spec.num_layers):
+            self.keys[layer][:, :, start:end].copy_(new_keys[layer])
+            if not self.is_host_layer(layer):
+                self.values[layer][:, :, start:end].copy_(new_values[layer])
+        self.copy_values_to_host(new_values, start, end)
+        self.valid = torch.cat([self.valid, new_valid.to(self.device)], dim=1)
+        self.positions = torch.cat([self.positions, new_positions.to(self.device)], dim=1)
+        self.length = end
+
+    def copy_values_to_host(self, new_values, start: int, end: int) -> None:
+        """Move kcache layers' new V to host memory; on CUDA on a side stream, so the next
+        step's early layers run while the copy is in flight (it waits only before reading)."""
+        host_layers = [layer for layer in range(self.spec.num_layers) if self.is_host_layer(layer)]
+        if not host_layers:
+            return
+        if self.copy_stream is None:
+            for layer in host_layers:
+                self.values[layer][:, start:end].copy_(new_values[layer].transpose(1, 2))
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            for layer in host_layers:
+                source = new_values[layer].transpose(1, 2)  # [B, T, Hkv, D]
+                self.values[layer][:, start:end].copy_(source, non_blocking=True)
+                new_values[layer].record_stream(self.copy_stream)
+        self.host_copies_done = torch.cuda.Event()
+        self.host_copies_done.record(self.copy_stream)
+
+    def wait_for_host_copies(self) -> None:
+        if self.host_copies_done is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.host_copies_done)
+            self.host_copies_done = None
+
+    def device_bytes(self) -> int:
+        """Bytes of cache held on the compute device (filled part only)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        per_token = self.batch * self.spec.kv_heads * self.spec.head_dim * element
+        device_tensors = self.spec.num_layers + sum(not self.is_host_layer(i) for i in range(self.spec.num_layers))
+        return per_token * self.length * device_tensors

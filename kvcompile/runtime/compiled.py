@@ -1,0 +1,88 @@
+"""CompiledModel: the rewritten graph plus the runtime around it (the Python compile API)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from kvcompile.config import CacheConfig
+from kvcompile.runtime import generate as gen
+from kvcompile.runtime.cache import KVCacheManager
+from kvcompile.spec import GraphSpec
+
+
+def interleave(keys: List[torch.Tensor], values: List[torch.Tensor]) -> list:
+    flat = []
+    for key, value in zip(keys, values):
+        flat += [key, value]
+    return flat
+
+
+class CompiledModel:
+    """A traced model whose attention runs over a cache this object manages.
+
+    prefill / decode_step work on an explicit cache (from `new_cache`); generate owns one.
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, spec: GraphSpec, cache_config: CacheConfig,
+                 report, model_config=None):
+        self.graph_module = graph_module
+        self.spec = spec
+        self.cache_config = cache_config
+        self.report = report
+        self.model_config = model_config
+
+    # device / dtype -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.graph_module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.spec.dtype)
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CompiledModel":
+        self.graph_module.to(device=device, dtype=dtype)
+        if dtype is not None:
+            self.spec.dtype = str(dtype).removeprefix("torch.")
+        return self
+
+    # backend protocol ---------------------------------------------------------------------
+    def step(self, input_ids, position_ids, attn_bias, past_keys, past_values):
+        device = self.device
+        outputs = self.graph_module(
+            input_ids.to(device), position_ids.to(device), attn_bias.to(device), *interleave(past_keys, past_values)
+        )
+        logits, rest = outputs[0], outputs[1:]
+        return logits, list(rest[0::2]), list(rest[1::2])
+
+    # cache API ----------------------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int = 256) -> KVCacheManager:
+        return KVCacheManager(self.spec, batch, capacity, self.device, self.dtype)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCacheManager] = None):
+        """Run the prompt; returns (logits [B, T, V], cache)."""
+        input_ids = input_ids.to(self.device)
+        cache = cache or self.new_cache(input_ids.shape[0], input_ids.shape[1])
+        return gen.prefill(self, cache, input_ids, attention_mask), cache
+
+    @torch.no_grad()
+    def decode_step(self, next_ids: torch.Tensor, cache: KVCacheManager) -> torch.Tensor:
+        """One token per sequence; returns logits [B, 1, V]."""
+        return gen.decode_step(self, cache, next_ids.to(self.device))
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
+                 pad_token_id: Optional[int] = None) -> torch.Tensor:
+        """Greedy generation, batched with left padding; returns prompt + new tokens."""
+        config = self.model_config
+        if eos_token_id is None and config is not None:
+            eos_token_id = getattr(config, "eos_token_id", None)
+            if isinstance(eos_token_id, (list, tuple)):
+                eos_token_id = eos_token_id[0]
+        if pad_token_id is None and config is not None:
+            pad_token_id = getattr(config, "pad_token_id", None)
+        return gen.greedy_generate(self, self.new_cache, input_ids.to(self.device), attention_mask,
+                                   max_new_tokens, eos_token_id, pad_token_id)

@@ -1,0 +1,87 @@
+"""The generation loop every backend shares: prefill, then greedy decode steps over a cache manager.
+
+A backend is anything with `spec` (GraphSpec) and
+    step(input_ids, position_ids, attn_bias, past_keys, past_values) -> (logits, new_keys, new_values)
+(the torch GraphModule and the ONNX Runtime session both qualify), so the cache semantics —
+left padding, positions, masks, host-resident V — are written once, here and in cache.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kvcompile.runtime.cache import KVCacheManager
+from kvcompile.runtime.masks import attention_bias
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left-padded prompt -> position ids (as HF generate: padding gets position 0)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def run_step(backend, cache: KVCacheManager, input_ids, new_valid, new_positions) -> torch.Tensor:
+    """One forward over `input_ids` [B, T] appended after the cache; returns logits [B, T, V]."""
+    past_keys, past_values = cache.past_all()
+    bias = attention_bias(cache.valid, cache.positions, new_valid, new_positions, cache.dtype, backend.spec.sliding_window)
+    logits, new_keys, new_values = backend.step(input_ids, new_positions, bias, past_keys, past_values)
+    cache.append(new_keys, new_values, new_valid, new_positions)
+    return logits
+
+
+def prefill(backend, cache: KVCacheManager, input_ids, attention_mask=None) -> torch.Tensor:
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(input_ids.device)
+    if cache.length == 0:
+        positions = positions_from_mask(attention_mask)
+    else:  # a continuation: positions carry on from what each sequence has cached
+        positions = next_positions(cache)[:, None] + attention_mask.long().cumsum(-1) - 1
+        positions = positions.clamp(min=0)
+    return run_step(backend, cache, input_ids, attention_mask.bool(), positions)
+
+
+def next_positions(cache: KVCacheManager) -> torch.Tensor:
+    """[B] position id of each sequence's next token (= its count of real tokens)."""
+    return cache.valid.long().sum(dim=1)
+
+
+def decode_step(backend, cache: KVCacheManager, next_ids: torch.Tensor) -> torch.Tensor:
+    """Feed one token per sequence ([B] or [B, 1]); returns logits [B, 1, V]."""
+    next_ids = next_ids.reshape(cache.batch, 1)
+    positions = next_positions(cache)[:, None].to(next_ids.device)
+    valid = torch.ones_like(next_ids, dtype=torch.bool)
+    return run_step(backend, cache, next_ids, valid, positions)
+
+
+@torch.no_grad()
+def greedy_generate(
+    backend,
+    make_cache,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    max_new_tokens: int = 32,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+) -> torch.Tensor:
+    """Greedy decoding. Returns prompt + new tokens [B, L + n] like HF generate: sequences that
+    hit EOS are filled with `pad_token_id` (EOS when none) and the loop stops when all did."""
+    batch, prompt_length = input_ids.shape
+    cache = make_cache(batch, prompt_length + max_new_tokens)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    generated = []
+    logits = prefill(backend, cache, input_ids, attention_mask)
+    for step in range(max_new_tokens):
+        next_ids = logits[:, -1].argmax(dim=-1).to(input_ids.device)
+        if pad is not None:
+            next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
+        generated.append(next_ids)
+        if eos_token_id is not None:
+            finished |= next_ids == eos_token_id
+            if bool(finished.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = decode_step(backend, cache, next_ids)
+    return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1) if generated else input_ids

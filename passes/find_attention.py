@@ -1,0 +1,197 @@
+"""find_attention: locate every attention in a traced model and describe it.
+
+Matches: each `aten.scaled_dot_product_attention` node. Walks back from its key/value inputs over
+HF's `repeat_kv` expansion (unsqueeze → expand → reshape) to the per-KV-head tensors, and from the
+key to its RoPE application (`x·cos + rotate(x)·sin`, half-split or interleaved, full or partial).
+Produces: no graph change; `context["attention_sites"]`, one AttentionSite per layer in layer order.
+
+It needs nothing model-specific: whatever computes q/k/v (fused projections, biases, qk-norm,
+learned positions) stays upstream and untouched; the cache stores exactly what SDPA consumed.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+SDPA_TARGETS = (aten.scaled_dot_product_attention.default,)
+EXPAND_TARGETS = (aten.expand.default,)
+RESHAPE_TARGETS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
+class AttentionPatternError(RuntimeError):
+    """The model's attention does not have a shape kvcompile can rewrite."""
+
+
+@dataclass
+class AttentionSite:
+    layer: int
+    module_path: str
+    module_type: str
+    sdpa: torch.fx.Node
+    query: torch.fx.Node
+    key: torch.fx.Node  # per-KV-head key, before any GQA expansion: [B, Hkv, T, D]
+    value: torch.fx.Node  # [B, Hkv, T, D]
+    mask: Optional[torch.fx.Node]
+    scale: float
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+    gqa: str  # "none" | "repeat_kv" | "enable_gqa"
+    rope: str  # e.g. "half-split", "interleaved", "half-split, partial 8/16", "none"
+
+    def describe(self) -> dict:
+        return {
+            "layer": self.layer,
+            "module": self.module_path,
+            "heads q/kv": f"{self.query_heads}/{self.kv_heads}",
+            "head_dim": self.head_dim,
+            "gqa": self.gqa,
+            "rope": self.rope,
+            "mask": "causal" if self.mask is None else self.mask.name,
+            "scale": round(self.scale, 6),
+        }
+
+
+def shape_of(node) -> Optional[tuple]:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def module_of(node: torch.fx.Node) -> tuple:
+    """(path, class name) of the innermost module a node was traced in."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return path.removeprefix("model.").removeprefix("L['self'].model."), cls_name.rsplit(".", 1)[-1]
+
+
+def layer_index(path: str) -> Optional[int]:
+    match = re.search(r"\.(\d+)(\.|$)", path)
+    return int(match.group(1)) if match else None
+
+
+def strip_repeat_kv(node: torch.fx.Node) -> tuple:
+    """reshape(expand(unsqueeze(x, 2), [B, Hkv, rep, T, D]), [B, Hkv*rep, T, D]) -> (x, rep)."""
+    if node.op != "call_function" or node.target not in RESHAPE_TARGETS:
+        return node, 1
+    expanded = node.args[0]
+    while isinstance(expanded, torch.fx.Node) and expanded.target in (aten.clone.default, aten.contiguous.default):
+        expanded = expanded.args[0]
+    if not isinstance(expanded, torch.fx.Node) or expanded.target not in EXPAND_TARGETS:
+        return node, 1
+    unsqueezed = expanded.args[0]
+    if unsqueezed.target != aten.unsqueeze.default or unsqueezed.args[1] != 2:
+        return node, 1
+    source = unsqueezed.args[0]
+    source_shape, out_shape = shape_of(source), shape_of(node)
+    if source_shape is None or out_shape is None or len(source_shape) != 4:
+        return node, 1
+    return source, out_shape[1] // source_shape[1]
+
+
+def describe_rope(key: torch.fx.Node) -> str:
+    """Name the rotary embedding applied to `key` (informational; the graph keeps computing it)."""
+    partial = ""
+    node = key
+    if node.target == aten.cat.default and len(node.args[0]) == 2:
+        rotated, passthrough = node.args[0]
+        rot_shape, full_shape = shape_of(rotated), shape_of(node)
+        if rot_shape and full_shape:
+            partial = f", partial {rot_shape[-1]}/{full_shape[-1]}"
+        node = rotated
+    if node.target != aten.add.Tensor:
+        return "none"
+    products = [a for a in node.args if isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor]
+    if len(products) != 2:
+        return "none"
+    for product in products:
+        for operand in product.args:
+            if not isinstance(operand, torch.fx.Node):
+                continue
+            if operand.target == aten.cat.default and any(
+                isinstance(a, torch.fx.Node) and a.target == aten.neg.default for a in operand.args[0]
+            ):
+                return "half-split" + partial
+            if operand.target in (aten.flatten.using_ints, aten.view.default, aten.reshape.default) and any(
+                isinstance(a, torch.fx.Node) and a.target == aten.stack.default for a in operand.args
+            ):
+                return "interleaved" + partial
+    return "unrecognised rotation" + partial
+
+
+def attention_modules(graph_module: torch.fx.GraphModule) -> dict:
+    """Module paths that look like attention blocks (for a useful error when SDPA is absent)."""
+    found = {}
+    for node in graph_module.graph.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            cls_name = (cls if isinstance(cls, str) else getattr(cls, "__name__", "")).rsplit(".", 1)[-1]
+            if "Attention" in cls_name:
+                clean = path.removeprefix("model.").removeprefix("L['self'].model.")
+                found.setdefault(clean, cls_name)
+    return found
+
+
+def find_attention(graph_module: torch.fx.GraphModule, context: dict) -> list:
+    """Locate each SDPA node with its layer, q/k/v producers, GQA expansion, RoPE, mask and scale."""
+    sites: List[AttentionSite] = []
+    sdpa_nodes = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+    if not sdpa_nodes:
+        modules = attention_modules(graph_module)
+        where = ", ".join(f"layer {layer_index(p)} ({p}, {c})" for p, c in list(modules.items())[:3])
+        raise AttentionPatternError(
+            (f"{where}: " if where else "")
+            + "pattern 'scaled_dot_product_attention' not found — this attention is computed another way "
+            "(eager matmul/softmax or a fused kernel); load the model with attn_implementation='sdpa'"
+        )
+    for ordinal, node in enumerate(sdpa_nodes):
+        path, cls_name = module_of(node)
+        layer = layer_index(path)
+        layer = ordinal if layer is None else layer
+        where = f"layer {layer} ({path or node.name})"
+        query, key, value = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0):
+            raise AttentionPatternError(f"{where}: attention has dropout; call model.eval() before compiling")
+        enable_gqa = bool(node.kwargs.get("enable_gqa", False))
+        gqa = "enable_gqa" if enable_gqa else "none"
+        if not enable_gqa:
+            key, key_rep = strip_repeat_kv(key)
+            value, value_rep = strip_repeat_kv(value)
+            if key_rep != value_rep:
+                raise AttentionPatternError(f"{where}: key and value are expanded differently for GQA")
+            gqa = "repeat_kv" if key_rep > 1 else "none"
+        q_shape, k_shape, v_shape = shape_of(query), shape_of(key), shape_of(value)
+        if q_shape is None or k_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
+            raise AttentionPatternError(
+                f"{where}: pattern 'query/key as [batch, heads, tokens, head_dim]' not found (got {q_shape} / {k_shape})"
+            )
+        if v_shape != k_shape:
+            raise AttentionPatternError(f"{where}: key {k_shape} and value {v_shape} differ in shape; not supported")
+        query_heads, head_dim = int(q_shape[1]), int(q_shape[3])
+        kv_heads = int(k_shape[1])
+        if query_heads % kv_heads:
+            raise AttentionPatternError(f"{where}: {query_heads} query heads do not group over {kv_heads} KV heads")
+        scale = node.kwargs.get("scale")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        sites.append(AttentionSite(
+            layer=layer, module_path=path, module_type=cls_name, sdpa=node, query=query, key=key, value=value,
+            mask=mask, scale=scale, query_heads=query_heads, kv_heads=kv_heads, head_dim=head_dim,
+            gqa=gqa, rope=describe_rope(key),
+        ))
+    sites.sort(key=lambda s: s.layer)
+    layers = [s.layer for s in sites]
+    if len(set(layers)) != len(layers):
+        raise AttentionPatternError(f"several attention calls share a layer index: {layers}")
+    context["attention_sites"] = sites
+    return [s.describe() for s in sites]
+
+
+find_attention.pass_name = "find_attention"
