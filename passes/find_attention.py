@@ -53,7 +53,7 @@ class AttentionSite:
             "head_dim": self.head_dim,
             "gqa": self.gqa,
             "rope": self.rope,
-            "mask": "causal" if self.mask is None else self.mask.name,
+            "model mask": "is_causal" if self.mask is None else "4D tensor",
             "scale": round(self.scale, 6),
         }
 

@@ -1,0 +1,45 @@
+"""kvcompile.export: write a compiled model as a deployable artifact folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from kvcompile.config import CacheConfig
+
+TARGETS = ("torch", "onnx")
+
+
+class TargetError(ValueError):
+    """An export target kvcompile does not know."""
+
+
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise TargetError(f"unknown target {target!r}; expected one of: {', '.join(TARGETS)}")
+
+
+def export(model, target: str = "torch", out_dir="exported/model", cache: Optional[CacheConfig] = None,
+           source_dir: Optional[Path] = None) -> Path:
+    """Compile `model` (a HF model or a CompiledModel) for `cache` and write a `target` artifact."""
+    from kvcompile.compiler import compile as compile_model
+    from kvcompile.export.manifest import check_writable_parent
+    from kvcompile.runtime.compiled import CompiledModel
+
+    check_target(target)
+    out_dir = Path(out_dir)
+    check_writable_parent(out_dir)  # before the expensive trace
+    compiled = model if isinstance(model, CompiledModel) else compile_model(model, cache or CacheConfig())
+    if source_dir is None and compiled.model_config is not None:
+        source = getattr(compiled.model_config, "_kvcompile_source", None)
+        if source:
+            from kvcompile.loading import resolve_model_dir
+
+            candidate = resolve_model_dir(source)
+            source_dir = candidate if candidate.is_dir() else None
+    if target == "torch":
+        from kvcompile.export.torch_target import export_torch
+
+        return export_torch(compiled, out_dir, source_dir)
+    from kvcompile.export.onnx import export_onnx
+
+    return export_onnx(compiled, out_dir, source_dir=source_dir)
