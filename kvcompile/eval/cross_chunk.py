@@ -1,0 +1,188 @@
+"""Cross-chunk task for KV fusion: variable tracking in a tiny assignment language.
+
+A program is lines `x = 47` (literal), `y = x` (copy: y takes x's value *now*), and
+`assert y == 47` (the answer is y's current value), split into parts `# part N`.
+
+Evaluation ("chain" kind): part a sets `A = v1`; a later part b copies `B = A`; after that
+line `A` is overwritten with `A = v2`. The question is `assert B == ` → v1. Resolving `B`
+at question time (find `B = A`, then find `A`) gives the latest value v2, which is wrong:
+the right value must have been copied into the tokens of `B = A` while they were computed
+with part a in view. Under full reuse part b was computed alone, so that information never
+entered its KV cache. The "direct" kind (`B = v1` as a literal, never overwritten) is the
+control: it needs no flow between chunks, so full reuse should keep it.
+
+Training documents (names from the training split) are long programs with asserts
+everywhere, many of them on copies whose source was overwritten later.
+"""
+from __future__ import annotations
+
+import random
+
+from kvcompile.eval.splits import all_names, seeded_rng
+from kvcompile.tokenizer import ByteTokenizer
+
+NAME_LETTERS = 2
+KINDS = ("chain", "direct")
+MODES = ("full_prefill", "full_reuse")
+
+_TOKENIZER = ByteTokenizer()
+_NAMES = {split: all_names(NAME_LETTERS, split) for split in ("train", "eval")}
+
+
+def part_header(number: int) -> str:
+    return f"# part {number}\n"
+
+
+def question_text(name: str) -> str:
+    return f"assert {name} == "
+
+
+def _literal(rng: random.Random) -> str:
+    return str(rng.randint(10, 99))  # two digits: a guess is right 1 time in 90
+
+
+def training_program_doc(rng: random.Random, target_bytes: int) -> str:
+    """A training-split program of about `target_bytes`, asserts on ~30% of the lines."""
+    pool = rng.sample(_NAMES["train"], rng.randint(10, 48))
+    env: dict[str, str] = {}          # name -> current value
+    copied_from: dict[str, str] = {}  # name -> the name it was last copied from
+    stale: set[str] = set()           # copies whose source has changed since: the hard asserts
+    asked: set[str] = set()           # names asserted since their last assignment
+    lines: list[str] = []
+    size, part, lines_left_in_part = 0, 1, 0
+    while size < target_bytes:
+        if lines_left_in_part == 0:
+            lines.append(part_header(part))
+            part += 1
+            lines_left_in_part = rng.randint(4, 20)
+        lines_left_in_part -= 1
+        draw = rng.random()
+        defined = list(env)
+        if len(defined) >= 2 and draw < 0.3:
+            # Ask each value once: a repeated assert could be answered by copying the last one.
+            unasked = [n for n in defined if n not in asked]
+            if stale and rng.random() < 0.5:
+                name = rng.choice(sorted(stale))
+            elif unasked and rng.random() < 0.8:
+                name = rng.choice(unasked)
+            else:
+                name = rng.choice(defined)
+            stale.discard(name)
+            asked.add(name)
+            line = f"assert {name} == {env[name]}\n"
+        elif defined and draw < 0.6:
+            source = rng.choice(defined)  # uniform over all defined names: long distances
+            fresh = [n for n in pool if n not in env]
+            if fresh and rng.random() < 0.7:
+                dest = rng.choice(fresh)
+            else:
+                dest = rng.choice(pool)
+            if dest == source:
+                continue
+            _assign(env, copied_from, stale, dest, env[source])
+            copied_from[dest] = source
+            asked.discard(dest)
+            line = f"{dest} = {source}\n"
+        else:
+            fresh = [n for n in pool if n not in env]
+            dest = rng.choice(fresh) if fresh and rng.random() < 0.6 else rng.choice(pool)
+            value = _literal(rng)
+            _assign(env, copied_from, stale, dest, value)
+            asked.discard(dest)
+            line = f"{dest} = {value}\n"
+        lines.append(line)
+        size += len(line)
+    return "".join(lines)
+
+
+def _assign(env, copied_from, stale, dest, value) -> None:
+    """Set dest; copies of dest whose value now differs from dest become stale."""
+    env[dest] = value
+    copied_from.pop(dest, None)
+    stale.discard(dest)
+    for name, source in copied_from.items():
+        if source == dest and env[name] != value:
+            stale.add(name)
+
+
+def cross_chunk_example(index: int, seed: int = 0, kind: str = "chain", n_chunks: int = 4,
+                        lines_per_chunk: int = 16, split: str = "eval") -> dict:
+    """{"chunks": [ids...] (BOS on the first), "question": ids, "answer": v1, "trap": v2|None}."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if n_chunks < 2:
+        raise ValueError("the cross-chunk task needs at least two chunks")
+    rng = seeded_rng(split, seed, 2, KINDS.index(kind), n_chunks, lines_per_chunk, index)
+    names = rng.sample(_NAMES[split], 2 + n_chunks * lines_per_chunk // 2)
+    target, source, distractors = names[0], names[1], names[2:]
+    answer = _literal(rng)
+    trap = None
+    # (chunk, line) slots for the special lines; lines inserted at equal slots keep this order.
+    specials: list[tuple[int, float, str]] = []
+    if kind == "chain":
+        first = rng.randrange(n_chunks - 1)
+        copy_chunk = rng.randrange(first + 1, n_chunks)
+        copy_slot = rng.random()
+        overwrite_chunk = rng.randrange(copy_chunk, n_chunks)
+        overwrite_slot = rng.uniform(copy_slot, 1.0) if overwrite_chunk == copy_chunk else rng.random()
+        trap = answer
+        while trap == answer:
+            trap = _literal(rng)
+        specials += [(first, rng.random(), f"{source} = {answer}\n"),
+                     (copy_chunk, copy_slot, f"{target} = {source}\n"),
+                     (overwrite_chunk, overwrite_slot, f"{source} = {trap}\n")]
+    else:
+        specials.append((rng.randrange(n_chunks), rng.random(), f"{target} = {answer}\n"))
+
+    chunk_texts = []
+    defined: list[str] = []
+    for c in range(n_chunks):
+        body = []
+        for _ in range(lines_per_chunk):
+            if defined and rng.random() < 0.4:
+                dest, src = rng.choice(distractors), rng.choice(defined)
+                if dest != src:
+                    body.append(f"{dest} = {src}\n")
+                    defined.append(dest)
+                    continue
+            dest = rng.choice(distractors)
+            body.append(f"{dest} = {_literal(rng)}\n")
+            defined.append(dest)
+        mine = sorted((slot, text) for chunk, slot, text in specials if chunk == c)
+        for offset, (slot, text) in enumerate(mine):
+            body.insert(min(len(body), int(slot * (lines_per_chunk + 1)) + offset), text)
+        chunk_texts.append(part_header(c + 1) + "".join(body))
+
+    chunks = [_TOKENIZER.encode(t, add_bos=(i == 0)) for i, t in enumerate(chunk_texts)]
+    return {"chunks": chunks, "question": _TOKENIZER.encode(question_text(target)),
+            "answer": answer, "trap": trap, "text": "".join(chunk_texts) + question_text(target)}
+
+
+def _digits(generated: list[int]) -> str:
+    text = _TOKENIZER.decode(generated)
+    out = []
+    for ch in text:
+        if not ch.isdigit():
+            break
+        out.append(ch)
+    return "".join(out)
+
+
+def score_cross_chunk(runner, count: int = 20, seed: int = 0, modes=MODES, kinds=KINDS,
+                      n_chunks: int = 4, lines_per_chunk: int = 16) -> dict:
+    """Accuracy per kind and mode; for "chain", how often the stale (trap) value came out."""
+    result: dict = {"count": count, "n_chunks": n_chunks, "lines_per_chunk": lines_per_chunk}
+    for kind in kinds:
+        per_mode: dict = {}
+        for mode in modes:
+            correct = trapped = 0
+            for i in range(count):
+                ex = cross_chunk_example(i, seed, kind, n_chunks, lines_per_chunk)
+                got = _digits(runner.greedy_fused(ex["chunks"], ex["question"], 3, mode))
+                correct += got == ex["answer"]
+                trapped += ex["trap"] is not None and got == ex["trap"]
+            per_mode[mode] = correct / count
+            if kind == "chain":
+                per_mode[f"{mode}_trap"] = trapped / count
+        result[kind] = per_mode
+    return result

@@ -1,0 +1,239 @@
+"""Train the reference model: a series of short, resumable GPU jobs.
+
+    python -m kvcompile.reference.train --out DIR [--resume CKPT] --minutes M --total-steps N
+
+Each job trains until `--minutes` of wall time or `--total-steps`, whichever comes first,
+then writes a checkpoint to DIR (see checkpoint.py) plus `train_log.jsonl` (appended to the
+log found in CKPT) and, with --final-eval, `eval.json`. The learning rate is warmup, then
+constant, then a linear decay over the last `--decay-steps` steps (warmup-stable-decay), so
+a run can be extended by raising --total-steps on resume as long as decay has not begun.
+Data is drawn from a stream seeded by (seed, step the job started at, worker), so the same
+sequence of commands gives the same data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kvcompile.reference.architecture import CONTEXT, reference_config
+from kvcompile.reference.checkpoint import load_checkpoint, save_checkpoint
+from kvcompile.reference.corpus import SequenceMixer, corpus_summary, sequence_stream, text_bytes
+
+LOG_FILE = "train_log.jsonl"
+
+
+class BatchStream(IterableDataset):
+    """Endless batches ([B, T] ids, [B] source index); worker w draws stream (start, w)."""
+
+    def __init__(self, text: np.ndarray, seq_len: int, batch_size: int, seed: int, start_step: int,
+                 mix):
+        self.text, self.seq_len, self.batch_size = text, seq_len, batch_size
+        self.seed, self.start_step, self.mix = seed, start_step, mix
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        stream = sequence_stream(self.text, self.seq_len, self.seed,
+                                 self.start_step * 1000 + worker, self.mix)
+        while True:
+            rows, sources = zip(*(next(stream) for _ in range(self.batch_size)))
+            yield torch.from_numpy(np.stack(rows)), torch.tensor(sources, dtype=torch.long)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--resume", default=None, help="checkpoint folder to continue from")
+    p.add_argument("--minutes", type=float, default=8.0, help="wall-time budget of this job")
+    p.add_argument("--total-steps", type=int, default=6000)
+    p.add_argument("--decay-steps", type=int, default=1500)
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--rewarm-steps", type=int, default=50, help="re-warmup when moments are absent")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--final-lr-frac", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=CONTEXT)
+    p.add_argument("--size", default="base", choices=["base", "tiny"])
+    p.add_argument("--mix", default="0.4,0.3,0.3", help="text,retrieval,program probabilities")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--bpb-every-s", type=float, default=30.0)
+    p.add_argument("--tasks-every-s", type=float, default=150.0)
+    p.add_argument("--save-every-s", type=float, default=180.0)
+    p.add_argument("--no-optimizer-state", action="store_true", help="save weights only")
+    p.add_argument("--final-eval", type=int, default=0, help="prompts per task in eval.json (0: none)")
+    p.add_argument("--max-text-bytes", type=int, default=None, help="cap the text (smoke runs)")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, args, resume_step: int, rewarm: bool) -> float:
+    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    decay_start = args.total_steps - args.decay_steps
+    decay = 1.0
+    if step >= decay_start:
+        frac = (step - decay_start) / max(1, args.decay_steps)
+        decay = 1.0 - min(1.0, frac) * (1.0 - args.final_lr_frac)
+    again = min(1.0, (step - resume_step + 1) / max(1, args.rewarm_steps)) if rewarm else 1.0
+    return args.lr * warm * decay * again
+
+
+def build_optimizer(model, args, device):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)  # no decay on RMSNorm gains
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def quick_eval(model, windows, tasks: bool, count: int = 16) -> dict:
+    """Held-out bpb (and, when `tasks`, small task accuracies) for the training curve."""
+    from kvcompile.eval import HFRunner
+    from kvcompile.eval.cross_chunk import score_cross_chunk
+    from kvcompile.eval.perplexity import bits_per_byte
+    from kvcompile.eval.retrieval import score_retrieval
+    model.eval()
+    runner = HFRunner(model)
+    out = {"heldout_bpb": bits_per_byte(runner, windows, batch_size=8)["bpb"]}
+    if tasks:
+        out["retrieval_2048"] = score_retrieval(runner, (2048,), count, seed=0)["2048"]
+        chunks = score_cross_chunk(runner, count, seed=0, kinds=("chain",))["chain"]
+        out["cross_chunk_prefill"] = chunks["full_prefill"]
+        out["cross_chunk_reuse"] = chunks["full_reuse"]
+    model.train()
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from transformers import LlamaForCausalLM
+    from kvcompile.eval.perplexity import heldout_windows
+
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    config = reference_config(args.size)
+    config.max_position_embeddings = max(config.max_position_embeddings, args.seq_len)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
+    optimizer = build_optimizer(model, args, device)
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, LOG_FILE)
+
+    state = {"step": 0, "tokens": 0, "seconds": 0.0}
+    rewarm = False
+    if args.resume:
+        state, had_moments = load_checkpoint(args.resume, model, optimizer)
+        rewarm = not had_moments
+        old_log = os.path.join(args.resume, LOG_FILE)
+        if os.path.isfile(old_log) and os.path.abspath(old_log) != os.path.abspath(log_path):
+            shutil.copyfile(old_log, log_path)
+    start_step = state["step"]
+    log = open(log_path, "a")
+
+    def write(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(json.dumps(record), flush=True)
+
+    text = np.frombuffer(text_bytes("train", args.max_text_bytes), dtype=np.uint8)
+    mix = tuple(float(x) for x in args.mix.split(","))
+    windows = heldout_windows(args.seq_len, 8)
+    write({"event": "start", "step": start_step, "resume": args.resume, "rewarm": rewarm,
+           "params": sum(p.numel() for p in model.parameters()), "text_bytes": len(text),
+           "corpus": {k: v for k, v in corpus_summary().items() if k != "heldout_modules"},
+           "args": vars(args), "torch": torch.__version__,
+           "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
+
+    stream = BatchStream(text, args.seq_len, args.batch_size, args.seed, start_step, mix)
+    loader = DataLoader(stream, batch_size=None, num_workers=args.workers,
+                        pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if args.workers > 0 else None)
+    batches = iter(loader)
+    began = time.time()
+    deadline = began + args.minutes * 60.0
+    last_bpb = last_tasks = last_save = began
+    step = start_step
+    n_sources = len(SequenceMixer.SOURCES)
+    loss_sum = torch.zeros(n_sources, device=device)
+    loss_count = torch.zeros(n_sources, device=device)
+    seconds_before = state["seconds"]
+
+    def checkpoint() -> None:
+        state.update(step=step, seconds=seconds_before + time.time() - began,
+                     config=config.to_dict(), args=vars(args))
+        save_checkpoint(args.out, model, optimizer, dict(state), not args.no_optimizer_state)
+
+    model.train()
+    while step < args.total_steps and time.time() < deadline:
+        ids, sources = next(batches)
+        ids = ids.to(device, non_blocking=True)      # [B, T]
+        sources = sources.to(device, non_blocking=True)
+        lr = lr_at(step, args, start_step, rewarm)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
+        token_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                     ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
+        loss = token_loss.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        state["tokens"] += ids.numel()
+        loss_sum.index_add_(0, sources, token_loss.detach().mean(dim=1))
+        loss_count.index_add_(0, sources, torch.ones_like(sources, dtype=loss_sum.dtype))
+
+        now = time.time()
+        if step % args.log_every == 0 or step == args.total_steps:
+            per_source = (loss_sum / loss_count.clamp(min=1) / math.log(2)).tolist()
+            record = {"step": step, "tokens": state["tokens"], "lr": lr, "loss": float(loss),
+                      "grad_norm": float(grad_norm), "elapsed_s": round(now - began, 1),
+                      "seconds_total": round(seconds_before + now - began, 1)}
+            record.update({f"bpb_{name}": round(v, 4)
+                           for name, v in zip(SequenceMixer.SOURCES, per_source)})
+            write(record)
+            loss_sum.zero_()
+            loss_count.zero_()
+        want_tasks = now - last_tasks >= args.tasks_every_s
+        if want_tasks or now - last_bpb >= args.bpb_every_s:
+            write({"step": step, "eval": quick_eval(model, windows, want_tasks)})
+            last_bpb = time.time()
+            last_tasks = last_bpb if want_tasks else last_tasks
+        if now - last_save >= args.save_every_s:
+            checkpoint()
+            last_save = time.time()
+
+    checkpoint()
+    write({"event": "saved", "step": step, "tokens": state["tokens"],
+           "job_seconds": round(time.time() - began, 1)})
+    if args.final_eval:
+        from kvcompile.eval import HFRunner, evaluate, format_report
+        model.eval()
+        report = evaluate(HFRunner(model), count=args.final_eval, ppl_windows=256)
+        report["step"] = step
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        print(format_report(report), flush=True)
+    log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
