@@ -1,0 +1,289 @@
+"""ONNX target: a compiled graph -> `prefill.onnx`, `decode.onnx` and `manifest.json`.
+
+The compiled graph is traced ONCE by torch.onnx (dynamo) with dynamic batch, new-token and
+past-token axes. Because the graph is functional over an explicit cache, that one trace already
+is both programs: prefill (T ≥ 1, P ≥ 0, P = 0 for a fresh prompt) and decode (T = 1). So
+`decode.onnx` is the same graph with the new-token axis fixed to 1 rather than a second trace:
+the two cannot drift apart, export takes half the time, and ONNX Runtime still gets a static
+T for decode. Both files share one external weight file when weights are large.
+
+kvcompile ops become single nodes in domain `kvcompile` carrying model-local function bodies
+(see onnx_functions.py). torch.onnx inlines every function it knows about when it converts
+opsets, so the nodes are recorded bare and the bodies attached after export.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import onnx
+import torch
+from torch.export import Dim
+
+import kvcompile
+import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.*)
+from kvcompile.export import onnx_functions
+from kvcompile.export.manifest import check_writable_parent, write_artifact
+from kvcompile.spec import GraphSpec
+
+PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE = "prefill.onnx", "decode.onnx", "weights.data"
+# Above this many bytes of weights the graphs reference one shared external file. Protobuf
+# cannot hold more than 2 GB, so anything near that must be external; below it a single
+# self-contained file is handier.
+EXTERNAL_DATA_THRESHOLD = 256 << 20
+# Example sizes for tracing: ≥ 2 and pairwise different, so no axis specialises or aliases.
+EXAMPLE_BATCH, EXAMPLE_TOKENS, EXAMPLE_PAST = 2, 3, 5
+
+_ONNX_DTYPE = {"float32": "float", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+class OnnxExportError(RuntimeError):
+    """The compiled graph could not be exported to ONNX."""
+
+
+# torch op -> kvcompile node --------------------------------------------------------------------
+def _translate_cached_attention(query, key, value, key_cache, value_cache, attn_bias, scale: float):
+    return onnx_functions.cached_attention_node(query, key, value, key_cache, value_cache, attn_bias,
+                                                scale=scale)
+
+
+def _translate_kcache_attention(query, key, value, key_cache, value_host, attn_bias, scale: float,
+                                topn: int, select: str, renormalize: bool):
+    return onnx_functions.kcache_attention_node(
+        query, key, value, key_cache, value_host, attn_bias, scale=scale, topn=int(topn),
+        select_layer=int(select == "layer"), renormalize=int(bool(renormalize)))
+
+
+def translation_table() -> dict:
+    return {
+        torch.ops.kvcompile.cached_attention.default: _translate_cached_attention,
+        torch.ops.kvcompile.kcache_attention.default: _translate_kcache_attention,
+    }
+
+
+# I/O contract ----------------------------------------------------------------------------------
+def io_axes(spec: GraphSpec) -> tuple[dict, dict]:
+    """Axis names (str = dynamic, int = fixed) of every graph input and output."""
+    batch, tokens, past, context = "batch", "tokens", "past", "context"
+    hkv, dim = spec.kv_heads, spec.head_dim
+    inputs = {"input_ids": [batch, tokens], "position_ids": [batch, tokens],
+              "attn_bias": [batch, 1, tokens, context]}
+    outputs = {"logits": [batch, tokens, spec.vocab_size]}
+    for layer in range(spec.num_layers):
+        inputs[f"past_key.{layer}"] = [batch, hkv, past, dim]
+        host = spec.layer_kinds[layer] == "kcache"
+        inputs[f"past_value.{layer}"] = [batch, past, hkv, dim] if host else [batch, hkv, past, dim]
+        outputs[f"new_key.{layer}"] = [batch, hkv, tokens, dim]
+        outputs[f"new_value.{layer}"] = [batch, hkv, tokens, dim]
+    return inputs, outputs
+
+
+def example_inputs(spec: GraphSpec) -> tuple:
+    batch, tokens, past = EXAMPLE_BATCH, EXAMPLE_TOKENS, EXAMPLE_PAST
+    dtype = getattr(torch, spec.dtype)
+    generator = torch.Generator().manual_seed(0)
+    causal = torch.ones(tokens, past + tokens, dtype=torch.bool).tril(diagonal=past)
+    bias = torch.zeros(batch, 1, tokens, past + tokens, dtype=dtype).masked_fill(~causal, torch.finfo(dtype).min)
+    inputs = [torch.randint(0, spec.vocab_size, (batch, tokens), generator=generator),
+              (torch.arange(tokens) + past).expand(batch, -1).contiguous(), bias]
+    in_axes, _ = io_axes(spec)
+    sizes = {"batch": batch, "tokens": tokens, "past": past}
+    for name in spec.input_names[3:]:
+        shape = [sizes.get(axis, axis) for axis in in_axes[name]]
+        inputs.append(torch.randn(shape, generator=generator).to(dtype))
+    return tuple(inputs)
+
+
+def dynamic_shapes(module: torch.nn.Module, spec: GraphSpec):
+    """torch.export dynamic_shapes for the flat signature (nested if forward takes *past).
+
+    Every named axis is Dim.AUTO: the traced model already carries its own bounds (e.g. batch
+    ≤ 1024 from kvcompile.trace) and context = past + tokens is a relation torch.export
+    cannot state with Dims. `finish_graph` then checks that no axis was specialised.
+    """
+    in_axes, _ = io_axes(spec)
+    shapes = [{i: Dim.AUTO for i, a in enumerate(axes) if isinstance(a, str)} for axes in in_axes.values()]
+    params = list(inspect.signature(module.forward).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        fixed = sum(p.kind is not inspect.Parameter.VAR_POSITIONAL for p in params)
+        return tuple(shapes[:fixed]) + (tuple(shapes[fixed:]),)
+    return tuple(shapes)
+
+
+# post-processing of the traced graph -----------------------------------------------------------
+def _set_axes(value_info: onnx.ValueInfoProto, axes: list) -> None:
+    dims = value_info.type.tensor_type.shape.dim
+    if len(dims) != len(axes):
+        raise OnnxExportError(f"{value_info.name}: graph has rank {len(dims)}, contract says {axes}")
+    for dim, axis in zip(dims, axes):
+        if isinstance(axis, str) and dim.HasField("dim_value"):
+            raise OnnxExportError(f"{value_info.name}: axis {axis!r} was specialised to {dim.dim_value} by tracing; "
+                                  "the graph would only run at that size")
+        dim.Clear()
+        if isinstance(axis, str):
+            dim.dim_param = axis
+        else:
+            dim.dim_value = axis
+
+
+def finish_graph(model: onnx.ModelProto, spec: GraphSpec, fixed_tokens: Optional[int]) -> onnx.ModelProto:
+    """Name the I/O axes, attach kvcompile function bodies, re-run strict shape inference."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # a copy: called once per graph
+    in_axes, out_axes = io_axes(spec)
+    fix = (lambda axes: [fixed_tokens if a == "tokens" else a for a in axes]) if fixed_tokens else (lambda a: a)
+    for value_info in model.graph.input:
+        _set_axes(value_info, fix(in_axes[value_info.name]))
+    for value_info in model.graph.output:
+        _set_axes(value_info, fix(out_axes[value_info.name]))
+    # Intermediate shapes carry torch's symbol names (s0, s1 ...): recompute them from the I/O.
+    del model.graph.value_info[:]
+    used = sorted({node.op_type for node in model.graph.node if node.domain == onnx_functions.DOMAIN})
+    unknown = set(used) - set(onnx_functions.FUNCTIONS)
+    if unknown:
+        raise OnnxExportError(f"graph has kvcompile nodes without an ONNX function: {sorted(unknown)}")
+    del model.functions[:]
+    model.functions.extend(onnx_functions.function_protos(used))
+    if not any(o.domain == onnx_functions.DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(onnx_functions.DOMAIN, onnx_functions.DOMAIN_VERSION))
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+
+
+def _externalise(model: onnx.ModelProto) -> None:
+    """Point every initializer at the shared weights file (its data was written beside it)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = WEIGHTS_FILE
+
+
+def _summary(err: Exception) -> str:
+    """torch.onnx's errors open with generic advice; the cause is under 'Exception summary'."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "## Exception summary" in lines:
+        after = lines[lines.index("## Exception summary") + 1:]
+        return " ".join(after[:2]) if after else type(err).__name__
+    return lines[0] if lines else type(err).__name__
+
+
+def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, work_dir: Path) -> tuple[onnx.ModelProto, int]:
+    """torch.onnx (dynamo) export of the flat graph; returns (model without weight data, weight bytes)."""
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, example_inputs(spec), dynamo=True, optimize=False,
+                opset_version=onnx_functions.STANDARD_OPSET,
+                dynamic_shapes=dynamic_shapes(module, spec),
+                input_names=spec.input_names, output_names=spec.output_names,
+                custom_translation_table=translation_table(), verbose=False)
+    except Exception as err:  # torch.onnx raises many types; one line for the user, cause chained
+        raise OnnxExportError(f"torch.onnx could not export the compiled graph: {_summary(err)}") from err
+    weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                       if v.const_value is not None)
+    # Saving through torch.onnx streams weights to disk; the proto we keep stays small.
+    traced = work_dir / "traced.onnx"
+    program.save(str(traced), external_data=True)
+    model = onnx.load(str(traced), load_external_data=False)
+    data_file = work_dir / "traced.onnx.data"
+    if data_file.exists():
+        data_file.rename(work_dir / WEIGHTS_FILE)
+        _externalise(model)
+    traced.unlink()
+    return model, weight_bytes
+
+
+def check_graph(path: Path) -> None:
+    """onnx.checker (full check, which includes strict shape inference) on a saved graph."""
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def _save(model: onnx.ModelProto, path: Path, embed_weights: bool) -> None:
+    if embed_weights:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    onnx.save_model(model, str(path))
+
+
+def _model_config_dict(config) -> Optional[dict]:
+    if config is None:
+        return None
+    data = config if isinstance(config, dict) else (config.to_dict() if hasattr(config, "to_dict") else vars(config))
+    return json.loads(json.dumps(data, default=str))  # dtypes and the like become strings
+
+
+def export_onnx(
+    compiled,
+    out_dir,
+    *,
+    model_config=None,
+    cache_config=None,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    check: bool = True,
+) -> Path:
+    """Export a CompiledModel (anything with `.graph_module` and `.spec`) as an ONNX artifact.
+
+    Writes DIR/prefill.onnx, DIR/decode.onnx, [DIR/weights.data], DIR/manifest.json atomically
+    and returns DIR. model_config / cache_config default to the compiled model's own.
+    """
+    out_dir = Path(out_dir)
+    check_writable_parent(out_dir)  # before minutes of tracing, not after
+    spec: GraphSpec = compiled.spec
+    module = compiled.graph_module
+    model_config = _model_config_dict(model_config if model_config is not None
+                                      else getattr(compiled, "model_config", None))
+    cache_config = cache_config if cache_config is not None else getattr(compiled, "cache_config", None)
+    if cache_config is not None and hasattr(cache_config, "to_dict"):
+        cache_config = cache_config.to_dict()
+
+    def fill(folder: Path) -> dict:
+        started = time.perf_counter()
+        traced, weight_bytes = trace_to_onnx(module, spec, folder)
+        embed = weight_bytes <= external_data_threshold
+        graphs = {PREFILL_FILE: finish_graph(traced, spec, fixed_tokens=None),
+                  DECODE_FILE: finish_graph(traced, spec, fixed_tokens=1)}
+        for name, model in graphs.items():
+            _save(model, folder / name, embed)
+        if embed and (folder / WEIGHTS_FILE).exists():
+            (folder / WEIGHTS_FILE).unlink()
+        if check:
+            for name in graphs:
+                check_graph(folder / name)
+        return manifest_fields(spec, model_config, cache_config, graphs[PREFILL_FILE],
+                               weights=None if embed else WEIGHTS_FILE,
+                               export_seconds=round(time.perf_counter() - started, 2))
+
+    return write_artifact(out_dir, fill)
+
+
+def manifest_fields(spec: GraphSpec, model_config, cache_config, model: onnx.ModelProto,
+                    weights: Optional[str], export_seconds: float) -> dict:
+    in_axes, out_axes = io_axes(spec)
+    dtype = _ONNX_DTYPE.get(spec.dtype, spec.dtype)
+    def io(axes_by_name, integer=("input_ids", "position_ids")):
+        return [{"name": name, "dtype": "int64" if name in integer else dtype, "axes": axes}
+                for name, axes in axes_by_name.items()]
+    return {
+        "target": "onnx",
+        "graphs": {
+            "prefill": {"file": PREFILL_FILE, "tokens": "dynamic ≥ 1", "past": "dynamic ≥ 0"},
+            "decode": {"file": DECODE_FILE, "tokens": 1, "past": "dynamic ≥ 0"},
+        },
+        "weights_file": weights,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "ir_version": model.ir_version,
+        "inputs": io(in_axes),
+        "outputs": io(out_axes),
+        "cache_layout": [
+            {"layer": layer, "kind": kind, "key": "B,Hkv,P,D", "value": spec.value_layout(layer),
+             "value_memory": "host" if kind == "kcache" else "device"}
+            for layer, kind in enumerate(spec.layer_kinds)
+        ],
+        "kvcompile_nodes": sorted({n.op_type for n in model.graph.node if n.domain == onnx_functions.DOMAIN}),
+        "spec": spec.to_dict(),
+        "model_config": model_config,
+        "cache_config": cache_config,
+        "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "kvcompile": kvcompile.__version__,
+                     "export_seconds": export_seconds},
+    }

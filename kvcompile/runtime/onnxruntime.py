@@ -1,0 +1,130 @@
+"""ONNX Runtime backend: runs an exported ONNX artifact behind the shared generation loop.
+
+`load_onnx_artifact(dir)` validates the manifest (version, files, sha256) BEFORE creating any
+session, so a tampered or incomplete folder fails with one line. The backend implements the
+protocol of kvcompile.runtime.generate (`spec`, `step`), so prefill/decode, padding, positions
+and host-resident V are handled by the same cache managers as the torch runtime.
+
+Calls with one new token per sequence run `decode.onnx` (T fixed to 1), all others
+`prefill.onnx`. Inputs are bound with IO binding as OrtValues that wrap the torch tensors'
+memory, so past K/V are not copied again on the way in (the cache manager hands out views of
+its buffers, made contiguous here, which is the one copy ORT's dense tensors require). Host
+values of kcache layers are bound as CPU memory even when the session runs on CUDA: that is
+what keeps V out of device memory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from kvcompile.export.manifest import ArtifactError, load_manifest
+from kvcompile.spec import GraphSpec
+
+
+class OnnxRuntimeBackend:
+    """Two ORT sessions (prefill, decode) over one artifact, with the backend `step` protocol."""
+
+    def __init__(self, artifact_dir, manifest: dict, providers: Optional[Sequence[str]] = None,
+                 intra_op_threads: Optional[int] = None):
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest = manifest
+        self.spec = GraphSpec.from_dict(manifest["spec"])
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        self.sessions = {
+            role: ort.InferenceSession(str(self.artifact_dir / graph["file"]), sess_options=options,
+                                       providers=self.providers)
+            for role, graph in manifest["graphs"].items()
+        }
+        self.input_names = self.spec.input_names
+        self.output_names = self.spec.output_names
+        self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self._host_inputs = {f"past_value.{i}" for i, kind in enumerate(self.spec.layer_kinds) if kind == "kcache"}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.spec.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # step takes and returns CPU tensors
+
+    def session_for(self, tokens: int) -> ort.InferenceSession:
+        return self.sessions["decode" if tokens == 1 else "prefill"]
+
+    def _ort_value(self, name: str, tensor: torch.Tensor) -> ort.OrtValue:
+        array = tensor.detach().to("cpu").contiguous().numpy()
+        if self.device_type == "cpu" or name in self._host_inputs:
+            return ort.OrtValue.ortvalue_from_numpy(array)  # wraps the tensor's memory, no copy
+        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+
+    def step(self, input_ids, position_ids, attn_bias, past_keys: List[torch.Tensor],
+             past_values: List[torch.Tensor]):
+        """-> (logits [B, T, V], new_keys [B, Hkv, T, D] per layer, new_values per layer), CPU tensors."""
+        tokens = input_ids.shape[1]
+        session = self.session_for(tokens)
+        feeds = [input_ids.long(), position_ids.long(), attn_bias.to(self.dtype)]
+        for key, value in zip(past_keys, past_values):
+            feeds += [key, value]
+        if len(feeds) != len(self.input_names):
+            raise ValueError(f"expected {self.spec.num_layers} layers of past K/V, got {len(past_keys)}")
+        binding = session.io_binding()
+        keep_alive = []  # OrtValues borrow torch memory: keep the arrays alive until run ends
+        for name, tensor in zip(self.input_names, feeds):
+            value = self._ort_value(name, tensor)
+            keep_alive.append(value)
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        outputs = [torch.from_numpy(value.numpy()) for value in binding.get_outputs()]
+        logits, rest = outputs[0], outputs[1:]
+        return logits, list(rest[0::2]), list(rest[1::2])
+
+    # the torch runtime's conveniences, through the shared loop --------------------------------
+    def new_cache(self, batch: int, capacity: int = 256):
+        from kvcompile.runtime.cache import KVCacheManager
+
+        return KVCacheManager(self.spec, batch, capacity, "cpu", self.dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
+                 pad_token_id: Optional[int] = None) -> torch.Tensor:
+        """Greedy generation with the same loop and cache manager as CompiledModel.generate."""
+        from kvcompile.runtime import generate as gen
+
+        config = self.manifest.get("model_config") or {}
+        if eos_token_id is None:
+            eos_token_id = config.get("eos_token_id")
+            if isinstance(eos_token_id, (list, tuple)):
+                eos_token_id = eos_token_id[0]
+        if pad_token_id is None:
+            pad_token_id = config.get("pad_token_id")
+        return gen.greedy_generate(self, self.new_cache, input_ids.to("cpu"), attention_mask,
+                                   max_new_tokens, eos_token_id, pad_token_id)
+
+
+def load_onnx_artifact(artifact_dir, providers: Optional[Sequence[str]] = None,
+                       intra_op_threads: Optional[int] = None) -> OnnxRuntimeBackend:
+    """Validate DIR/manifest.json (raises ArtifactError) and open its ONNX Runtime sessions."""
+    manifest = load_manifest(artifact_dir, target="onnx")
+    graphs = manifest.get("graphs") or {}
+    for role in ("prefill", "decode"):
+        if role not in graphs:
+            raise ArtifactError(f"artifact {artifact_dir}: manifest names no {role} graph")
+        if graphs[role]["file"] not in manifest["files"]:
+            raise ArtifactError(f"artifact {artifact_dir}: {graphs[role]['file']} is not a checksummed file")
+    available = ort.get_available_providers()
+    missing = [p for p in (providers or []) if p not in available]
+    if missing:
+        raise ArtifactError(f"ONNX Runtime here lacks {missing}; available: {available}")
+    return OnnxRuntimeBackend(artifact_dir, manifest, providers, intra_op_threads)
