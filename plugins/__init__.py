@@ -1,0 +1,58 @@
+"""kvcompile.plugins: CUDA kernels with a C ABI and the TensorRT plugins that wrap them.
+
+`csrc/` holds the kernels (`kvcompile_kernels.h` is the ABI); `build.py` compiles them into
+one shared library; `load_kernels()` opens it with ctypes for the torch ops. `tensorrt/`
+holds the TensorRT plugins, which link the same library.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+from kvcompile.plugins.build import BuildError, library_path
+
+ABI_VERSION = 1  # must equal KVC_ABI_VERSION in csrc/kvcompile_kernels.h
+
+
+class KernelLibraryError(RuntimeError):
+    """The kernel library could not be built or loaded."""
+
+
+_lock = threading.Lock()
+_handle = None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.kvc_abi_version.restype = ctypes.c_int
+    lib.kvc_abi_version.argtypes = []
+    lib.kvc_last_error.restype = ctypes.c_char_p
+    lib.kvc_last_error.argtypes = []
+    lib.kvc_kcache_decode_workspace_size.restype = ctypes.c_int
+    lib.kvc_kcache_decode_workspace_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
+    lib.kvc_kcache_decode.restype = ctypes.c_int
+    lib.kvc_kcache_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def load_kernels() -> ctypes.CDLL:
+    """The kernel library as a ctypes handle, built on first use; raises KernelLibraryError.
+
+    $KVCOMPILE_KERNELS_LIB names a prebuilt library to load instead of building.
+    """
+    global _handle
+    with _lock:
+        if _handle is not None:
+            return _handle
+        path = os.environ.get("KVCOMPILE_KERNELS_LIB")
+        try:
+            path = path or str(library_path())
+            lib = ctypes.CDLL(path)
+        except BuildError as error:
+            raise KernelLibraryError(f"could not build kvcompile's CUDA kernels: {error}") from error
+        except OSError as error:
+            raise KernelLibraryError(f"could not load kvcompile's CUDA kernels from {path}: {error}") from error
+        _declare(lib)
+        if lib.kvc_abi_version() != ABI_VERSION:
+            raise KernelLibraryError(f"{path} has ABI {lib.kvc_abi_version()}, expected {ABI_VERSION}")
+        _handle = lib
+        return lib

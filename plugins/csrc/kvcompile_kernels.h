@@ -1,0 +1,55 @@
+/* kvcompile kernel library: C ABI shared by the torch ops (through ctypes) and the TensorRT
+ * plugins. Every entry point returns 0 on success or a KVC_ERR_* code; kvc_last_error() then
+ * holds a message for the calling thread. Nothing here synchronises the stream. */
+#ifndef KVCOMPILE_KERNELS_H
+#define KVCOMPILE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVC_ABI_VERSION 1
+
+enum { KVC_OK = 0, KVC_ERR_ARGUMENT = 1, KVC_ERR_CUDA = 2, KVC_ERR_WORKSPACE = 3 };
+enum { KVC_DTYPE_F32 = 0, KVC_DTYPE_F16 = 1, KVC_DTYPE_BF16 = 2 };
+enum { KVC_SELECT_HEAD = 0, KVC_SELECT_LAYER = 1 };
+
+/* One KCache decode step (T == 1, P > 0) of one layer. Strides are in elements; the last
+ * dimension of every tensor is contiguous, every pointer and stride 16-byte aligned. */
+typedef struct {
+  int32_t batch, query_heads, kv_heads, past_len, head_dim;
+  int32_t topn;        /* ≥ 1; min(topn, past_len + 1) positions are kept */
+  int32_t select;      /* KVC_SELECT_HEAD or KVC_SELECT_LAYER */
+  int32_t renormalize; /* divide by the kept probability mass */
+  int32_t dtype;       /* KVC_DTYPE_* of query/key/value/key_cache/value_host/out */
+  float scale;
+  const void* query;     int64_t query_stride_b, query_stride_h;           /* [B, Hq, 1, D] */
+  const void* key;       int64_t key_stride_b, key_stride_h;               /* [B, Hkv, 1, D] */
+  const void* value;     int64_t value_stride_b, value_stride_h;           /* [B, Hkv, 1, D] */
+  const void* key_cache; int64_t key_cache_stride_b, key_cache_stride_h,
+                                 key_cache_stride_p;                       /* [B, Hkv, P, D] */
+  /* [B, P, Hkv, D] in pinned (page-locked, mapped) host memory; (Hkv, D) contiguous so one
+   * position is one row of Hkv*D elements. The host address is given; the library maps it. */
+  const void* value_host; int64_t value_host_stride_b, value_host_stride_p;
+  const float* attn_bias; int64_t attn_bias_stride_b;                      /* [B, P+1] fp32 */
+  void* out;                                                               /* [B, Hq, 1, D] contiguous */
+} kvc_kcache_decode_args;
+
+int kvc_abi_version(void);
+const char* kvc_last_error(void);
+
+/* Device workspace (bytes) kvc_kcache_decode needs for these arguments' sizes. */
+int kvc_kcache_decode_workspace_size(const kvc_kcache_decode_args* args, size_t* bytes);
+
+/* Scores over all keys, softmax statistics, top-N select, zero-copy gather of the kept value
+ * rows from host memory, weighted sum. Enqueued on `stream` (a cudaStream_t; NULL = default). */
+int kvc_kcache_decode(const kvc_kcache_decode_args* args, void* workspace, size_t workspace_bytes,
+                      void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVCOMPILE_KERNELS_H */

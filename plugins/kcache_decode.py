@@ -1,0 +1,125 @@
+"""Runs one KCache decode step (T == 1, P > 0) through the kernel library (ctypes).
+
+`kvcompile.ops.kcache_attention` calls `can_use_kernels` and then `decode` for CUDA inputs;
+everything else runs its torch reference. The argument struct mirrors
+`kvc_kcache_decode_args` in csrc/kvcompile_kernels.h field by field.
+"""
+from __future__ import annotations
+
+import ctypes
+import warnings
+
+import torch
+from torch import Tensor
+
+from kvcompile.plugins import KernelLibraryError, load_kernels
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+SELECT_CODES = {"head": 0, "layer": 1}
+_int, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+
+
+class DecodeArgs(ctypes.Structure):
+    _fields_ = [
+        ("batch", _int), ("query_heads", _int), ("kv_heads", _int), ("past_len", _int),
+        ("head_dim", _int), ("topn", _int), ("select", _int), ("renormalize", _int),
+        ("dtype", _int), ("scale", ctypes.c_float),
+        ("query", _ptr), ("query_stride_b", _i64), ("query_stride_h", _i64),
+        ("key", _ptr), ("key_stride_b", _i64), ("key_stride_h", _i64),
+        ("value", _ptr), ("value_stride_b", _i64), ("value_stride_h", _i64),
+        ("key_cache", _ptr), ("key_cache_stride_b", _i64), ("key_cache_stride_h", _i64),
+        ("key_cache_stride_p", _i64),
+        ("value_host", _ptr), ("value_host_stride_b", _i64), ("value_host_stride_p", _i64),
+        ("attn_bias", _ptr), ("attn_bias_stride_b", _i64),
+        ("out", _ptr),
+    ]
+
+
+_warned_unavailable = False
+
+
+def kernels_available() -> bool:
+    """True when the library loads; warns once (and the op falls back to torch) otherwise."""
+    global _warned_unavailable
+    try:
+        load_kernels()
+        return True
+    except KernelLibraryError as error:
+        if not _warned_unavailable:
+            warnings.warn(f"kcache_attention runs its torch reference on CUDA: {error}")
+            _warned_unavailable = True
+        return False
+
+
+def _stride(t: Tensor, dim: int) -> int:
+    return t.stride(dim) if t.shape[dim] > 1 else 0  # a size-1 dim's stride is meaningless
+
+
+def _vector_ready(t: Tensor, dims) -> bool:
+    """Last dim contiguous, data pointer and the given strides on 16-byte boundaries."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(_stride(t, d) * size % 16 == 0 for d in dims))
+
+
+def can_use_kernels(query, key, value, key_cache, value_host, attn_bias) -> bool:
+    """Whether this call is a decode step the CUDA kernels handle (args already validated)."""
+    B, Hq, T, D = query.shape
+    P = key_cache.shape[2]
+    if not (query.is_cuda and T == 1 and P > 0 and query.dtype in DTYPE_CODES):
+        return False
+    if D * query.element_size() % 16 or D > 512:
+        return False
+    # The gather reads value_host over the host link, so it must be pinned host memory with
+    # (Hkv, D) contiguous and 16-byte aligned rows.
+    if value_host.is_cuda or not value_host.is_pinned():
+        return False
+    Hkv = value_host.shape[2]
+    if value_host.stride(3) != 1 or (Hkv > 1 and value_host.stride(2) != D):
+        return False
+    if not _vector_ready(value_host, (0, 1)):
+        return False
+    return kernels_available()
+
+
+def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, select, renormalize):
+    """out [B, Hq, 1, D] on query's device, enqueued on the current stream."""
+    lib = load_kernels()
+    B, Hq, _, D = query.shape
+    Hkv, P = key.shape[1], key_cache.shape[2]
+    # q/k/v of one token are tiny: copy them when their layout does not suit 16-byte loads.
+    query, key, value = (t if _vector_ready(t, (0, 1)) else t.contiguous() for t in (query, key, value))
+    if not _vector_ready(key_cache, (0, 1, 2)):
+        key_cache = key_cache.contiguous()  # correct but costly; the cache manager should avoid it
+    bias = attn_bias.reshape(B, P + 1)
+    if bias.dtype != torch.float32 or bias.stride(1) != 1:
+        bias = bias.float().contiguous()
+    out = torch.empty((B, Hq, 1, D), dtype=query.dtype, device=query.device)
+
+    args = DecodeArgs(
+        batch=B, query_heads=Hq, kv_heads=Hkv, past_len=P, head_dim=D, topn=topn,
+        select=SELECT_CODES[select], renormalize=int(renormalize),
+        dtype=DTYPE_CODES[query.dtype], scale=scale,
+        query=query.data_ptr(), query_stride_b=_stride(query, 0), query_stride_h=_stride(query, 1),
+        key=key.data_ptr(), key_stride_b=_stride(key, 0), key_stride_h=_stride(key, 1),
+        value=value.data_ptr(), value_stride_b=_stride(value, 0), value_stride_h=_stride(value, 1),
+        key_cache=key_cache.data_ptr(), key_cache_stride_b=_stride(key_cache, 0),
+        key_cache_stride_h=_stride(key_cache, 1), key_cache_stride_p=_stride(key_cache, 2),
+        value_host=value_host.data_ptr(), value_host_stride_b=_stride(value_host, 0),
+        value_host_stride_p=_stride(value_host, 1),
+        attn_bias=bias.data_ptr(), attn_bias_stride_b=_stride(bias, 0),
+        out=out.data_ptr(),
+    )
+    workspace_bytes = ctypes.c_size_t(0)
+    _check(lib, lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(workspace_bytes)))
+    with torch.cuda.device(query.device):
+        workspace = torch.empty(workspace_bytes.value, dtype=torch.uint8, device=query.device)
+        stream = torch.cuda.current_stream(query.device).cuda_stream
+        _check(lib, lib.kvc_kcache_decode(ctypes.byref(args), workspace.data_ptr(),
+                                          workspace_bytes.value, stream))
+    return out
+
+
+def _check(lib, code: int) -> None:
+    if code != 0:
+        raise RuntimeError(f"kvcompile kernel library error {code}: {lib.kvc_last_error().decode()}")

@@ -1,0 +1,251 @@
+"""kvcompile::kcache_attention: the torch reference against an independent naive loop, exactness
+against cached_attention, argument checks, the CUDA sources compiling, and (GPU) the kernels
+against the reference."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+import kvcompile.ops  # noqa: F401  (registers the ops)
+from kvcompile.ops.kcache_attention import kcache_attention_reference
+
+HIDDEN = torch.finfo(torch.float32).min
+op = torch.ops.kvcompile.kcache_attention
+
+
+def make_bias(B, T, P, pads, causal=True):
+    """[B, 1, T, P+T]: left padding of pads[b] positions hidden, causal over the new rows."""
+    S = P + T
+    bias = torch.zeros(B, 1, T, S)
+    for b, pad in enumerate(pads):
+        bias[b, :, :, :pad] = HIDDEN
+    if causal:
+        for t in range(T):
+            bias[:, :, t, P + t + 1:] = HIDDEN
+    return bias
+
+
+def make_inputs(B, Hq, Hkv, T, P, D, pads=None, dtype=torch.float32, seed=0, spread=1.0):
+    """Random inputs; key_cache and value_host are views of larger buffers (as the runtime's are)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    P_max = P + 5
+    query = (rnd(B, Hq, T, D) * spread).to(dtype)
+    key, value = rnd(B, Hkv, T, D).to(dtype), rnd(B, Hkv, T, D).to(dtype)
+    key_cache = rnd(B, Hkv, P_max, D).to(dtype)[:, :, :P]
+    value_host = rnd(B, P_max, Hkv, D).to(dtype)[:, :P]
+    bias = make_bias(B, T, P, pads or [0] * B)
+    return query, key, value, key_cache, value_host, bias
+
+
+def naive_kcache(query, key, value, key_cache, value_host, bias, scale, topn, select, renormalize):
+    """Position-by-position float64 loop written from the contract, independent of the op's code."""
+    B, Hq, T, D = query.shape
+    Hkv, P = key.shape[1], key_cache.shape[2]
+    S, G = P + T, Hq // Hkv
+    q, bias = query.double(), bias.double()
+
+    def key_at(b, h, s):
+        return (key_cache[b, h, s] if s < P else key[b, h, s - P]).double()
+
+    def value_at(b, h, s):
+        return (value_host[b, s, h] if s < P else value[b, h, s - P]).double()
+
+    out = torch.zeros(B, Hq, T, D, dtype=torch.float64)
+    for b in range(B):
+        probs = torch.zeros(Hq, T, S, dtype=torch.float64)
+        for hq in range(Hq):
+            h = hq // G
+            for t in range(T):
+                logits = [float(q[b, hq, t] @ key_at(b, h, s)) * scale + float(bias[b, 0, t, s])
+                          for s in range(S)]
+                top = max(logits)
+                weights = [math.exp(x - top) for x in logits]
+                total = sum(weights)
+                probs[hq, t] = torch.tensor([w / total for w in weights], dtype=torch.float64)
+        for hq in range(Hq):
+            h = hq // G
+            if P == 0:
+                kept = list(range(S))
+            else:
+                heads = range(h * G, (h + 1) * G) if select == "head" else range(Hq)
+                score = [sum(float(probs[x, t, s]) for x in heads for t in range(T)) for s in range(S)]
+                kept = sorted(range(S), key=lambda s: -score[s])[:min(topn, S)]
+            for t in range(T):
+                acc = sum(probs[hq, t, s] * value_at(b, h, s) for s in kept)
+                if renormalize and P > 0:
+                    acc = acc / sum(probs[hq, t, s] for s in kept)
+                out[b, hq, t] = acc
+    return out
+
+
+SHAPES = [  # (B, Hq, Hkv, T, P, D, pads)
+    (1, 4, 4, 1, 17, 8, None),          # MHA decode, odd context
+    (2, 8, 2, 1, 31, 16, [0, 7]),       # GQA decode, padded batch of different lengths
+    (3, 4, 1, 1, 9, 8, [0, 3, 8]),      # MQA, one row with a single visible past token
+    (2, 4, 2, 3, 12, 8, [2, 0]),        # several new tokens over a cache (causal + padding)
+    (2, 6, 3, 5, 0, 8, [1, 0]),         # prefill: plain attention
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-T{}-P{}-D{}".format(*s[:6]))
+@pytest.mark.parametrize("select", ["head", "layer"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_reference_matches_naive_loop(shape, select, renormalize):
+    B, Hq, Hkv, T, P, D, pads = shape
+    args = make_inputs(B, Hq, Hkv, T, P, D, pads, seed=B * 100 + P, spread=2.0)
+    scale = D ** -0.5
+    S = P + T
+    for topn in sorted({1, 3, S // 2 + 1, S, S + 4}):
+        got = op(*args, scale, topn, select, renormalize)
+        want = naive_kcache(*args, scale, topn, select, renormalize)
+        assert got.shape == (B, Hq, T, D) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5,
+                                   msg=lambda m: f"topn={topn}: {m}")
+
+
+@pytest.mark.parametrize("select", ["head", "layer"])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("T,P", [(1, 1), (1, 40), (4, 23), (6, 0)])
+def test_topn_covering_context_equals_cached_attention(select, renormalize, T, P):
+    B, Hq, Hkv, D = 2, 8, 2, 32
+    query, key, value, key_cache, value_host, bias = make_inputs(B, Hq, Hkv, T, P, D, [0, min(P, 3)], seed=7)
+    value_cache = value_host.permute(0, 2, 1, 3)  # [B, Hkv, P, D], the full-cache layout
+    scale = 0.3
+    want = torch.ops.kvcompile.cached_attention(query, key, value, key_cache, value_cache, bias, scale)
+    for topn in (P + T, P + T + 100):
+        got = op(query, key, value, key_cache, value_host, bias, scale, topn, select, renormalize)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_low_precision_dtypes_keep_dtype_and_stay_close():
+    for dtype in (torch.bfloat16, torch.float16):
+        args = make_inputs(2, 4, 2, 1, 20, 16, [0, 5], dtype=dtype, seed=3)
+        got = op(*args, 0.25, 6, "head", True)
+        want = naive_kcache(*args, 0.25, 6, "head", True)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_smaller_topn_drops_low_probability_mass():
+    # One key is made to dominate: topn=1 must return (about) its value row from the host.
+    query, key, value, key_cache, value_host, bias = make_inputs(1, 2, 1, 1, 10, 8, seed=5)
+    key_cache[0, 0, 4] = query[0, 0, 0] * 20
+    got = op(query, key, value, key_cache, value_host, bias, 1.0, 1, "head", True)
+    torch.testing.assert_close(got[0, 0, 0], value_host[0, 4, 0])
+
+
+def test_opcheck_schema_and_fake_kernel():
+    args = make_inputs(2, 4, 2, 1, 9, 8, [0, 2], seed=11)
+    torch.library.opcheck(op.default, (*args, 0.35, 4, "layer", False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(topn=0), "topn"),
+    (dict(topn=-3), "topn"),
+    (dict(select="max"), "select"),
+    (dict(value_host=torch.zeros(2, 2, 9, 8)), "value_host"),      # head-major layout by mistake
+    (dict(attn_bias=torch.zeros(2, 1, 1, 9)), "attn_bias"),         # forgot the new token
+    (dict(key_cache=torch.zeros(2, 2, 9, 4)), "key_cache"),         # wrong head dim
+    (dict(query=torch.zeros(2, 3, 1, 8)), "multiple"),              # 3 query heads over 2 KV heads
+    (dict(key=torch.zeros(2, 2, 1, 8, dtype=torch.float16)), "dtype"),
+])
+def test_bad_arguments_raise_clear_errors(change, message):
+    query, key, value, key_cache, value_host, bias = make_inputs(2, 4, 2, 1, 9, 8, seed=1)
+    kwargs = dict(query=query, key=key, value=value, key_cache=key_cache, value_host=value_host,
+                  attn_bias=bias, scale=0.3, topn=4, select="head", renormalize=False)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        op(**kwargs)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    from kvcompile.plugins import build
+
+    diagnostics = build.compile_library(tmp_path / "libkvcompile_kernels.so", archs=("sm_90",), ptx_arch=None)
+    assert (tmp_path / "libkvcompile_kernels.so").stat().st_size > 0
+    assert "warning" not in diagnostics.lower(), diagnostics
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_kernel_library_abi_plans_workspace_and_rejects_bad_args():
+    # The workspace query runs no CUDA call, so the ctypes struct layout is checked on CPU too.
+    import ctypes
+
+    from kvcompile.plugins import load_kernels
+    from kvcompile.plugins.kcache_decode import DecodeArgs
+
+    lib = load_kernels()
+    B, Hq, Hkv, P, D, topn = 2, 8, 2, 1000, 64, 100
+    fake = 1 << 20  # aligned, never dereferenced
+    args = DecodeArgs(batch=B, query_heads=Hq, kv_heads=Hkv, past_len=P, head_dim=D, topn=topn,
+                      select=0, renormalize=0, dtype=2, scale=0.125, query=fake, key=fake,
+                      value=fake, key_cache=fake, value_host=fake, attn_bias=fake, out=fake,
+                      key_cache_stride_p=D, value_host_stride_p=Hkv * D)
+    size = ctypes.c_size_t(0)
+    assert lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)) == 0
+    S = P + 1
+    at_least = 4 * (B * Hq * S + B * Hkv * S + B * Hkv * topn)  # logits, scores, indices
+    assert at_least <= size.value < at_least + 64 * 1024
+    args.topn = 0
+    assert lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)) != 0
+    assert b"topn" in lib.kvc_last_error()
+    args.topn, args.head_dim = topn, 36  # 72 bytes: not a whole number of 16-byte vectors
+    assert lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)) != 0
+    assert b"head_dim" in lib.kvc_last_error()
+
+
+# ---------------------------------------------------------------- GPU: kernels vs reference
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_SHAPES = [  # (B, Hq, Hkv, P, D, pads)
+    (1, 4, 4, 1, 64, None),
+    (2, 8, 2, 37, 64, [0, 11]),
+    (3, 32, 8, 1000, 128, [0, 100, 999]),
+    (2, 12, 4, 4099, 128, [5, 0]),          # G = 3 (generic head-group path)
+    (1, 16, 1, 2500, 80, None),             # MQA, D = 80
+    (8, 32, 8, 3000, 128, [0, 1, 2, 3, 300, 600, 900, 2999]),
+]
+
+
+def to_cuda_args(args):
+    query, key, value, key_cache, value_host, bias = args
+    cuda = lambda t: t.cuda()  # noqa: E731
+    return (cuda(query), cuda(key), cuda(value), cuda(key_cache), value_host.pin_memory(), cuda(bias))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-P{}-D{}".format(*s[:5]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("select", ["head", "layer"])
+def test_cuda_decode_matches_reference(shape, dtype, select):
+    from kvcompile.plugins import kcache_decode
+
+    B, Hq, Hkv, P, D, pads = shape
+    args = make_inputs(B, Hq, Hkv, 1, P, D, pads, dtype=dtype, seed=P, spread=3.0)
+    gpu_args = to_cuda_args(args)
+    assert kcache_decode.can_use_kernels(*gpu_args), "decode should run the CUDA kernels"
+    tol = dict(float32=2e-4, bfloat16=3e-2, float16=5e-3)[str(dtype).split(".")[1]]
+    for topn in sorted({1, 7, 64, P + 1}):
+        for renormalize in (False, True):
+            want = kcache_attention_reference(*args, D ** -0.5, topn, select, renormalize)
+            got = op(*gpu_args, D ** -0.5, topn, select, renormalize)
+            assert got.device.type == "cuda" and got.dtype == dtype
+            torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol,
+                                       msg=lambda m: f"topn={topn} renorm={renormalize}: {m}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_other_cases_fall_back_to_reference_on_gpu():
+    for T, P in ((3, 50), (4, 0)):
+        args = make_inputs(2, 8, 2, T, P, 64, [0, 2], seed=T)
+        got = op(*to_cuda_args(args), 0.125, 16, "head", False)
+        want = kcache_attention_reference(*args, 0.125, 16, "head", False)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
