@@ -1,4 +1,25 @@
-"""kvcompile: a compiler for the KV cache of decoder LLMs."""
+"""kvcompile: a compiler for the KV cache of decoder LLMs.
+
+    model = kvcompile.load_model("reference")
+    compiled = kvcompile.compile(model, kvcompile.CacheConfig(kind="kcache", topn=128))
+    tokens = compiled.generate(input_ids, max_new_tokens=32)
+    kvcompile.export(model, target="onnx", out_dir="exported/reference-kcache", cache=config)
+"""
 __version__ = "0.1.0"
 
-from kvcompile.config import CacheConfig, ConfigError  # noqa: F401
+from kvcompile.config import CacheConfig, ConfigError  # noqa: F401,E402
+from kvcompile.loading import LoadError, load_model  # noqa: F401,E402
+
+
+def compile(model, config=None):  # noqa: A001
+    """Trace `model`, rewrite its attention for `config` (a CacheConfig), return a CompiledModel."""
+    from kvcompile.compiler import compile as compile_model
+
+    return compile_model(model, config)
+
+
+def export(model, target="torch", out_dir="exported/model", cache=None):
+    """Compile `model` for `cache` and write a `target` ("torch" | "onnx") artifact folder."""
+    from kvcompile.export import export as export_artifact
+
+    return export_artifact(model, target=target, out_dir=out_dir, cache=cache)

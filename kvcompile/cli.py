@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 # Tables stay readable when piped to a file or CI log (rich assumes 80 columns there).
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except known_errors() as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")

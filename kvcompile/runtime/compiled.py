@@ -41,10 +41,18 @@ class CompiledModel:
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.spec.dtype)
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CompiledModel":
-        self.graph_module.to(device=device, dtype=dtype)
-        if dtype is not None:
-            self.spec.dtype = str(dtype).removeprefix("torch.")
+    def to(self, device) -> "CompiledModel":
+        """Move weights and retarget ops that create tensors (arange, zeros...) to `device`.
+
+        There is no dtype conversion: the trace records the dtype casts the model made (e.g.
+        RMSNorm's upcast and cast back), so a bf16 model must be compiled from bf16 weights.
+        """
+        device = torch.device(device)
+        self.graph_module.to(device)
+        for node in self.graph_module.graph.nodes:
+            if "device" in node.kwargs:
+                node.kwargs = {**node.kwargs, "device": device}
+        self.graph_module.recompile()
         return self
 
     # backend protocol ---------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""find_attention: layers, heads, GQA expansion, RoPE variants, and a clear error without SDPA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcompile.models import tiny_model
+from kvcompile.passes.find_attention import AttentionPatternError, find_attention
+from kvcompile.trace import trace_model
+
+
+def sites_of(arch: str):
+    model = tiny_model(arch)
+    context = {}
+    graph_module = trace_model(model).module()
+    rows = find_attention(graph_module, context)
+    return context["attention_sites"], rows
+
+
+@pytest.mark.parametrize(
+    "arch, gqa, rope, heads",
+    [
+        ("llama", "repeat_kv", "half-split", (4, 2)),
+        ("phi3", "repeat_kv", "half-split, partial 8/16", (4, 2)),
+        ("gpt2", "none", "none", (4, 4)),
+    ],
+)
+def test_describes_each_layer(arch, gqa, rope, heads):
+    sites, rows = sites_of(arch)
+    assert [s.layer for s in sites] == [0, 1]
+    for site in sites:
+        assert (site.query_heads, site.kv_heads) == heads
+        assert site.head_dim == 16
+        assert site.gqa == gqa
+        assert site.rope == rope
+        assert site.scale == pytest.approx(0.25)
+        # the key the cache stores is the per-KV-head tensor, before any GQA expansion
+        assert tuple(site.key.meta["val"].shape)[1] == heads[1]
+    assert rows[0]["module"].endswith("0.self_attn" if arch != "gpt2" else "h.0.attn")
+
+
+def test_eager_attention_names_layer_and_missing_pattern():
+    model = tiny_model("llama")
+    model.config._attn_implementation = "eager"
+    for layer in model.model.layers:
+        layer.self_attn.config._attn_implementation = "eager"
+    graph_module = trace_model(model).module()
+    with pytest.raises(AttentionPatternError) as error:
+        find_attention(graph_module, {})
+    message = str(error.value)
+    assert "layer 0" in message and "self_attn" in message
+    assert "scaled_dot_product_attention" in message and "attn_implementation='sdpa'" in message
+
+
+def test_dropout_in_attention_is_refused():
+    graph = torch.fx.Graph()
+    q = graph.placeholder("q")
+    node = graph.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, q, q, None, 0.1))
+    graph.output(node)
+    with pytest.raises(AttentionPatternError, match="dropout"):
+        find_attention(torch.fx.GraphModule(torch.nn.Module(), graph), {})
