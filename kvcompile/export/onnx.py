@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -140,6 +141,10 @@ def finish_graph(model: onnx.ModelProto, spec: GraphSpec, fixed_tokens: Optional
         _set_axes(value_info, fix(out_axes[value_info.name]))
     # Intermediate shapes carry torch's symbol names (s0, s1 ...): recompute them from the I/O.
     del model.graph.value_info[:]
+    # torch.onnx records a Python stack trace per node: most of the graph's bytes, and paths of
+    # the exporting machine. Not part of the artifact.
+    for node in model.graph.node:
+        del node.metadata_props[:]
     used = sorted({node.op_type for node in model.graph.node if node.domain == onnx_functions.DOMAIN})
     unknown = set(used) - set(onnx_functions.FUNCTIONS)
     if unknown:
@@ -172,7 +177,10 @@ def _summary(err: Exception) -> str:
 def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, work_dir: Path) -> tuple[onnx.ModelProto, int]:
     """torch.onnx (dynamo) export of the flat graph; returns (model without weight data, weight bytes)."""
     try:
-        with torch.no_grad():
+        # ExportedProgram.module() comes back in training mode and refuses .eval(); its graph
+        # is already the inference graph, so torch.onnx's warning about it is noise.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             program = torch.onnx.export(
                 module, example_inputs(spec), dynamo=True, optimize=False,
                 opset_version=onnx_functions.STANDARD_OPSET,
