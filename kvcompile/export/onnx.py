@@ -29,6 +29,7 @@ import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.*)
 from kvcompile.export import onnx_functions
 from kvcompile.export.manifest import check_writable_parent, write_artifact
 from kvcompile.spec import GraphSpec
+from kvcompile.text import copy_tokenizer_files
 
 PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE = "prefill.onnx", "decode.onnx", "weights.data"
 # Above this many bytes of weights the graphs reference one shared external file. Protobuf
@@ -227,23 +228,31 @@ def export_onnx(
     *,
     model_config=None,
     cache_config=None,
+    source_dir: Optional[Path] = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     check: bool = True,
 ) -> Path:
     """Export a CompiledModel (anything with `.graph_module` and `.spec`) as an ONNX artifact.
 
-    Writes DIR/prefill.onnx, DIR/decode.onnx, [DIR/weights.data], DIR/manifest.json atomically
-    and returns DIR. model_config / cache_config default to the compiled model's own.
+    Writes DIR/prefill.onnx, DIR/decode.onnx, [DIR/weights.data], [DIR/tokenizer/] and
+    DIR/manifest.json atomically; returns DIR. model_config / cache_config default to the
+    compiled model's own; tokenizer files are copied from `source_dir` when it has them.
     """
     out_dir = Path(out_dir)
     check_writable_parent(out_dir)  # before minutes of tracing, not after
     spec: GraphSpec = compiled.spec
     module = compiled.graph_module
-    model_config = _model_config_dict(model_config if model_config is not None
-                                      else getattr(compiled, "model_config", None))
+    config_object = model_config if model_config is not None else getattr(compiled, "model_config", None)
     cache_config = cache_config if cache_config is not None else getattr(compiled, "cache_config", None)
     if cache_config is not None and hasattr(cache_config, "to_dict"):
         cache_config = cache_config.to_dict()
+    report = getattr(compiled, "report", None)
+    source = {
+        "model": getattr(config_object, "_kvcompile_source", None) or getattr(config_object, "name_or_path", None),
+        "model_config": _model_config_dict(config_object),
+        "cache_config": cache_config,
+        "passes": report.to_dict() if report is not None else {},
+    }
 
     def fill(folder: Path) -> dict:
         started = time.perf_counter()
@@ -258,15 +267,16 @@ def export_onnx(
         if check:
             for name in graphs:
                 check_graph(folder / name)
-        return manifest_fields(spec, model_config, cache_config, graphs[PREFILL_FILE],
-                               weights=None if embed else WEIGHTS_FILE,
-                               export_seconds=round(time.perf_counter() - started, 2))
+        has_tokenizer = copy_tokenizer_files(source_dir, folder / "tokenizer")
+        return {**manifest_fields(spec, graphs[PREFILL_FILE], weights=None if embed else WEIGHTS_FILE,
+                                  export_seconds=round(time.perf_counter() - started, 2)),
+                **source, "tokenizer": "tokenizer" if has_tokenizer else None}
 
     return write_artifact(out_dir, fill)
 
 
-def manifest_fields(spec: GraphSpec, model_config, cache_config, model: onnx.ModelProto,
-                    weights: Optional[str], export_seconds: float) -> dict:
+def manifest_fields(spec: GraphSpec, model: onnx.ModelProto, weights: Optional[str],
+                    export_seconds: float) -> dict:
     in_axes, out_axes = io_axes(spec)
     dtype = _ONNX_DTYPE.get(spec.dtype, spec.dtype)
     def io(axes_by_name, integer=("input_ids", "position_ids")):
@@ -289,9 +299,7 @@ def manifest_fields(spec: GraphSpec, model_config, cache_config, model: onnx.Mod
             for layer, kind in enumerate(spec.layer_kinds)
         ],
         "kvcompile_nodes": sorted({n.op_type for n in model.graph.node if n.domain == onnx_functions.DOMAIN}),
-        "spec": spec.to_dict(),
-        "model_config": model_config,
-        "cache_config": cache_config,
+        "graph_spec": spec.to_dict(),
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "kvcompile": kvcompile.__version__,
                      "export_seconds": export_seconds},
     }

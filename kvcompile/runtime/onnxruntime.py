@@ -33,7 +33,7 @@ class OnnxRuntimeBackend:
                  intra_op_threads: Optional[int] = None):
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest
-        self.spec = GraphSpec.from_dict(manifest["spec"])
+        self.spec = GraphSpec.from_dict(manifest["graph_spec"])
         self.providers = list(providers or ["CPUExecutionProvider"])
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
