@@ -16,7 +16,7 @@ __global__ void __launch_bounds__(kScoreThreads)
 score_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ logits,
              MaxSum* __restrict__ tile_stats) {
   constexpr int VE = Vec<T>::n;
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   float* q_s = smem;                        // [GT, D]
   float* tile_logits = smem + GT * p.D;     // [GT, score_tile]
 

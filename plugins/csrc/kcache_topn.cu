@@ -8,6 +8,7 @@ namespace {
 
 constexpr int kSelectThreads = 1024;  // one CTA per selection row; 32 warps
 constexpr int kScoreBlock = 256;
+constexpr int kBatch = 8;  // elements each thread loads before using them
 
 __global__ void selection_score_kernel(KCachePlan p, const float* __restrict__ logits,
                                        const MaxSum* __restrict__ stats,
@@ -37,17 +38,38 @@ __device__ inline uint32_t warp_inclusive_scan(uint32_t x, int lane) {
 // Radix select over 8-bit digits from the top: after 4 passes `prefix` is the bit pattern of
 // the N-th largest score and `remaining` how many values equal to it still belong to the top N.
 // Then an ordered compaction writes the positions above it, followed by the first `remaining`
-// equal ones, so the result is deterministic.
+// equal ones, so the result is deterministic. The row is staged in shared memory when it fits
+// (five passes read it); otherwise the passes read it from global memory (L2).
 __global__ void __launch_bounds__(kSelectThreads)
-topn_select_kernel(KCachePlan p, const float* __restrict__ select, int32_t* __restrict__ index) {
+topn_select_kernel(KCachePlan p, const float* __restrict__ select, int32_t* __restrict__ index,
+                   int staged_in_shared) {
+  extern __shared__ uint32_t staged[];
   const int row = blockIdx.x;
-  const uint32_t* x = reinterpret_cast<const uint32_t*>(select + (int64_t)row * p.S);
+  const uint32_t* row_bits = reinterpret_cast<const uint32_t*>(select + (int64_t)row * p.S);
   int32_t* out = index + (int64_t)row * p.N;
   const int S = p.S, N = p.N;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (N >= S) {
     for (int i = tid; i < S; i += blockDim.x) out[i] = i;
     return;
+  }
+  const uint32_t* x = row_bits;
+  if (staged_in_shared) {
+    for (int base = tid; base < S; base += kSelectThreads * kBatch) {
+      uint32_t v[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = base + k * kSelectThreads;
+        v[k] = i < S ? row_bits[i] : 0u;
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = base + k * kSelectThreads;
+        if (i < S) staged[i] = v[k];
+      }
+    }
+    __syncthreads();
+    x = staged;
   }
 
   __shared__ uint32_t hist[256];
@@ -56,14 +78,22 @@ topn_select_kernel(KCachePlan p, const float* __restrict__ select, int32_t* __re
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    for (int base = 0; base < S; base += blockDim.x) {
-      const int i = base + tid;
-      const uint32_t v = i < S ? x[i] : 0u;
-      const bool match = i < S && (v & mask) == prefix;
-      const uint32_t digit = (v >> shift) & 0xffu;
-      // Probabilities crowd into few exponent digits: aggregate equal digits per warp first.
-      const uint32_t peers = __match_any_sync(0xffffffffu, match ? digit : 0x100u);
-      if (match && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], (uint32_t)__popc(peers));
+    for (int base = 0; base < S; base += kSelectThreads * kBatch) {
+      uint32_t v[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {  // all loads first: latency overlaps
+        const int i = base + k * kSelectThreads + tid;
+        v[k] = i < S ? x[i] : 0u;
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int i = base + k * kSelectThreads + tid;
+        const bool match = i < S && (v[k] & mask) == prefix;
+        const uint32_t digit = (v[k] >> shift) & 0xffu;
+        // Probabilities crowd into few exponent digits: aggregate equal digits per warp first.
+        const uint32_t peers = __match_any_sync(0xffffffffu, match ? digit : 0x100u);
+        if (match && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], (uint32_t)__popc(peers));
+      }
     }
     __syncthreads();
     if (warp == 0) {  // lane l owns bins 255-8l down to 248-8l
@@ -141,7 +171,21 @@ cudaError_t launch_selection_scores(const KCachePlan& p, const float* logits, co
 
 cudaError_t launch_topn_select(const KCachePlan& p, const float* select, int32_t* index,
                                cudaStream_t stream) {
-  topn_select_kernel<<<p.B * p.select_rows, kSelectThreads, 0, stream>>>(p, select, index);
+  // Stage the row in shared memory when this GPU's opt-in limit allows it.
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  const size_t row_bytes = sizeof(float) * p.S;
+  const size_t static_bytes = 2048;  // histogram and scan scratch
+  const bool staged = p.N < p.S && row_bytes + static_bytes <= (size_t)optin;
+  const size_t smem = staged ? row_bytes : 0;
+  if (staged && smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(topn_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  topn_select_kernel<<<p.B * p.select_rows, kSelectThreads, smem, stream>>>(p, select, index, staged);
   return cudaGetLastError();
 }
 

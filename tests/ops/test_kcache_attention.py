@@ -213,10 +213,15 @@ GPU_SHAPES = [  # (B, Hq, Hkv, P, D, pads)
 ]
 
 
-def to_cuda_args(args):
+def to_cuda_args(args, pinned=True):
+    """Device copies; key_cache and value_host as views of larger buffers (strided B and P)."""
     query, key, value, key_cache, value_host, bias = args
-    cuda = lambda t: t.cuda()  # noqa: E731
-    return (cuda(query), cuda(key), cuda(value), cuda(key_cache), value_host.pin_memory(), cuda(bias))
+    B, Hkv, P, D = key_cache.shape
+    cache_buffer = torch.zeros(B, Hkv, P + 3, D, dtype=key_cache.dtype, device="cuda")
+    cache_buffer[:, :, :P] = key_cache.cuda()
+    host_buffer = torch.zeros(B, P + 3, Hkv, D, dtype=value_host.dtype, pin_memory=pinned)
+    host_buffer[:, :P] = value_host
+    return (query.cuda(), key.cuda(), value.cuda(), cache_buffer[:, :, :P], host_buffer[:, :P], bias.cuda())
 
 
 @pytest.mark.gpu
@@ -244,8 +249,13 @@ def test_cuda_decode_matches_reference(shape, dtype, select):
 @pytest.mark.gpu
 @requires_cuda
 def test_cuda_other_cases_fall_back_to_reference_on_gpu():
-    for T, P in ((3, 50), (4, 0)):
+    from kvcompile.plugins import kcache_decode
+
+    # several new tokens, prefill, and a decode step whose host values are not pinned
+    for T, P, pinned in ((3, 50, True), (4, 0, True), (1, 40, False)):
         args = make_inputs(2, 8, 2, T, P, 64, [0, 2], seed=T)
-        got = op(*to_cuda_args(args), 0.125, 16, "head", False)
+        gpu_args = to_cuda_args(args, pinned=pinned)
+        assert not kcache_decode.can_use_kernels(*gpu_args)
+        got = op(*gpu_args, 0.125, 16, "head", False)
         want = kcache_attention_reference(*args, 0.125, 16, "head", False)
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,256 @@
+"""KCache decode op vs torch SDPA over a full K+V cache, each as a ratio to its floor.
+
+One decode step of one layer, B=8, 32 query / 8 KV heads, d=128, bf16, contexts 8K and 32K.
+  kcache: torch.ops.kvcompile.kcache_attention with K on the GPU and V in pinned host memory,
+          a few topn, both selection modes.
+  peer:   F.scaled_dot_product_attention over K and V both on the GPU (GQA, no copy).
+Floors (docs: DESIGN.md "Floors", H100):
+  kcache = K bytes / 2975 GB/s + fetched V bytes / host-link rate for that row size
+  SDPA   = (K + V bytes) / 2975 GB/s
+Each configuration is timed eagerly (what a Python caller sees, launch overhead included) and
+replayed from a CUDA graph (device time). Writes kcache_op.json and kcache_op.png to --out.
+
+    python bench/bench_kcache_op.py --out DIR            # GPU only
+    python bench/bench_kcache_op.py --plot DIR/kcache_op.json   # redraw the plot only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HBM_BYTES_PER_S = 2975e9
+# zero-copy gather of random rows from pinned host memory (row bytes, bytes/s), measured (DESIGN.md)
+LINK_RATES = [(64, 3e9), (256, 11e9), (512, 20e9), (2048, 51e9)]
+B, HQ, HKV, D = 8, 32, 8, 128
+DTYPE = torch.bfloat16
+
+
+def link_rate(row_bytes: int) -> float:
+    """Host-link gather rate for rows of this size: the table, log-interpolated between rows."""
+    if row_bytes <= LINK_RATES[0][0]:
+        return LINK_RATES[0][1]
+    for (x0, r0), (x1, r1) in zip(LINK_RATES, LINK_RATES[1:]):
+        if row_bytes <= x1:
+            t = math.log(row_bytes / x0) / math.log(x1 / x0)
+            return r0 * (r1 / r0) ** t
+    return LINK_RATES[-1][1]
+
+
+def kcache_floor_s(context: int, topn: int, select: str, elem: int = 2) -> float:
+    k_bytes = B * HKV * context * D * elem
+    kept = min(topn, context)
+    row_bytes = D * elem if select == "head" else HKV * D * elem
+    rows = B * HKV * kept if select == "head" else B * kept
+    return k_bytes / HBM_BYTES_PER_S + rows * row_bytes / link_rate(row_bytes)
+
+
+def sdpa_floor_s(context: int, elem: int = 2) -> float:
+    return 2 * B * HKV * context * D * elem / HBM_BYTES_PER_S
+
+
+def time_eager(fn, iters: int, repeats: int = 5) -> float:
+    """Median over `repeats` of the mean ms per call across `iters` back-to-back calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / iters)
+    return statistics.median(samples)
+
+
+def time_graph(fn, iters: int, repeats: int = 5):
+    """Same, replaying `iters` calls captured in one CUDA graph; None if capture fails."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+            for _ in range(iters):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001 - report, don't abort the benchmark
+        print(f"  graph capture failed: {error}")
+        return None
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / iters)
+    del graph
+    return statistics.median(samples)
+
+
+def kernel_breakdown(fn, iters: int = 20) -> dict:
+    """Mean device µs per call of each kernel the call launches (torch profiler, CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us:
+            out[event.key[:90]] = round(device_us / iters, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def make_case(context: int, seed: int = 0):
+    """Inputs of one decode step: P = context - 1 cached tokens plus the new one."""
+    P = context - 1
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    query = torch.randn(B, HQ, 1, D, device=dev, dtype=DTYPE, generator=g)
+    key = torch.randn(B, HKV, 1, D, device=dev, dtype=DTYPE, generator=g)
+    value = torch.randn(B, HKV, 1, D, device=dev, dtype=DTYPE, generator=g)
+    key_cache = torch.randn(B, HKV, P, D, device=dev, dtype=DTYPE, generator=g)
+    value_past = torch.randn(B, P, HKV, D, device=dev, dtype=DTYPE, generator=g)
+    value_host = torch.empty(B, P, HKV, D, dtype=DTYPE, pin_memory=True)
+    value_host.copy_(value_past)
+    bias = torch.zeros(B, 1, 1, context, device=dev, dtype=torch.float32)
+    # Full cache for the SDPA peer: K and V both on the GPU, [B, Hkv, S, D].
+    k_full = torch.cat([key_cache, key], dim=2)
+    v_full = torch.cat([value_past.transpose(1, 2), value], dim=2).contiguous()
+    del value_past
+    return dict(query=query, key=key, value=value, key_cache=key_cache, value_host=value_host,
+                attn_bias=bias), k_full, v_full
+
+
+def run(out_dir: Path, contexts, topns, iters: int) -> dict:
+    import kvcompile.ops  # noqa: F401  (registers the op)
+    from kvcompile.plugins import kcache_decode
+
+    op = torch.ops.kvcompile.kcache_attention
+    scale = D ** -0.5
+    rows, breakdowns, checks = [], {}, {}
+    for context in contexts:
+        print(f"context {context}: building inputs", flush=True)
+        case, k_full, v_full = make_case(context)
+        assert kcache_decode.can_use_kernels(*case.values()), "the bench must exercise the kernels"
+        q = case["query"]
+        sdpa_bias = case["attn_bias"].to(DTYPE)
+
+        # exactness of this very configuration: topn ≥ context equals full attention
+        exact = op(*case.values(), scale, context, "head", False)
+        want = F.scaled_dot_product_attention(q, k_full, v_full, scale=scale, enable_gqa=True)
+        checks[context] = float((exact.float() - want.float()).abs().max())
+        print(f"  kcache(topn=context) vs SDPA max |diff| = {checks[context]:.3g}", flush=True)
+
+        k_bytes = k_full.numel() * k_full.element_size()
+        peers = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k_full, v_full, scale=scale, enable_gqa=True),
+            "sdpa_masked": lambda: F.scaled_dot_product_attention(
+                q, k_full, v_full, attn_mask=sdpa_bias, scale=scale, enable_gqa=True),
+        }
+        for name, fn in peers.items():
+            eager, graph = time_eager(fn, iters), time_graph(fn, iters)
+            floor_ms = sdpa_floor_s(context) * 1e3
+            rows.append(dict(context=context, kind=name, select=None, topn=None, eager_ms=eager,
+                             graph_ms=graph, floor_ms=floor_ms, hbm_bytes=2 * k_bytes))
+            print(f"  {name:12s} eager {eager:.4f} ms  graph {graph and round(graph, 4)} ms  "
+                  f"floor {floor_ms:.4f} ms", flush=True)
+
+        for select in ("head", "layer"):
+            for topn in topns:
+                fn = lambda select=select, topn=topn: op(*case.values(), scale, topn, select, False)  # noqa: E731
+                eager, graph = time_eager(fn, iters), time_graph(fn, iters)
+                floor_ms = kcache_floor_s(context, topn, select) * 1e3
+                rows.append(dict(context=context, kind="kcache", select=select, topn=topn,
+                                 eager_ms=eager, graph_ms=graph, floor_ms=floor_ms,
+                                 hbm_bytes=k_bytes))
+                print(f"  kcache {select:5s} N={topn:5d} eager {eager:.4f} ms  graph "
+                      f"{graph and round(graph, 4)} ms  floor {floor_ms:.4f} ms", flush=True)
+            fn = lambda select=select: op(*case.values(), scale, 128, select, False)  # noqa: E731
+            breakdowns[f"{context}/{select}/128"] = kernel_breakdown(fn)
+        del case, k_full, v_full
+        torch.cuda.empty_cache()
+
+    for row in rows:
+        row["best_ms"] = row["graph_ms"] if row["graph_ms"] is not None else row["eager_ms"]
+        row["ratio_to_floor"] = row["best_ms"] / row["floor_ms"]
+    for row in rows:
+        peer = min(r["best_ms"] for r in rows if r["context"] == row["context"] and r["kind"].startswith("sdpa"))
+        row["vs_sdpa"] = row["best_ms"] / peer
+    result = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        shape=dict(batch=B, query_heads=HQ, kv_heads=HKV, head_dim=D, dtype=str(DTYPE)),
+        floors=dict(hbm_bytes_per_s=HBM_BYTES_PER_S, link_rates=LINK_RATES),
+        exactness_max_abs_diff=checks, rows=rows, kernel_breakdown_us=breakdowns,
+        note="best_ms = graph replay when capture worked, else eager; vs_sdpa is against the "
+             "faster SDPA variant of the same context",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kcache_op.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({r["context"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(7 * len(contexts), 4.5), squeeze=False)
+    for ax, context in zip(axes[0], contexts):
+        rows = [r for r in result["rows"] if r["context"] == context]
+        labels = [r["kind"] if r["kind"] != "kcache" else f"{r['select']} N={r['topn']}" for r in rows]
+        x = range(len(rows))
+        ax.bar(x, [r["best_ms"] for r in rows], color=["tab:gray" if r["kind"] != "kcache" else
+                                                        "tab:blue" if r["select"] == "head" else "tab:orange"
+                                                        for r in rows], label="measured")
+        ax.scatter(x, [r["floor_ms"] for r in rows], color="black", marker="_", s=400, label="floor")
+        ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("ms per decode step (one layer)")
+        ax.set_title(f"context {context}, B={B}, {HQ}q/{HKV}kv heads, d={D}, bf16")
+        ax.legend()
+    fig.suptitle(f"kcache_attention vs SDPA — {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--topn", type=int, nargs="+", default=[64, 128, 256, 1024])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--plot", type=Path, help="redraw the PNG from an existing JSON and exit")
+    args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kcache_op needs a CUDA GPU")
+    result = run(args.out, args.contexts, args.topn, args.iters)
+    try:
+        plot(result, args.out / "kcache_op.png")
+    except ImportError as error:
+        print(f"no plot ({error}); redraw with --plot")
+    print(json.dumps(result["kernel_breakdown_us"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
