@@ -18,7 +18,7 @@ def pipeline(config: CacheConfig) -> list:
     """The passes a CacheConfig asks for, in order."""
     passes = [strip_asserts, find_attention, insert_kv_cache]
     if config.kind == "kcache":
-        from passes.kcache import kcache
+        from kvcompile.passes.kcache import kcache
 
         passes.append(kcache)
     return passes

@@ -1,0 +1,67 @@
+"""kcache: cached attention → K-only caching with top-N value retrieval from host memory.
+
+Matches: the `kvcompile::cached_attention` nodes that `insert_kv_cache` produced, from layer
+`full_layers` on (earlier layers keep V on the device, by choice of the CacheConfig).
+Produces: `kvcompile::kcache_attention(q, k, v, past_key, past_value_host, attn_bias, scale,
+topn, select, renormalize)`, and marks those layers "kcache" in the GraphSpec, so the cache
+manager keeps their V in (pinned) host memory, token-major [B, P, Hkv, D].
+
+A fractional topn becomes graph arithmetic on the context length (attn_bias's last axis), so
+one graph keeps the same fraction at every context length.
+
+Before: cached_attention(q, k, v, past_k, past_v, bias, s)
+After:  kcache_attention(q, k, v, past_k, past_v_host, bias, s, topn, "head", False)
+"""
+from __future__ import annotations
+
+import operator
+from fractions import Fraction
+
+import torch
+import torch.fx
+
+import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.*)
+
+
+def topn_node(graph: torch.fx.Graph, attn_bias: torch.fx.Node, topn):
+    """An int, or for a fraction f: max(1, round(f · context)) computed from attn_bias's shape."""
+    if not isinstance(topn, float):
+        return int(topn)
+    ratio = Fraction(topn).limit_denominator(10_000)
+    context = graph.call_function(torch.ops.aten.sym_size.int, (attn_bias, 3))
+    scaled = graph.call_function(operator.mul, (context, ratio.numerator))
+    rounded = graph.call_function(operator.floordiv, (graph.call_function(operator.add, (scaled, ratio.denominator // 2)), ratio.denominator))
+    return graph.call_function(torch.sym_max, (rounded, 1))
+
+
+def kcache(graph_module: torch.fx.GraphModule, context: dict) -> list:
+    """Rewrite cached attention to kcache_attention (V in host memory) beyond `full_layers`."""
+    config = context["cache_config"]
+    spec = context["spec"]
+    graph = graph_module.graph
+    rows = []
+    for site in context["attention_sites"]:
+        node = site.sdpa  # insert_kv_cache left the cached_attention node here
+        assert node.target == torch.ops.kvcompile.cached_attention.default, "run insert_kv_cache first"
+        if site.layer < config.full_layers:
+            rows.append({"layer": site.layer, "attention": "cached_attention", "V lives on": "device (full_layers)",
+                         "topn": "-", "select": "-"})
+            continue
+        query, key, value, past_key, past_value, attn_bias, scale = node.args
+        with graph.inserting_before(node):
+            topn = topn_node(graph, attn_bias, config.topn)
+            replacement = graph.call_function(
+                torch.ops.kvcompile.kcache_attention.default,
+                (query, key, value, past_key, past_value, attn_bias, scale, topn, config.select, config.renormalize),
+            )
+        replacement.meta.update(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+        site.sdpa = replacement
+        spec.layer_kinds[site.layer] = "kcache"
+        rows.append({"layer": site.layer, "attention": "kcache_attention", "V lives on": "host [B, P, Hkv, D]",
+                     "topn": str(config.topn), "select": config.select})
+    return rows
+
+
+kcache.pass_name = "kcache"
