@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", default="perplexity,retrieval,cross_chunk")
     evaluate.add_argument("--samples", type=int, default=20, help="examples per task and length")
     evaluate.add_argument("--json", help="also write the results as JSON here")
+    evaluate.add_argument("--decode-tail", type=int, help="feed each prompt's last N tokens as decode steps "
+                          "(default 16 for kcache, so the question reads the compressed cache)")
     evaluate.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (JSON + plot)")
@@ -204,9 +206,11 @@ def known_errors() -> tuple:
     from kvcompile.loading import LoadError
     from kvcompile.passes.find_attention import AttentionPatternError
     from kvcompile.runtime.cache import HostMemoryError
+    from kvcompile.runtime.generate import ContextLengthError
     from kvcompile.trace import TraceError
 
-    return (ConfigError, TargetError, ArtifactError, LoadError, AttentionPatternError, HostMemoryError, TraceError)
+    return (ConfigError, TargetError, ArtifactError, LoadError, AttentionPatternError, HostMemoryError, TraceError,
+            ContextLengthError)
 
 
 def main(argv=None) -> int:

@@ -21,8 +21,17 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
+class ContextLengthError(ValueError):
+    """More tokens than the model's positions allow."""
+
+
 def run_step(backend, cache: KVCacheManager, input_ids, new_valid, new_positions) -> torch.Tensor:
     """One forward over `input_ids` [B, T] appended after the cache; returns logits [B, T, V]."""
+    limit = backend.spec.max_context
+    if cache.length + input_ids.shape[1] > limit:
+        raise ContextLengthError(
+            f"{cache.length} cached + {input_ids.shape[1]} new tokens exceed the model's context of {limit} positions"
+        )
     past_keys, past_values = cache.past_all()
     bias = attention_bias(cache.valid, cache.positions, new_valid, new_positions, cache.dtype, backend.spec.sliding_window)
     logits, new_keys, new_values = backend.step(input_ids, new_positions, bias, past_keys, past_values)
