@@ -75,3 +75,20 @@ def test_decode_past_initial_capacity_grows_cache():
         expected = model(sequence).logits[:, -1]
     assert cache.capacity >= 9
     assert (logits[:, -1] - expected).abs().max().item() <= 1e-4
+
+
+def test_sliding_window_model_matches_hf():
+    import transformers
+
+    import kvcompile
+    from kvcompile.models import tiny_config
+
+    config = tiny_config("mistral")
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    compiled = kvcompile.compile(model)
+    assert compiled.spec.sliding_window == 4
+    input_ids = torch.randint(0, 256, (1, 12))
+    expected = model.generate(input_ids, max_new_tokens=20, do_sample=False)
+    assert torch.equal(compiled.generate(input_ids, max_new_tokens=20), expected)
