@@ -1,18 +1,8 @@
-"""Shared fixtures. GPU tests are marked `gpu` and skipped where CUDA is absent."""
+"""GPU tests are marked `gpu` and skipped where CUDA is absent."""
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
-
-import kvcompile
-from kvcompile.models import tiny_model
-
-# The four architectures the foundation issue names, plus features the passes must generalise
-# over: qk-norm (qwen3), partial rotary + fused qkv (phi3), GeGLU / embedding scaling (gemma).
-CORE_ARCHS = ("llama", "mistral", "qwen2", "gpt2")
-EXTRA_ARCHS = ("qwen3", "phi3", "gemma")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,21 +12,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@functools.lru_cache(maxsize=None)
-def compiled_tiny(arch: str, kind: str = "full", topn=10**6, select: str = "head"):
-    """(hf_model, compiled_model) for a tiny config, traced once per test session."""
-    model = tiny_model(arch)
-    config = kvcompile.CacheConfig(kind=kind, topn=topn, select=select) if kind == "kcache" else kvcompile.CacheConfig()
-    return model, kvcompile.compile(model, config)
-
-
-def padded_batch(seed: int = 1, batch: int = 3, length: int = 10, pads=(0, 3, 6)):
-    """Left-padded prompts of different lengths: (input_ids, attention_mask)."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, 256, (batch, length), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    for row, pad in enumerate(pads[:batch]):
-        attention_mask[row, :pad] = 0
-    return input_ids.masked_fill(attention_mask == 0, 0), attention_mask

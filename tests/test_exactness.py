@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvcompile.runtime.generate import positions_from_mask
-from conftest import CORE_ARCHS, EXTRA_ARCHS, compiled_tiny, padded_batch
+from tiny_models import CORE_ARCHS, EXTRA_ARCHS, compiled_tiny, padded_batch
 
 ARCHS = CORE_ARCHS + EXTRA_ARCHS
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kvcompile
-from conftest import CORE_ARCHS, padded_batch
+from tiny_models import CORE_ARCHS, padded_batch
 from kvcompile.models import tiny_model
 
 pytestmark = pytest.mark.gpu

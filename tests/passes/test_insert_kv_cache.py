@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import compiled_tiny
+from tiny_models import compiled_tiny
 
 
 def call_targets(graph_module):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kvcompile
-from conftest import CORE_ARCHS, compiled_tiny, padded_batch
+from tiny_models import CORE_ARCHS, compiled_tiny, padded_batch
 from kvcompile.config import ConfigError
 from kvcompile.models import tiny_model
 

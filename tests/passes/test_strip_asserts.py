@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import kvcompile
-from conftest import compiled_tiny
+from tiny_models import compiled_tiny
 from kvcompile.models import tiny_model
 
 

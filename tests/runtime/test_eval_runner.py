@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import compiled_tiny
+from tiny_models import compiled_tiny
 from kvcompile.eval.runner import HFRunner
 from kvcompile.runtime.eval_runner import CompiledRunner
 
