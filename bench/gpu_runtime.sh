@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One GPU call for the runtime: the gpu-marked runtime tests (exactness on CUDA, kcache vs full
+# in bf16), then the KCache quality sweep on the reference model. Results land under $OUT.
+#   OUT=/tmp/out bash bench/gpu_runtime.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.gpu_out/runtime}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+exec > >(tee "$OUT/gpu_runtime.log") 2>&1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -2
+python3 -c "from kvcompile.plugins import load_kernels; load_kernels(); print('kernels loaded')"
+echo "== gpu runtime tests"
+timeout 240 python3 -m pytest tests/test_gpu_runtime.py tests/ops -q -m gpu -p no:cacheprovider 2>&1 | tail -15
+echo "== kcache quality sweep"
+timeout ${SWEEP_TIMEOUT:-300} python3 bench/sweep_kcache_quality.py --out "$OUT" --samples ${SAMPLES:-20} ${SWEEP_ARGS:-}
