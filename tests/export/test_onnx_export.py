@@ -167,3 +167,18 @@ def test_failed_export_keeps_previous_artifact(copy_of):
         export_onnx(SimpleNamespace(graph_module=broken, spec=broken.spec), copy_of)
     assert (copy_of / MANIFEST_NAME).read_text() == before
     assert sorted(p.name for p in copy_of.parent.iterdir()) == ["copy"]
+
+
+def test_single_token_prompt_and_chunked_prefill_match_torch(artifact):
+    """T = 1 with P = 0 runs the decode graph on an empty cache; a second prompt chunk runs the
+    prefill graph with P > 0 (T > 1 over a past)."""
+    out, module = artifact
+    backend, reference = load_onnx_artifact(out), torch_runtime(module)
+    input_ids, attention_mask = prompt()
+    torch_cache, ort_cache = reference.new_cache(2, 32), backend.new_cache(2, 32)
+    first = input_ids[:, :1], torch.ones_like(input_ids[:, :1])
+    torch.testing.assert_close(gen.prefill(backend, ort_cache, *first), gen.prefill(reference, torch_cache, *first),
+                               atol=1e-4, rtol=0)
+    rest = input_ids[:, 1:], torch.ones_like(input_ids[:, 1:])
+    torch.testing.assert_close(gen.prefill(backend, ort_cache, *rest), gen.prefill(reference, torch_cache, *rest),
+                               atol=1e-4, rtol=0)
