@@ -18,7 +18,8 @@ Shapes:
 
 Semantics (this file's torch code is the definition; the CUDA kernels must match it):
   probs = softmax(q·[key_cache; key]ᵀ·scale + bias) over all P+T positions.
-  P == 0 (prefill): plain attention over the new tokens, no selection.
+  P == 0 (prefill): plain attention over the new tokens, no selection. Rows whose every
+  position is hidden (padded queries) are unspecified, as in cached_attention.
   P > 0: a score per position — select="head": per (b, KV head) the sum of probs over the
   group's query heads and the T rows; select="layer": per b the sum over all heads and rows.
   The top min(topn, P+T) positions are kept; out = Σ_kept probs·V, divided by Σ_kept probs
