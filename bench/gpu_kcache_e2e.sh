@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one GPU script of the KCache end-to-end benchmark: installs kvcompile, builds (or reuses)
+# the kernel library, then runs bench/bench_kcache_e2e.py at full size (1B-shaped Llama, bf16,
+# 16K context, 24 GiB GPU KV budget). Everything lands under $OUT (log, kcache_e2e.json/.png).
+#   OUT=/tmp/out bash bench/gpu_kcache_e2e.sh [extra bench args]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.gpu_out/kcache_e2e}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# A library built beforehand from the same sources with the same nvcc is reused (plugins/build.py).
+export KVCOMPILE_CACHE_DIR=${KVCOMPILE_CACHE_DIR:-$PWD/build/kvc_cache}
+exec > >(tee "$OUT/gpu_kcache_e2e.log") 2>&1
+
+echo "== device"; date -u
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+free -g | head -2
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+python3 -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: JSON only, plot later with --plot"
+
+echo "== install (kvcompile.passes / kvcompile.plugins live in ./passes and ./plugins)"
+if ! python3 -c "import kvcompile.plugins.kcache_decode, kvcompile.passes.kcache" 2>/dev/null; then
+  pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -3
+fi
+
+echo "== kernel library"
+SECONDS=0
+python3 -c "from kvcompile.plugins import build, load_kernels; print(build.library_path()); load_kernels()" || exit 1
+echo "build+load: ${SECONDS}s"
+
+echo "== benchmark"
+SECONDS=0
+timeout 470 python3 bench/bench_kcache_e2e.py --out "$OUT" "$@"
+echo "bench rc=$? in ${SECONDS}s"

@@ -1,0 +1,301 @@
+"""Runtimes timed by bench_kcache_e2e.py: the model, kvcompile's full and kcache caches, HF peers.
+
+Each `run_*` fills a cache with synthetic K/V of `args.context` positions, times decode steps
+and returns a row dict (step_ms, attention_ms of one step's attention ops, peak GPU memory).
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kcache_op import HBM_BYTES_PER_S, link_rate  # noqa: E402  (the shared floor table)
+
+HOST_TO_DEVICE_BYTES_PER_S = 55e9  # pinned host → device copy, 1 GiB (DESIGN.md "Floors")
+GIB = 2**30
+
+
+# model ---------------------------------------------------------------------------------------
+def llama_config(tiny: bool, context: int):
+    from transformers import LlamaConfig
+
+    if tiny:
+        shape = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                     intermediate_size=256, vocab_size=1000)
+    else:  # 1B-shaped: head_dim = hidden / heads = 2048 / 32 = 64
+        shape = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192, vocab_size=32000)
+    return LlamaConfig(**shape, max_position_embeddings=max(32768, 2 * context), tie_word_embeddings=False,
+                       attn_implementation="sdpa")
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype):
+    """Random weights, created directly on the device in the target dtype (the trace needs both)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class Shape:
+    """The cache-relevant numbers of the model (layers, heads, head_dim, element size)."""
+
+    def __init__(self, config, dtype: torch.dtype):
+        self.layers = config.num_hidden_layers
+        self.query_heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.element = torch.empty((), dtype=dtype).element_size()
+
+    def kv_row_bytes(self) -> int:  # one token's K (or V) of one layer, all KV heads
+        return self.kv_heads * self.head_dim * self.element
+
+
+def gpu_kv_bytes_per_token(name: str, shape: Shape) -> int:
+    """Bytes of cache per token that stay on the GPU across a step."""
+    row = shape.kv_row_bytes()
+    if name == "kvc_full" or name == "hf_dynamic":
+        return 2 * shape.layers * row
+    if name.startswith("kvc_kcache"):
+        return shape.layers * row  # K only (full_layers = 0)
+    if name == "hf_offloaded":
+        return 2 * 2 * row  # the layer being computed + the prefetched next one
+    raise ValueError(name)
+
+
+def host_kv_bytes_per_token(name: str, shape: Shape) -> int:
+    """Bytes of cache per token kept in host memory between steps."""
+    if name == "hf_offloaded":
+        return 2 * shape.layers * shape.kv_row_bytes()
+    if name.startswith("kvc_kcache"):
+        return shape.layers * shape.kv_row_bytes()  # V, token-major and pinned
+    return 0
+
+
+# timing --------------------------------------------------------------------------------------
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        # freed pinned buffers stay cached by torch's host allocator; give them back to the OS
+        # so the next runtime's host cache does not stack on the previous one's
+        getattr(torch._C, "_host_emptyCache", lambda: None)()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Mean ms per call over `iters` back-to-back calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    start_s = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start_s) * 1e3 / iters
+
+
+def attention_floor_ms(name: str, shape: Shape, batch: int, context: int, topn: int) -> float:
+    """Per decode step, all layers: the bytes the attention must move / the rate they move at."""
+    kv_bytes = batch * context * shape.kv_row_bytes()  # one layer's K (or V)
+    if name in ("kvc_full", "hf_dynamic"):
+        per_layer = 2 * kv_bytes / HBM_BYTES_PER_S
+    elif name == "hf_offloaded":
+        per_layer = 2 * kv_bytes / HOST_TO_DEVICE_BYTES_PER_S
+    else:
+        kept = min(topn, context)
+        if name.endswith("layer"):
+            row_bytes, rows = shape.kv_row_bytes(), batch * kept
+        else:
+            row_bytes, rows = shape.head_dim * shape.element, batch * shape.kv_heads * kept
+        per_layer = kv_bytes / HBM_BYTES_PER_S + rows * row_bytes / link_rate(row_bytes)
+    return per_layer * shape.layers * 1e3
+
+
+# kvcompile runtimes ----------------------------------------------------------------------------
+def fill_kvcompile_cache(cache, context: int, seed: int = 0) -> None:
+    """Make `cache` look like it holds `context` prefilled positions of random normal K/V."""
+    generator = torch.Generator(device=cache.device).manual_seed(seed)
+    batch, spec = cache.batch, cache.spec
+    for layer in range(spec.num_layers):
+        cache.keys[layer][:, :, :context].normal_(generator=generator)  # [B, Hkv, ctx, D]
+        if cache.is_host_layer(layer):
+            # generated on the device in one go, then one copy into the pinned token-major buffer
+            values = torch.randn(batch, context, spec.kv_heads, spec.head_dim, dtype=cache.dtype,
+                                 device=cache.device, generator=generator)  # [B, ctx, Hkv, D]
+            cache.values[layer][:, :context].copy_(values)
+            del values
+        else:
+            cache.values[layer][:, :, :context].normal_(generator=generator)
+    cache.length = context
+    cache.valid = torch.ones(batch, context, dtype=torch.bool, device=cache.device)
+    cache.positions = torch.arange(context, device=cache.device).expand(batch, -1).contiguous()
+    sync(cache.device)
+
+
+def kvcompile_attention_ms(compiled, cache, args, device):
+    """One layer's attention op on the filled cache (what the graph calls) -> (ms, whether a
+    kcache call runs the CUDA kernels rather than the torch reference; None for full layers)."""
+    spec = cache.spec
+    batch, dtype = cache.batch, cache.dtype
+    generator = torch.Generator(device=device).manual_seed(1)
+    query = torch.randn(batch, spec.query_heads, 1, spec.head_dim, dtype=dtype, device=device, generator=generator)
+    key = torch.randn(batch, spec.kv_heads, 1, spec.head_dim, dtype=dtype, device=device, generator=generator)
+    value = torch.randn_like(key)
+    past_key, past_value = cache.past(0)
+    bias = torch.zeros(batch, 1, 1, cache.length + 1, dtype=dtype, device=device)
+    scale = spec.head_dim ** -0.5
+    config = compiled.cache_config
+    uses_kernels = None
+    if cache.is_host_layer(0):
+        if device.type == "cuda":
+            from kvcompile.plugins import kcache_decode
+
+            uses_kernels = kcache_decode.can_use_kernels(query, key, value, past_key, past_value, bias)
+        topn = config.topn_for(cache.length + 1)
+        fn = lambda: torch.ops.kvcompile.kcache_attention(  # noqa: E731
+            query, key, value, past_key, past_value, bias, scale, topn, config.select, config.renormalize)
+    else:
+        fn = lambda: torch.ops.kvcompile.cached_attention(query, key, value, past_key, past_value, bias, scale)  # noqa: E731
+    return time_calls(fn, device, args.warmup, args.steps), uses_kernels
+
+
+def capacity(args) -> int:
+    """Cache positions to allocate: the context plus every step the kcache "layer" and "head"
+    graphs append to the one shared cache (a full buffer would double itself: see cache.reserve)."""
+    return args.context + 2 * (args.warmup + args.steps) + 2
+
+
+def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
+    """Compile for `cache_config`, fill a cache (or reuse `cache`), time decode steps -> (row, cache)."""
+    import kvcompile
+
+    start_s = time.perf_counter()
+    compiled = kvcompile.compile(model, cache_config)
+    compile_s = time.perf_counter() - start_s
+    if cache is None:
+        cache = compiled.new_cache(batch, capacity(args))
+        fill_kvcompile_cache(cache, args.context)
+    next_ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)
+
+    def step():
+        nonlocal next_ids
+        logits = compiled.decode_step(next_ids, cache)  # [B, 1, V]
+        next_ids = logits[:, -1].argmax(dim=-1)
+
+    reset_peak(device)
+    step_ms = time_calls(step, device, args.warmup, args.steps)
+    row = dict(step_ms=step_ms, compile_s=round(compile_s, 1), peak_gpu_gib=peak_gib(device),
+               cache_device_gib=cache.device_bytes() / GIB, context_at_end=cache.length)
+    if args.split:
+        attention_ms, row["cuda_kernels"] = kvcompile_attention_ms(compiled, cache, args, device)
+        row["attention_ms"] = attention_ms * cache.spec.num_layers
+    return row, cache
+
+
+# HF peers --------------------------------------------------------------------------------------
+def cache_classes() -> dict:
+    """What the installed transformers calls its caches (names change between releases)."""
+    from transformers import cache_utils
+
+    names = sorted(n for n in dir(cache_utils) if n.endswith("Cache"))
+    offloading = "offloading" in inspect.signature(cache_utils.DynamicCache.__init__).parameters
+    return dict(cache_classes=names, dynamic_cache_has_offloading=offloading)
+
+
+def offloaded_cache(config):
+    """The offloaded cache of the installed transformers, and the name it goes by there."""
+    from transformers import cache_utils
+
+    if "offloading" in inspect.signature(cache_utils.DynamicCache.__init__).parameters:
+        return cache_utils.DynamicCache(config=config, offloading=True), "DynamicCache(offloading=True)"
+    return cache_utils.OffloadedCache(), "OffloadedCache"
+
+
+def filled_hf_cache(model, batch: int, context: int, offloading: bool, device, seed: int = 0):
+    from transformers import DynamicCache
+
+    shape = Shape(model.config, model.dtype)
+    cache, cache_name = offloaded_cache(model.config) if offloading else (DynamicCache(config=model.config), "DynamicCache")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for layer in range(shape.layers):
+        kv_shape = (batch, shape.kv_heads, context, shape.head_dim)  # [B, Hkv, ctx, D]
+        keys = torch.randn(kv_shape, dtype=model.dtype, device=device, generator=generator)
+        values = torch.randn(kv_shape, dtype=model.dtype, device=device, generator=generator)
+        cache.update(keys, values, layer)  # offloading: moves the layer to host memory as generate would
+        del keys, values
+    sync(device)
+    return cache, cache_name
+
+
+def hf_attention_ms(model, cache, args, device) -> float:
+    """One layer of what HF attention does per decode step: DynamicLayer.update's torch.cat of
+    K and V, then SDPA with GQA (no mask: generate drops the all-ones mask for sdpa), ms."""
+    shape = Shape(model.config, model.dtype)
+    keys, values = cache.layers[0].keys, cache.layers[0].values  # [B, Hkv, ctx, D]
+    batch = keys.shape[0]
+    query = torch.randn(batch, shape.query_heads, 1, shape.head_dim, dtype=model.dtype, device=device)
+    new = torch.randn(batch, shape.kv_heads, 1, shape.head_dim, dtype=model.dtype, device=device)
+
+    def attention():
+        all_keys, all_values = torch.cat([keys, new], dim=-2), torch.cat([values, new], dim=-2)
+        return torch.nn.functional.scaled_dot_product_attention(query, all_keys, all_values, enable_gqa=True)
+
+    return time_calls(attention, device, args.warmup, args.steps)
+
+
+@torch.no_grad()
+def run_hf(name: str, model, batch: int, args, device) -> dict:
+    offloading = name == "hf_offloaded"
+    cache, cache_name = filled_hf_cache(model, batch, args.context, offloading, device)
+    next_ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    position = args.context
+
+    def step():
+        nonlocal next_ids, position
+        positions = torch.full((batch, 1), position, dtype=torch.long, device=device)
+        out = model(input_ids=next_ids, position_ids=positions, past_key_values=cache, use_cache=True)
+        next_ids = out.logits[:, -1:].argmax(dim=-1)  # [B, 1]
+        position += 1
+
+    reset_peak(device)
+    warmup, steps = (args.offload_warmup, args.offload_steps) if offloading else (args.warmup, args.steps)
+    step_ms = time_calls(step, device, warmup, steps)
+    row = dict(step_ms=step_ms, cache_class=cache_name, peak_gpu_gib=peak_gib(device),
+               context_at_end=cache.get_seq_length(), warmup=warmup, steps=steps)
+    if args.split and not offloading:
+        row["attention_ms"] = hf_attention_ms(model, cache, args, device) * model.config.num_hidden_layers
+    del cache
+    return row
