@@ -1,7 +1,10 @@
 """Cross-chunk task for KV fusion: variable tracking in a tiny assignment language.
 
-A program is lines `x = 47` (literal), `y = x` (copy: y takes x's value *now*), and
-`assert y == 47` (the answer is y's current value), split into parts `# part N`.
+A program is lines `x = 4` (literal), `y = x` (copy: y takes x's value *now*), and
+`assert y == 4` (the answer is y's current value), split into parts `# part N`. Names are
+single letters (a-z, A-Z; 12 reserved for evaluation) and values single digits, so every
+name and value is one token: a lookup is one attention step, and the model spends its depth
+on the copy semantics instead of on assembling multi-token names.
 
 Evaluation ("chain" kind): part a sets `A = v1`; a later part b copies `B = A`; after that
 line `A` is overwritten with `A = v2`. The question is `assert B == ` → v1. Resolving `B`
@@ -17,16 +20,17 @@ everywhere, many of them on copies whose source was overwritten later.
 from __future__ import annotations
 
 import random
+import string
 
 from kvcompile.eval.splits import all_names, seeded_rng
 from kvcompile.tokenizer import ByteTokenizer
 
-NAME_LETTERS = 2
+NAME_ALPHABET = string.ascii_letters
 KINDS = ("chain", "direct")
 MODES = ("full_prefill", "full_reuse")
 
 _TOKENIZER = ByteTokenizer()
-_NAMES = {split: all_names(NAME_LETTERS, split) for split in ("train", "eval")}
+_NAMES = {split: all_names(1, split, NAME_ALPHABET) for split in ("train", "eval")}
 
 
 def part_header(number: int) -> str:
@@ -38,12 +42,12 @@ def question_text(name: str) -> str:
 
 
 def _literal(rng: random.Random) -> str:
-    return str(rng.randint(10, 99))  # two digits: a guess is right 1 time in 90
+    return str(rng.randint(0, 9))  # one token: a guess is right 1 time in 10
 
 
 def training_program_doc(rng: random.Random, target_bytes: int) -> str:
     """A training-split program of about `target_bytes`, asserts on ~30% of the lines."""
-    pool = rng.sample(_NAMES["train"], rng.randint(10, 48))
+    pool = rng.sample(_NAMES["train"], rng.randint(8, len(_NAMES["train"])))
     env: dict[str, str] = {}          # name -> current value
     copied_from: dict[str, str] = {}  # name -> the name it was last copied from
     stale: set[str] = set()           # copies whose source has changed since: the hard asserts
@@ -113,7 +117,7 @@ def cross_chunk_example(index: int, seed: int = 0, kind: str = "chain", n_chunks
     if n_chunks < 2:
         raise ValueError("the cross-chunk task needs at least two chunks")
     rng = seeded_rng(split, seed, 2, KINDS.index(kind), n_chunks, lines_per_chunk, index)
-    names = rng.sample(_NAMES[split], 2 + n_chunks * lines_per_chunk // 2)
+    names = rng.sample(_NAMES[split], len(_NAMES[split]))
     target, source, distractors = names[0], names[1], names[2:]
     answer = _literal(rng)
     trap = None
@@ -178,7 +182,7 @@ def score_cross_chunk(runner, count: int = 20, seed: int = 0, modes=MODES, kinds
             correct = trapped = 0
             for i in range(count):
                 ex = cross_chunk_example(i, seed, kind, n_chunks, lines_per_chunk)
-                got = _digits(runner.greedy_fused(ex["chunks"], ex["question"], 3, mode))
+                got = _digits(runner.greedy_fused(ex["chunks"], ex["question"], 2, mode))
                 correct += got == ex["answer"]
                 trapped += ex["trap"] is not None and got == ex["trap"]
             per_mode[mode] = correct / count

@@ -39,9 +39,9 @@ def random_name(rng: random.Random, length: int, split: str) -> str:
             return name
 
 
-def all_names(length: int, split: str) -> list[str]:
-    """Every name of `length` letters in `split`, sorted (small lengths only)."""
+def all_names(length: int, split: str, alphabet: str = string.ascii_lowercase) -> list[str]:
+    """Every name of `length` characters of `alphabet` in `split` (small lengths only)."""
     names = [""]
     for _ in range(length):
-        names = [n + c for n in names for c in string.ascii_lowercase]
+        names = [n + c for n in names for c in alphabet]
     return [n for n in names if split_of(n) == split]

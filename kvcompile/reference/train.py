@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=CONTEXT)
     p.add_argument("--size", default="base", choices=["base", "tiny"])
     p.add_argument("--mix", default="0.4,0.3,0.3", help="text,retrieval,program probabilities")
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="loss weight of tokens right after '== ' (the asserts' answers)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +90,23 @@ def lr_at(step: int, args, resume_step: int, rewarm: bool) -> float:
         decay = 1.0 - min(1.0, frac) * (1.0 - args.final_lr_frac)
     again = min(1.0, (step - resume_step + 1) / max(1, args.rewarm_steps)) if rewarm else 1.0
     return args.lr * warm * decay * again
+
+
+_ANSWER_CUE = tuple(b"== ")
+
+
+def _weighted(token_loss: torch.Tensor, ids: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """Mean loss with the tokens that follow "== " weighted up: in the program documents they
+    are the only predictable values (names and literals are random), so their few gradients
+    would otherwise be drowned by noise."""
+    if answer_weight == 1.0:
+        return token_loss.mean()
+    # token_loss[:, j] predicts ids[:, j + 1]; its cue is ids[:, j - 2 .. j]
+    cue = torch.zeros_like(token_loss, dtype=torch.bool)
+    cue[:, 2:] = ((ids[:, :-3] == _ANSWER_CUE[0]) & (ids[:, 1:-2] == _ANSWER_CUE[1])
+                  & (ids[:, 2:-1] == _ANSWER_CUE[2]))
+    weight = 1.0 + (answer_weight - 1.0) * cue.to(token_loss.dtype)
+    return (token_loss * weight).sum() / weight.sum()
 
 
 def build_optimizer(model, args, device):
@@ -190,7 +209,7 @@ def main(argv=None) -> int:
             logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
         token_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                      ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
-        loss = token_loss.mean()
+        loss = _weighted(token_loss, ids, args.answer_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -203,8 +222,8 @@ def main(argv=None) -> int:
         now = time.time()
         if step % args.log_every == 0 or step == args.total_steps:
             per_source = (loss_sum / loss_count.clamp(min=1) / math.log(2)).tolist()
-            record = {"step": step, "tokens": state["tokens"], "lr": lr, "loss": float(loss),
-                      "grad_norm": float(grad_norm), "elapsed_s": round(now - began, 1),
+            record = {"step": step, "tokens": state["tokens"], "lr": lr, "loss": float(token_loss.detach().mean()),
+                      "weighted_loss": float(loss.detach()), "grad_norm": float(grad_norm), "elapsed_s": round(now - began, 1),
                       "seconds_total": round(seconds_before + now - began, 1)}
             record.update({f"bpb_{name}": round(v, 4)
                            for name, v in zip(SequenceMixer.SOURCES, per_source)})
