@@ -198,12 +198,55 @@ def capacity(args) -> int:
     return args.context + 2 * (args.warmup + args.steps) + 2
 
 
+TRACE_WAYS = ["device", "device, math-only SDPA", "cpu copy, then .to(device)"]
+FALLBACK_DEVICE_TYPE = "cuda"  # where the other ways are tried (a test may point it at "cpu")
+
+
+def compile_model(model, cache_config):
+    """kvcompile.compile, working around a trace failure seen on CUDA with torch 2.11: torch.export
+    of the 1B Llama on the H100 raised ConstraintViolation on a guard it could not prove,
+    `min(64*tokens, 256*tokens) == 64*tokens`, that arises where SDPA picks a CUDA kernel (the same
+    trace passes on CPU). Tried in order, the first that traces is kept for later compiles:
+    on the device as is; on the device with only the math SDPA backend enabled while tracing (the
+    graph keeps aten.scaled_dot_product_attention whole either way, and insert_kv_cache replaces it);
+    a CPU copy of the model, same dtype, moved to the device with CompiledModel.to.
+    -> (CompiledModel, how it was traced)."""
+    import copy
+
+    import kvcompile
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = next(model.parameters()).device
+    for way in list(TRACE_WAYS):
+        try:
+            if way == "device" or device.type != FALLBACK_DEVICE_TYPE:
+                return kvcompile.compile(model, cache_config), way
+            if way == "device, math-only SDPA":
+                with sdpa_kernel([SDPBackend.MATH]):
+                    return kvcompile.compile(model, cache_config), way
+            compiled = kvcompile.compile(copy.deepcopy(model).to("cpu"), cache_config)
+            retarget_positional_devices(compiled.graph_module, device)
+            return compiled.to(device), way
+        except Exception as error:  # noqa: BLE001 - TraceError, or a pass that no longer matches
+            print(f"  trace ({way}) failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            if way == TRACE_WAYS[-1]:
+                raise
+            TRACE_WAYS.remove(way)  # don't pay for this failure again on the next compile
+
+
+def retarget_positional_devices(graph_module, device) -> None:
+    """CompiledModel.to rewrites `device=` kwargs only; the Llama trace also has
+    aten.to.device(x, device(type='cpu'), ...) with the device positional (RoPE's .to(x.device))."""
+    for node in graph_module.graph.nodes:
+        if any(isinstance(arg, torch.device) for arg in node.args):
+            node.args = tuple(device if isinstance(arg, torch.device) else arg for arg in node.args)
+    graph_module.recompile()
+
+
 def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
     """Compile for `cache_config`, fill a cache (or reuse `cache`), time decode steps -> (row, cache)."""
-    import kvcompile
-
     start_s = time.perf_counter()
-    compiled = kvcompile.compile(model, cache_config)
+    compiled, trace_way = compile_model(model, cache_config)
     compile_s = time.perf_counter() - start_s
     if cache is None:
         cache = compiled.new_cache(batch, capacity(args))
@@ -217,7 +260,7 @@ def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
 
     reset_peak(device)
     step_ms = time_calls(step, device, args.warmup, args.steps)
-    row = dict(step_ms=step_ms, compile_s=round(compile_s, 1), peak_gpu_gib=peak_gib(device),
+    row = dict(step_ms=step_ms, compile_s=round(compile_s, 1), traced=trace_way, peak_gpu_gib=peak_gib(device),
                cache_device_gib=cache.device_bytes() / GIB, context_at_end=cache.length)
     if args.split:
         attention_ms, row["cuda_kernels"] = kvcompile_attention_ms(compiled, cache, args, device)
