@@ -106,7 +106,7 @@ def run(args) -> dict:
                    vocab=config.vocab_size, dtype=str(dtype), weight_gib=weight_bytes / GIB),
         context=args.context, budget_gib=args.budget_gib, topn=args.topn, warmup=args.warmup, steps=args.steps,
         floors=dict(hbm_bytes_per_s=HBM_BYTES_PER_S, host_to_device_bytes_per_s=HOST_TO_DEVICE_BYTES_PER_S),
-        transformers_caches=cache_classes(), rows=[], errors={},
+        transformers_caches=cache_classes(), kernels_library=kernels_library(device), rows=[], errors={},
     )
     print(f"device {result['device']}, model {result['model']}", flush=True)
 
@@ -150,6 +150,17 @@ def run(args) -> dict:
         for batch in args.offload_batches:
             record("hf_offloaded", batch, limit, lambda batch=batch: run_hf("hf_offloaded", model, batch, args, device))
     return result
+
+
+def kernels_library(device):
+    """Which kernel library the kcache op loads (a pinned prebuilt one, or the source-hash cache)."""
+    import os
+
+    if device.type != "cuda":
+        return None
+    from kvcompile.plugins import build
+
+    return os.environ.get("KVCOMPILE_KERNELS_LIB") or str(build.library_path(build=False))
 
 
 def write_json(result: dict, out_dir: Path) -> None:

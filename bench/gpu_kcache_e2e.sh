@@ -23,10 +23,15 @@ if ! python3 -c "import kvcompile.plugins.kcache_decode, kvcompile.passes.kcache
   pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -3
 fi
 
-echo "== kernel library"
+echo "== kernel library (\$KVCOMPILE_KERNELS_LIB pins a prebuilt one, e.g. of committed sources)"
 SECONDS=0
-python3 -c "from kvcompile.plugins import build, load_kernels; print(build.library_path()); load_kernels()" || exit 1
+python3 -c "
+import os
+from kvcompile.plugins import build, load_kernels
+print(os.environ.get('KVCOMPILE_KERNELS_LIB') or build.library_path())
+load_kernels()" || exit 1
 echo "build+load: ${SECONDS}s"
+git log -1 --format='HEAD %h %s' 2>/dev/null; git status --short plugins 2>/dev/null | head
 
 echo "== benchmark"
 SECONDS=0
