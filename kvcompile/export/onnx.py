@@ -36,10 +36,9 @@ PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE = "prefill.onnx", "decode.onnx", "weight
 # cannot hold more than 2 GB, so anything near that must be external; below it a single
 # self-contained file is handier.
 EXTERNAL_DATA_THRESHOLD = 256 << 20
+_PROTOBUF_SAFE_BYTES = 1 << 30  # embedding more than this risks protobuf's 2 GB ceiling
 # Example sizes for tracing: ≥ 2 and pairwise different, so no axis specialises or aliases.
 EXAMPLE_BATCH, EXAMPLE_TOKENS, EXAMPLE_PAST = 2, 3, 5
-
-_ONNX_DTYPE = {"float32": "float", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 class OnnxExportError(RuntimeError):
@@ -257,7 +256,7 @@ def export_onnx(
     def fill(folder: Path) -> dict:
         started = time.perf_counter()
         traced, weight_bytes = trace_to_onnx(module, spec, folder)
-        embed = weight_bytes <= external_data_threshold
+        embed = weight_bytes <= min(external_data_threshold, _PROTOBUF_SAFE_BYTES)
         graphs = {PREFILL_FILE: finish_graph(traced, spec, fixed_tokens=None),
                   DECODE_FILE: finish_graph(traced, spec, fixed_tokens=1)}
         for name, model in graphs.items():
@@ -278,7 +277,7 @@ def export_onnx(
 def manifest_fields(spec: GraphSpec, model: onnx.ModelProto, weights: Optional[str],
                     export_seconds: float) -> dict:
     in_axes, out_axes = io_axes(spec)
-    dtype = _ONNX_DTYPE.get(spec.dtype, spec.dtype)
+    dtype = spec.dtype  # torch / numpy names: float32, float16, bfloat16
     def io(axes_by_name, integer=("input_ids", "position_ids")):
         return [{"name": name, "dtype": "int64" if name in integer else dtype, "axes": axes}
                 for name, axes in axes_by_name.items()]
@@ -299,6 +298,8 @@ def manifest_fields(spec: GraphSpec, model: onnx.ModelProto, weights: Optional[s
             for layer, kind in enumerate(spec.layer_kinds)
         ],
         "kvcompile_nodes": sorted({n.op_type for n in model.graph.node if n.domain == onnx_functions.DOMAIN}),
+        "kvcompile_domain": {"domain": onnx_functions.DOMAIN, "version": onnx_functions.DOMAIN_VERSION,
+                             "node_attributes": onnx_functions.NODE_ATTRIBUTES},
         "graph_spec": spec.to_dict(),
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "kvcompile": kvcompile.__version__,
                      "export_seconds": export_seconds},

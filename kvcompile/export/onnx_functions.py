@@ -125,13 +125,21 @@ def _node_schema(name: str, inputs: list[str], attributes: dict) -> onnx.defs.Op
     )
 
 
+# What a plugin of the same name reads (also recorded in each artifact's manifest).
+NODE_ATTRIBUTES = {
+    "cached_attention": {"scale": "float: softmax scale"},
+    "kcache_attention": {"scale": "float: softmax scale", "topn": "int: positions kept",
+                         "select_layer": "int: 0 = top-N per KV head, 1 = one top-N shared by the layer",
+                         "renormalize": "int: 1 = divide by the kept probability mass"},
+}
+_ATTRIBUTE_TYPES = {"scale": _AttrType.FLOAT, "topn": _AttrType.INT, "select_layer": _AttrType.INT,
+                    "renormalize": _AttrType.INT}
 cached_attention_node = Op(kvcompile_opset, "cached_attention", _node_schema(
     "cached_attention", ["query", "key", "value", "key_cache", "value_cache", "attn_bias"],
-    {"scale": _AttrType.FLOAT}))
+    {name: _ATTRIBUTE_TYPES[name] for name in NODE_ATTRIBUTES["cached_attention"]}))
 kcache_attention_node = Op(kvcompile_opset, "kcache_attention", _node_schema(
     "kcache_attention", ["query", "key", "value", "key_cache", "value_host", "attn_bias"],
-    {"scale": _AttrType.FLOAT, "topn": _AttrType.INT, "select_layer": _AttrType.INT,
-     "renormalize": _AttrType.INT}))
+    {name: _ATTRIBUTE_TYPES[name] for name in NODE_ATTRIBUTES["kcache_attention"]}))
 
 
 # Functions a graph must carry for each top-level kvcompile node (helpers included).
