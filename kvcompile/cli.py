@@ -119,7 +119,11 @@ def cmd_inspect(args) -> int:
         from kvcompile.passes.manager import PassReport
 
         manifest = load_manifest(target, verify_checksums=False)
-        print_report(out, PassReport.from_dict(manifest.get("passes", {})), title=f"{target} ({manifest.get('target')} artifact)")
+        from kvcompile.spec import GraphSpec
+
+        spec = GraphSpec.from_dict(manifest["graph_spec"]) if manifest.get("graph_spec") else None
+        print_report(out, PassReport.from_dict(manifest.get("passes", {})),
+                     title=f"{target} ({manifest.get('target')} artifact)", spec=spec)
         return 0
     from kvcompile.compiler import compile as compile_model
 
@@ -128,7 +132,7 @@ def cmd_inspect(args) -> int:
         model = load_for_cli(args.target)
     with stage("tracing and running passes"):
         compiled = compile_model(model, config)
-    print_report(out, compiled.report, title=f"{args.target} → {config.kind} cache")
+    print_report(out, compiled.report, title=f"{args.target} → {config.kind} cache", spec=compiled.spec)
     return 0
 
 
