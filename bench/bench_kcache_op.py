@@ -192,12 +192,23 @@ def run(out_dir: Path, contexts, topns, iters: int) -> dict:
     for row in rows:
         peer = min(r["best_ms"] for r in rows if r["context"] == row["context"] and r["kind"].startswith("sdpa"))
         row["vs_sdpa"] = row["best_ms"] / peer
+    # Host-link rate the gather kernel reached: fetched V bytes / its device time (N = 128).
+    link = {}
+    for key, kernels in breakdowns.items():
+        context, select, topn = key.split("/")
+        gather_us = sum(us for name, us in kernels.items() if "gather_kernel" in name)
+        row_bytes = D * 2 if select == "head" else HKV * D * 2
+        rows_fetched = B * HKV * int(topn) if select == "head" else B * int(topn)
+        if gather_us:
+            link[key] = dict(row_bytes=row_bytes, gather_us=gather_us,
+                             gbps=round(rows_fetched * row_bytes / (gather_us * 1e-6) / 1e9, 1))
     result = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         shape=dict(batch=B, query_heads=HQ, kv_heads=HKV, head_dim=D, dtype=str(DTYPE)),
         floors=dict(hbm_bytes_per_s=HBM_BYTES_PER_S, link_rates=LINK_RATES),
         exactness_max_abs_diff=checks, rows=rows, kernel_breakdown_us=breakdowns,
+        gather_link_rate=link,
         note="best_ms = graph replay when capture worked, else eager; vs_sdpa is against the "
              "faster SDPA variant of the same context",
     )
@@ -250,6 +261,7 @@ def main() -> None:
     except ImportError as error:
         print(f"no plot ({error}); redraw with --plot")
     print(json.dumps(result["kernel_breakdown_us"], indent=1))
+    print(json.dumps(result["gather_link_rate"], indent=1))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ torch.cuda.synchronize()
 PY
 timeout 300 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/kcache_memcheck.py 2>&1 | tail -30
 echo "memcheck: ${SECONDS}s"
+echo "== compute-sanitizer racecheck (shared-memory hazards of the same steps)"
+SECONDS=0
+timeout 300 compute-sanitizer --tool racecheck --print-limit 20 python3 /tmp/kcache_memcheck.py 2>&1 | tail -8
+echo "racecheck: ${SECONDS}s"
 
 echo "== benchmark"
 SECONDS=0

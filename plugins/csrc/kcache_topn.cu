@@ -1,6 +1,6 @@
 // Stages 3 and 4 of a KCache decode step: the selection score of every position (softmax
 // probabilities summed over a KV head's query heads, or over the whole layer) and a GPU radix
-// select of the top N. Probabilities are ≥ 0, so their float bits order like unsigned ints.
+// select of the top N (no sort).
 #include "kcache_internal.h"
 
 namespace kvc {
@@ -8,7 +8,6 @@ namespace {
 
 constexpr int kSelectThreads = 1024;  // one CTA per selection row; 32 warps
 constexpr int kScoreBlock = 256;
-constexpr int kBatch = 8;  // elements each thread loads before using them
 
 __global__ void selection_score_kernel(KCachePlan p, const float* __restrict__ logits,
                                        const MaxSum* __restrict__ stats,
@@ -27,136 +26,185 @@ __global__ void selection_score_kernel(KCachePlan p, const float* __restrict__ l
   select[(int64_t)row * p.S + s] = acc;
 }
 
-__device__ inline uint32_t warp_inclusive_scan(uint32_t x, int lane) {
+constexpr int kBins = 2048;          // 11-bit digits: bits 31..21, 20..10, 9..0
+constexpr int kSubHistograms = 4;    // warps spread their atomics over 4 copies
+constexpr int kCandidates = 4096;    // boundary-bin positions kept in shared memory
+constexpr size_t kSelectSmem = sizeof(uint32_t) * (kSubHistograms * kBins + 2 * kCandidates);
+
+struct DigitChoice {
+  uint32_t digit, remaining, in_bin;  // chosen bin, how many of it to take, its size
+};
+
+struct SelectShared {
+  unsigned long long scan[33];
+  DigitChoice choice;
+};
+
+// Exclusive prefix sum over the block in thread order; `total` gets the sum of all.
+__device__ unsigned long long block_exclusive_scan(unsigned long long x, unsigned long long* total,
+                                                   SelectShared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  unsigned long long inclusive = x;
   for (int off = 1; off < 32; off <<= 1) {
-    const uint32_t t = __shfl_up_sync(0xffffffffu, x, off);
-    if (lane >= off) x += t;
+    const unsigned long long t = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += t;
   }
-  return x;
+  if (lane == 31) sh.scan[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    const unsigned long long w = lane < warps ? sh.scan[lane] : 0ull;
+    unsigned long long wi = w;
+    for (int off = 1; off < 32; off <<= 1) {
+      const unsigned long long t = __shfl_up_sync(0xffffffffu, wi, off);
+      if (lane >= off) wi += t;
+    }
+    sh.scan[lane] = wi - w;
+    if (lane == 31) sh.scan[32] = wi;
+  }
+  __syncthreads();
+  const unsigned long long exclusive = sh.scan[warp] + inclusive - x;
+  *total = sh.scan[32];
+  __syncthreads();  // scan[] is reused by the next call
+  return exclusive;
 }
 
-// Radix select over 8-bit digits from the top: after 4 passes `prefix` is the bit pattern of
-// the N-th largest score and `remaining` how many values equal to it still belong to the top N.
-// Then an ordered compaction writes the positions above it, followed by the first `remaining`
-// equal ones, so the result is deterministic. The row is staged in shared memory when it fits
-// (five passes read it); otherwise the passes read it from global memory (L2).
+// One radix digit: histogram of bits [shift, shift+bits) over the n values whose bits above
+// match `prefix` under `mask`, then the bin holding the `remaining`-th largest.
+__device__ DigitChoice choose_digit(const uint32_t* values, int n, uint32_t mask, uint32_t prefix,
+                                    int shift, int bits, uint32_t remaining, uint32_t* hist,
+                                    SelectShared& sh) {
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const uint32_t digit_mask = (1u << bits) - 1u;
+  for (int i = tid; i < kSubHistograms * kBins; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+  uint32_t* my_hist = hist + (warp % kSubHistograms) * kBins;
+  constexpr int kBatch = 8;  // loads in flight per thread
+  for (int base = tid; base < n; base += blockDim.x * kBatch) {
+    uint32_t v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = base + k * blockDim.x;
+      v[k] = i < n ? values[i] : 0u;
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = base + k * blockDim.x;
+      if (i < n && (v[k] & mask) == prefix) atomicAdd(&my_hist[(v[k] >> shift) & digit_mask], 1u);
+    }
+  }
+  __syncthreads();
+  // Thread t owns bins 2047-2t and 2046-2t, so thread order is descending bin order.
+  const int bin_hi = kBins - 1 - 2 * tid, bin_lo = bin_hi - 1;
+  uint32_t c_hi = 0, c_lo = 0;
+  if (bin_lo >= 0) {
+    for (int h = 0; h < kSubHistograms; ++h) {
+      c_hi += hist[h * kBins + bin_hi];
+      c_lo += hist[h * kBins + bin_lo];
+    }
+  }
+  unsigned long long total;
+  const uint32_t above = (uint32_t)block_exclusive_scan(c_hi + c_lo, &total, sh);
+  if (above < remaining && remaining <= above + c_hi + c_lo) {
+    if (above + c_hi >= remaining) sh.choice = DigitChoice{(uint32_t)bin_hi, remaining - above, c_hi};
+    else sh.choice = DigitChoice{(uint32_t)bin_lo, remaining - above - c_hi, c_lo};
+  }
+  __syncthreads();
+  const DigitChoice choice = sh.choice;
+  __syncthreads();
+  return choice;
+}
+
+// Ordered compaction of values[0, n) (positions = index[i], or i when index is NULL):
+// those above `threshold` go to out_greater[0..), the first `take_equal` equal to it to
+// out_equal[0..). Each thread walks one contiguous segment, so one scan orders everything.
+__device__ void compact(const uint32_t* values, const int32_t* index, int n, uint32_t threshold,
+                        uint32_t take_equal, int32_t* out_greater, int32_t* out_equal,
+                        SelectShared& sh) {
+  const int seg = (n + blockDim.x - 1) / blockDim.x;
+  const int lo = min(n, threadIdx.x * seg), hi = min(n, lo + seg);
+  uint32_t greater = 0, equal = 0;
+  for (int i = lo; i < hi; ++i) {
+    const uint32_t v = values[i];
+    greater += v > threshold;
+    equal += v == threshold;
+  }
+  unsigned long long total;
+  const unsigned long long offsets =
+      block_exclusive_scan(((unsigned long long)greater << 32) | equal, &total, sh);
+  uint32_t g = (uint32_t)(offsets >> 32), e = (uint32_t)offsets;
+  for (int i = lo; i < hi; ++i) {
+    const uint32_t v = values[i];
+    const int32_t position = index ? index[i] : i;
+    if (v > threshold) out_greater[g++] = position;
+    else if (v == threshold && e < take_equal) out_equal[e++] = position;
+    else if (v == threshold) ++e;
+  }
+}
+
+// Top-N positions of one selection row, in position order within each of three groups.
+// Probabilities are ≥ 0, so their float bits order like unsigned ints: an 11-bit radix digit
+// from the top finds the bin of the N-th largest. Positions in higher bins are taken outright;
+// the bin itself usually holds few positions, which are copied to shared memory and finished
+// there (two more digits). A crowded bin falls back to finishing over the whole row.
 __global__ void __launch_bounds__(kSelectThreads)
-topn_select_kernel(KCachePlan p, const float* __restrict__ select, int32_t* __restrict__ index,
-                   int staged_in_shared) {
-  extern __shared__ uint32_t staged[];
+topn_select_kernel(KCachePlan p, const float* __restrict__ select, int32_t* __restrict__ index) {
+  extern __shared__ __align__(16) uint32_t select_smem[];
+  __shared__ SelectShared sh;
+  uint32_t* hist = select_smem;                                   // [kSubHistograms][kBins]
+  uint32_t* candidate_bits = hist + kSubHistograms * kBins;       // [kCandidates]
+  int32_t* candidate_pos = reinterpret_cast<int32_t*>(candidate_bits + kCandidates);
   const int row = blockIdx.x;
-  const uint32_t* row_bits = reinterpret_cast<const uint32_t*>(select + (int64_t)row * p.S);
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(select + (int64_t)row * p.S);
   int32_t* out = index + (int64_t)row * p.N;
   const int S = p.S, N = p.N;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (N >= S) {
-    for (int i = tid; i < S; i += blockDim.x) out[i] = i;
+    for (int i = threadIdx.x; i < S; i += blockDim.x) out[i] = i;
     return;
   }
-  const uint32_t* x = row_bits;
-  if (staged_in_shared) {
-    for (int base = tid; base < S; base += kSelectThreads * kBatch) {
-      uint32_t v[kBatch];
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int i = base + k * kSelectThreads;
-        v[k] = i < S ? row_bits[i] : 0u;
-      }
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int i = base + k * kSelectThreads;
-        if (i < S) staged[i] = v[k];
-      }
-    }
-    __syncthreads();
-    x = staged;
-  }
 
-  __shared__ uint32_t hist[256];
-  __shared__ uint32_t chosen_digit, chosen_remaining;
-  uint32_t prefix = 0, mask = 0, remaining = N;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-    for (int base = 0; base < S; base += kSelectThreads * kBatch) {
-      uint32_t v[kBatch];
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {  // all loads first: latency overlaps
-        const int i = base + k * kSelectThreads + tid;
-        v[k] = i < S ? x[i] : 0u;
-      }
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int i = base + k * kSelectThreads + tid;
-        const bool match = i < S && (v[k] & mask) == prefix;
-        const uint32_t digit = (v[k] >> shift) & 0xffu;
-        // Probabilities crowd into few exponent digits: aggregate equal digits per warp first.
-        const uint32_t peers = __match_any_sync(0xffffffffu, match ? digit : 0x100u);
-        if (match && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], (uint32_t)__popc(peers));
-      }
-    }
-    __syncthreads();
-    if (warp == 0) {  // lane l owns bins 255-8l down to 248-8l
-      uint32_t count[8], local = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        count[j] = hist[255 - 8 * lane - j];
-        local += count[j];
-      }
-      const uint32_t inclusive = warp_inclusive_scan(local, lane);
-      uint32_t above = inclusive - local;
-      if (above < remaining && remaining <= inclusive) {
-        for (int j = 0; j < 8; ++j) {
-          if (above + count[j] >= remaining) {
-            chosen_digit = 255 - 8 * lane - j;
-            chosen_remaining = remaining - above;
-            break;
-          }
-          above += count[j];
-        }
-      }
-    }
-    __syncthreads();
-    prefix |= chosen_digit << shift;
-    mask |= 0xffu << shift;
-    remaining = chosen_remaining;
-  }
+  const DigitChoice top = choose_digit(bits, S, 0u, 0u, 21, 11, N, hist, sh);
+  const uint32_t top_mask = 0x7ffu << 21, top_prefix = top.digit << 21;
+  const uint32_t above_bin = N - top.remaining;  // positions in higher bins, all kept
 
-  const uint32_t threshold = prefix;
-  const uint32_t take_equal = remaining;
-  const uint32_t greater_total = N - remaining;
-  __shared__ uint32_t warp_greater[32], warp_equal[32], tile_greater, tile_equal;
-  uint32_t run_greater = 0, run_equal = 0;
-  const uint32_t lanes_below = (1u << lane) - 1u;
-  for (int base = 0; base < S; base += blockDim.x) {
-    const int i = base + tid;
-    const uint32_t v = i < S ? x[i] : 0u;
-    const bool greater = i < S && v > threshold;
-    const bool equal = i < S && v == threshold;
-    const uint32_t greater_bits = __ballot_sync(0xffffffffu, greater);
-    const uint32_t equal_bits = __ballot_sync(0xffffffffu, equal);
-    if (lane == 0) {
-      warp_greater[warp] = __popc(greater_bits);
-      warp_equal[warp] = __popc(equal_bits);
+  if (top.in_bin <= kCandidates) {
+    // One walk: higher bins straight to the output, the boundary bin to shared memory.
+    const int seg = (S + blockDim.x - 1) / blockDim.x;
+    const int lo = min(S, (int)threadIdx.x * seg), hi = min(S, lo + seg);
+    uint32_t higher = 0, boundary = 0;
+    for (int i = lo; i < hi; ++i) {
+      const uint32_t digit = bits[i] >> 21;
+      higher += digit > top.digit;
+      boundary += digit == top.digit;
     }
-    __syncthreads();
-    if (warp == 0) {
-      const uint32_t g = warp_greater[lane], e = warp_equal[lane];
-      const uint32_t g_incl = warp_inclusive_scan(g, lane), e_incl = warp_inclusive_scan(e, lane);
-      warp_greater[lane] = g_incl - g;
-      warp_equal[lane] = e_incl - e;
-      if (lane == 31) {
-        tile_greater = g_incl;
-        tile_equal = e_incl;
+    unsigned long long total;
+    const unsigned long long offsets =
+        block_exclusive_scan(((unsigned long long)higher << 32) | boundary, &total, sh);
+    uint32_t h = (uint32_t)(offsets >> 32), c = (uint32_t)offsets;
+    for (int i = lo; i < hi; ++i) {
+      const uint32_t v = bits[i];
+      if ((v >> 21) > top.digit) out[h++] = i;
+      else if ((v >> 21) == top.digit) {
+        candidate_bits[c] = v;
+        candidate_pos[c++] = i;
       }
     }
     __syncthreads();
-    if (greater) out[run_greater + warp_greater[warp] + __popc(greater_bits & lanes_below)] = i;
-    const uint32_t equal_rank = run_equal + warp_equal[warp] + __popc(equal_bits & lanes_below);
-    if (equal && equal_rank < take_equal) out[greater_total + equal_rank] = i;
-    run_greater += tile_greater;
-    run_equal += tile_equal;
-    __syncthreads();
+    const int n = (int)top.in_bin;
+    const DigitChoice mid = choose_digit(candidate_bits, n, top_mask, top_prefix, 10, 11,
+                                         top.remaining, hist, sh);
+    const uint32_t mid_mask = top_mask | (0x7ffu << 10), mid_prefix = top_prefix | (mid.digit << 10);
+    const DigitChoice low = choose_digit(candidate_bits, n, mid_mask, mid_prefix, 0, 10,
+                                         mid.remaining, hist, sh);
+    const uint32_t threshold = mid_prefix | low.digit;
+    const uint32_t greater_in_bin = top.remaining - low.remaining;
+    compact(candidate_bits, candidate_pos, n, threshold, low.remaining, out + above_bin,
+            out + above_bin + greater_in_bin, sh);
+  } else {
+    const DigitChoice mid = choose_digit(bits, S, top_mask, top_prefix, 10, 11, top.remaining, hist, sh);
+    const uint32_t mid_mask = top_mask | (0x7ffu << 10), mid_prefix = top_prefix | (mid.digit << 10);
+    const DigitChoice low = choose_digit(bits, S, mid_mask, mid_prefix, 0, 10, mid.remaining, hist, sh);
+    const uint32_t threshold = mid_prefix | low.digit;
+    compact(bits, nullptr, S, threshold, low.remaining, out, out + (N - low.remaining), sh);
   }
 }
 
@@ -171,21 +219,18 @@ cudaError_t launch_selection_scores(const KCachePlan& p, const float* logits, co
 
 cudaError_t launch_topn_select(const KCachePlan& p, const float* select, int32_t* index,
                                cudaStream_t stream) {
-  // Stage the row in shared memory when this GPU's opt-in limit allows it.
-  int device = 0, optin = 0;
+  // 64 KiB of dynamic shared memory needs the opt-in, once per device.
+  static bool opted_in[64] = {};
+  int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
-  const size_t row_bytes = sizeof(float) * p.S;
-  const size_t static_bytes = 2048;  // histogram and scan scratch
-  const bool staged = p.N < p.S && row_bytes + static_bytes <= (size_t)optin;
-  const size_t smem = staged ? row_bytes : 0;
-  if (staged && smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(topn_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (device >= 64 || !opted_in[device]) {
+    err = cudaFuncSetAttribute(topn_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               (int)kSelectSmem);
     if (err != cudaSuccess) return err;
+    if (device < 64) opted_in[device] = true;
   }
-  topn_select_kernel<<<p.B * p.select_rows, kSelectThreads, smem, stream>>>(p, select, index, staged);
+  topn_select_kernel<<<p.B * p.select_rows, kSelectThreads, kSelectSmem, stream>>>(p, select, index);
   return cudaGetLastError();
 }
 

@@ -208,7 +208,8 @@ GPU_SHAPES = [  # (B, Hq, Hkv, P, D, pads)
     (2, 8, 2, 37, 64, [0, 11]),
     (3, 32, 8, 1000, 128, [0, 100, 999]),
     (2, 12, 4, 4099, 128, [5, 0]),          # G = 3 (generic head-group path)
-    (1, 16, 1, 2500, 80, None),             # MQA, D = 80
+    (1, 16, 1, 2500, 80, None),             # MQA, D = 80 (generic score kernel)
+    (1, 16, 1, 700, 64, None),              # MQA, 16 query heads: two head tiles per KV head
     (8, 32, 8, 3000, 128, [0, 1, 2, 3, 300, 600, 900, 2999]),
 ]
 
@@ -260,3 +261,33 @@ def test_cuda_other_cases_fall_back_to_reference_on_gpu():
         got = op(*gpu_args, 0.125, 16, "head", False)
         want = kcache_attention_reference(*args, 0.125, 16, "head", False)
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_crowded_boundary_bin_takes_the_whole_row_path():
+    # Logits of std 0.03 put ~99% of the probabilities in the radix bin of the N-th largest
+    # (a quarter octave wide), more than the shared-memory candidate list holds: the select
+    # finishes over the whole row. Neighbouring values stay ~1e-5 apart, far above rounding.
+    args = make_inputs(2, 8, 2, 1, 20000, 64, [0, 0], seed=4, spread=0.03)
+    gpu_args = to_cuda_args(args)
+    for topn in (100, 1000, 20001):
+        want = kcache_attention_reference(*args, 0.125, topn, "head", False)
+        got = op(*gpu_args, 0.125, topn, "head", False)
+        torch.testing.assert_close(got.cpu(), want, atol=3e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_all_equal_scores_keep_exactly_topn_rows():
+    # Every past key and value row identical: any N positions give the same output, N·p·v.
+    B, Hq, Hkv, P, D = 2, 4, 2, 9000, 64
+    query, key, value, key_cache, value_host, bias = make_inputs(B, Hq, Hkv, 1, P, D, seed=6)
+    key_cache = key_cache[:, :, :1].expand(B, Hkv, P, D).contiguous()
+    value_host = value_host[:, :1].expand(B, P, Hkv, D).contiguous()
+    key, value = key_cache[:, :, :1].clone(), value_host[:, :1].transpose(1, 2).clone()
+    args = (query, key, value, key_cache, value_host, bias)
+    for select in ("head", "layer"):
+        want = kcache_attention_reference(*args, 0.125, 300, select, False)
+        got = op(*to_cuda_args(args), 0.125, 300, select, False)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4)
