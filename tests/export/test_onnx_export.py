@@ -14,7 +14,7 @@ from kvcompile.runtime import generate as gen
 from kvcompile.runtime.compiled import CompiledModel
 from kvcompile.runtime.onnxruntime import load_onnx_artifact
 
-from toy_model import ToyDecoder
+from onnx_toy_model import ToyDecoder
 
 LAYER_KINDS = ["full", "kcache", "kcache"]
 TOPN = 4  # well below the contexts generated here, so selection really happens

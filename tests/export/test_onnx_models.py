@@ -8,15 +8,11 @@ import torch
 import kvcompile
 from kvcompile.compiler import compile as compile_model
 from kvcompile.export.onnx import export_onnx
-from kvcompile.models import tiny_model
 from kvcompile.runtime import generate as gen
 from kvcompile.runtime.onnxruntime import load_onnx_artifact
+from tiny_models import compiled_tiny
 
 TOPN = 8  # below the contexts used (prompt 9 + up to 32 new): KCache selection is exercised
-
-
-def cache_config(kind):
-    return kvcompile.CacheConfig(kind=kind, topn=TOPN)
 
 
 def prompt(vocab=256, batch=2, length=9, padding=3):
@@ -46,7 +42,7 @@ def check_parity(compiled, backend, decode_steps=4):
 @pytest.mark.parametrize("kind", ["full", "kcache"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
 def test_tiny_model_onnx_parity(arch, kind, tmp_path):
-    compiled = compile_model(tiny_model(arch), cache_config(kind))
+    _, compiled = compiled_tiny(arch, kind, topn=TOPN)  # traced once per session, shared with other tests
     out = export_onnx(compiled, tmp_path / f"{arch}-{kind}")
     backend = load_onnx_artifact(out)
     assert backend.manifest["kvcompile_nodes"] == (["cached_attention"] if kind == "full" else ["kcache_attention"])
