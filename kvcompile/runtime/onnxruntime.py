@@ -8,9 +8,13 @@ and host-resident V are handled by the same cache managers as the torch runtime.
 Calls with one new token per sequence run `decode.onnx` (T fixed to 1), all others
 `prefill.onnx`. Inputs are bound with IO binding as OrtValues that wrap the torch tensors'
 memory, so past K/V are not copied again on the way in (the cache manager hands out views of
-its buffers, made contiguous here, which is the one copy ORT's dense tensors require). Host
-values of kcache layers are bound as CPU memory even when the session runs on CUDA: that is
-what keeps V out of device memory.
+its buffers, made contiguous here, which is the one copy ORT's dense tensors require).
+
+Host-resident V of kcache layers stays in the cache manager's CPU buffers and is bound as CPU
+memory. On the CPU execution provider that is all there is to it. With a CUDA provider the
+kcache function body would run on the device and ORT would copy each host V tensor over
+whole, so real host residency on a GPU needs the TensorRT plugin (or an ORT custom op) that
+replaces the node; the CUDA branch here is untested (no onnxruntime-gpu in CI).
 """
 from __future__ import annotations
 
