@@ -103,7 +103,7 @@ def test_greedy_tokens_match_torch(artifact):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("select, renormalize", [("layer", True), ("head", True)])
+@pytest.mark.parametrize("select, renormalize", [("layer", True), ("head", True), ("layer", False)])
 def test_external_weights_and_selection_variants(tmp_path, select, renormalize):
     module = toy(select=select, renormalize=renormalize)
     out = export_onnx(SimpleNamespace(graph_module=module, spec=module.spec), tmp_path / "art",
@@ -115,6 +115,10 @@ def test_external_weights_and_selection_variants(tmp_path, select, renormalize):
         locations = {entry.value for tensor in graph.graph.initializer for entry in tensor.external_data
                      if entry.key == "location"}
         assert locations == {WEIGHTS_FILE}
+        kcache_nodes = [n for n in graph.graph.node if n.op_type == "kcache_attention"]
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in kcache_nodes[0].attribute}
+        assert attributes == {"scale": pytest.approx(8 ** -0.5), "topn": TOPN,
+                              "select_layer": int(select == "layer"), "renormalize": int(renormalize)}
     input_ids, attention_mask = prompt()
     expected = torch_runtime(module).generate(input_ids, attention_mask, max_new_tokens=12)
     assert torch.equal(load_onnx_artifact(out).generate(input_ids, attention_mask, max_new_tokens=12), expected)
