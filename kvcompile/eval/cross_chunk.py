@@ -2,9 +2,9 @@
 
 A program is lines `x = 4` (literal), `y = x` (copy: y takes x's value *now*), and
 `assert y == 4` (the answer is y's current value), split into parts `# part N`. Names are
-single letters (a-z, A-Z; 12 reserved for evaluation) and values single digits, so every
-name and value is one token: a lookup is one attention step, and the model spends its depth
-on the copy semantics instead of on assembling multi-token names.
+single letters and values single digits, so every name and value is one token: a lookup is
+one attention step, and the model spends its depth on the copy semantics. (With two-digit
+values a first model reached only ~40% on copies; see docs/REFERENCE_MODEL.md.)
 
 Evaluation ("chain" kind): part a sets `A = v1`; a later part b copies `B = A`; after that
 line `A` is overwritten with `A = v2`. The question is `assert B == ` → v1. Resolving `B`
@@ -14,7 +14,15 @@ with part a in view. Under full reuse part b was computed alone, so that informa
 entered its KV cache. The "direct" kind (`B = v1` as a literal, never overwritten) is the
 control: it needs no flow between chunks, so full reuse should keep it.
 
-Training documents (names from the training split) are long programs with asserts
+Train/eval separation. A one-token name the model never saw as a name cannot be looked up
+(measured: 27% on the control with 12 held-out letters), so both splits use the same 40
+letters (the 12 letters that splits.split_of reserves are never program names). What is
+disjoint instead: the seed streams (salted per split), and the template: evaluation
+prompts are chunked programs with a planted chain and a single final question and no other
+assert, while training documents interleave asserts on ~30% of their lines. Values are
+drawn afresh for every program, so no binding can be memorised.
+
+Training documents are long programs with asserts
 everywhere, many of them on copies whose source was overwritten later.
 """
 from __future__ import annotations
@@ -30,7 +38,8 @@ KINDS = ("chain", "direct")
 MODES = ("full_prefill", "full_reuse")
 
 _TOKENIZER = ByteTokenizer()
-_NAMES = {split: all_names(1, split, NAME_ALPHABET) for split in ("train", "eval")}
+# The letters the name split keeps for training; evaluation programs use them too (see above).
+PROGRAM_NAMES = tuple(all_names(1, "train", NAME_ALPHABET))
 
 
 def part_header(number: int) -> str:
@@ -47,7 +56,7 @@ def _literal(rng: random.Random) -> str:
 
 def training_program_doc(rng: random.Random, target_bytes: int) -> str:
     """A training-split program of about `target_bytes`, asserts on ~30% of the lines."""
-    pool = rng.sample(_NAMES["train"], rng.randint(8, len(_NAMES["train"])))
+    pool = rng.sample(PROGRAM_NAMES, rng.randint(8, len(PROGRAM_NAMES)))
     env: dict[str, str] = {}          # name -> current value
     copied_from: dict[str, str] = {}  # name -> the name it was last copied from
     stale: set[str] = set()           # copies whose source has changed since: the hard asserts
@@ -117,7 +126,7 @@ def cross_chunk_example(index: int, seed: int = 0, kind: str = "chain", n_chunks
     if n_chunks < 2:
         raise ValueError("the cross-chunk task needs at least two chunks")
     rng = seeded_rng(split, seed, 2, KINDS.index(kind), n_chunks, lines_per_chunk, index)
-    names = rng.sample(_NAMES[split], len(_NAMES[split]))
+    names = rng.sample(PROGRAM_NAMES, len(PROGRAM_NAMES))  # a shuffle: 38 distractors
     target, source, distractors = names[0], names[1], names[2:]
     answer = _literal(rng)
     trap = None
