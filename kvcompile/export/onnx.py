@@ -17,6 +17,7 @@ import inspect
 import json
 import time
 import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -51,17 +52,37 @@ def _translate_cached_attention(query, key, value, key_cache, value_cache, attn_
                                                 scale=scale)
 
 
-def _translate_kcache_attention(query, key, value, key_cache, value_host, attn_bias, scale: float,
-                                topn: int, select: str, renormalize: bool):
-    return onnx_functions.kcache_attention_node(
-        query, key, value, key_cache, value_host, attn_bias, scale=scale, topn=int(topn),
-        select_layer=int(select == "layer"), renormalize=int(bool(renormalize)))
+def kcache_translation(topn_fraction: Optional[Fraction]):
+    """kcache_attention -> node. An absolute topn arrives as an int; a fractional one arrives as
+    a value the kcache pass computed from the context length, which an ONNX attribute cannot
+    hold, so the node carries the fraction itself and its body redoes that arithmetic."""
+    def translate(query, key, value, key_cache, value_host, attn_bias, scale: float, topn: int,
+                  select: str, renormalize: bool):
+        if isinstance(topn, int):
+            topn_attrs = dict(topn=topn, topn_numerator=0, topn_denominator=0)
+        elif topn_fraction is not None:
+            topn_attrs = dict(topn=0, topn_numerator=topn_fraction.numerator,
+                              topn_denominator=topn_fraction.denominator)
+        else:
+            raise OnnxExportError("kcache_attention has a computed topn but the cache config has no fractional topn")
+        return onnx_functions.kcache_attention_node(
+            query, key, value, key_cache, value_host, attn_bias, scale=scale, **topn_attrs,
+            select_layer=int(select == "layer"), renormalize=int(bool(renormalize)))
+    return translate
 
 
-def translation_table() -> dict:
+def topn_fraction(cache_config: Optional[dict]) -> Optional[Fraction]:
+    """The fraction the kcache pass turns a float topn into (passes/kcache.py, topn_node)."""
+    topn = (cache_config or {}).get("topn")
+    if isinstance(topn, float):
+        return Fraction(topn).limit_denominator(10_000)
+    return None
+
+
+def translation_table(cache_config: Optional[dict] = None) -> dict:
     return {
         torch.ops.kvcompile.cached_attention.default: _translate_cached_attention,
-        torch.ops.kvcompile.kcache_attention.default: _translate_kcache_attention,
+        torch.ops.kvcompile.kcache_attention.default: kcache_translation(topn_fraction(cache_config)),
     }
 
 
@@ -174,7 +195,8 @@ def _summary(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, work_dir: Path) -> tuple[onnx.ModelProto, int]:
+def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, work_dir: Path,
+                  cache_config: Optional[dict] = None) -> tuple[onnx.ModelProto, int]:
     """torch.onnx (dynamo) export of the flat graph; returns (model without weight data, weight bytes)."""
     try:
         # ExportedProgram.module() comes back in training mode and refuses .eval(); its graph
@@ -186,7 +208,7 @@ def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, work_dir: Path) -> t
                 opset_version=onnx_functions.STANDARD_OPSET,
                 dynamic_shapes=dynamic_shapes(module, spec),
                 input_names=spec.input_names, output_names=spec.output_names,
-                custom_translation_table=translation_table(), verbose=False)
+                custom_translation_table=translation_table(cache_config), verbose=False)
     except Exception as err:  # torch.onnx raises many types; one line for the user, cause chained
         raise OnnxExportError(f"torch.onnx could not export the compiled graph: {_summary(err)}") from err
     weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
@@ -255,7 +277,7 @@ def export_onnx(
 
     def fill(folder: Path) -> dict:
         started = time.perf_counter()
-        traced, weight_bytes = trace_to_onnx(module, spec, folder)
+        traced, weight_bytes = trace_to_onnx(module, spec, folder, cache_config)
         embed = weight_bytes <= min(external_data_threshold, _PROTOBUF_SAFE_BYTES)
         graphs = {PREFILL_FILE: finish_graph(traced, spec, fixed_tokens=None),
                   DECODE_FILE: finish_graph(traced, spec, fixed_tokens=1)}

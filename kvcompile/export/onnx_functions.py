@@ -8,9 +8,10 @@ match, and the tests check it against the torch ops numerically.
 
 Node attributes (all plain numbers, so bodies need no string tensors, which TensorRT lacks):
   cached_attention : scale (float)
-  kcache_attention : scale (float), topn (int), select_layer (int: 0 = one top-N per KV head,
-                     1 = one top-N shared by all heads of the layer, torch's select="layer"),
-                     renormalize (int 0/1)
+  kcache_attention : scale (float), topn (int), topn_numerator / topn_denominator (ints; a
+                     fractional topn of the context when the denominator is > 0),
+                     select_layer (int: 0 = one top-N per KV head, 1 = one top-N shared by
+                     all heads of the layer, torch's select="layer"), renormalize (int 0/1)
 
 Shapes (D = head dim, G = Hq // Hkv query heads per KV head, S = P + T):
   query [B, Hq, T, D]; key, value [B, Hkv, T, D]; key_cache [B, Hkv, P, D];
@@ -66,8 +67,8 @@ def cached_attention(query: TFloat, key: TFloat, value: TFloat, key_cache: TFloa
 
 @script(kvcompile_opset, default_opset=op)
 def kcache_attention(query: TFloat, key: TFloat, value: TFloat, key_cache: TFloat, value_host: TFloat,
-                     attn_bias: TBias, scale: float, topn: int, select_layer: int,
-                     renormalize: int) -> TFloat:
+                     attn_bias: TBias, scale: float, topn: int, topn_numerator: int,
+                     topn_denominator: int, select_layer: int, renormalize: int) -> TFloat:
     keys = op.Concat(key_cache, key, axis=2)  # [B, Hkv, S, D]
     probs = attention_probs(query, keys, attn_bias, scale=scale)  # [B, Hkv, G, T, S]
 
@@ -82,7 +83,17 @@ def kcache_attention(query: TFloat, key: TFloat, value: TFloat, key_cache: TFloa
     past_len = op.Shape(key_cache, start=2, end=3)  # [1]
     context_len = op.Shape(keys, start=2, end=3)
     # Prefill (no past) is plain attention: V is still on the device, nothing to retrieve.
-    top_n = op.Min(op.Reshape(op.Constant(value_int=topn), op.Constant(value_ints=[1])), context_len)
+    # topn is absolute, or (topn_denominator > 0) the fraction numerator/denominator of the
+    # context rounded half up, at least 1: the same integer arithmetic the kcache pass emits.
+    one = op.Constant(value_ints=[1])
+    absolute = op.Reshape(op.Constant(value_int=topn), one)
+    numerator = op.Reshape(op.Constant(value_int=topn_numerator), one)
+    denominator = op.Reshape(op.Constant(value_int=topn_denominator), one)
+    safe_denominator = op.Max(denominator, one)  # Where evaluates both branches: no division by 0
+    half = op.Div(safe_denominator, op.Constant(value_ints=[2]))
+    fractional = op.Max(op.Div(op.Add(op.Mul(context_len, numerator), half), safe_denominator), one)
+    wanted = op.Where(op.Greater(denominator, op.Constant(value_ints=[0])), fractional, absolute)
+    top_n = op.Min(wanted, context_len)
     count = op.Where(op.Equal(past_len, op.Constant(value_ints=[0])), context_len, top_n)
     _, chosen = op.TopK(score, count, axis=-1)  # [B, Hkv, N]
 
@@ -128,11 +139,16 @@ def _node_schema(name: str, inputs: list[str], attributes: dict) -> onnx.defs.Op
 # What a plugin of the same name reads (also recorded in each artifact's manifest).
 NODE_ATTRIBUTES = {
     "cached_attention": {"scale": "float: softmax scale"},
-    "kcache_attention": {"scale": "float: softmax scale", "topn": "int: positions kept",
+    "kcache_attention": {"scale": "float: softmax scale",
+                         "topn": "int: positions kept (used when topn_denominator is 0)",
+                         "topn_numerator": "int: with topn_denominator > 0, keep max(1, round-half-up("
+                                           "context * numerator / denominator)) positions",
+                         "topn_denominator": "int: 0 = topn is absolute",
                          "select_layer": "int: 0 = top-N per KV head, 1 = one top-N shared by the layer",
                          "renormalize": "int: 1 = divide by the kept probability mass"},
 }
-_ATTRIBUTE_TYPES = {"scale": _AttrType.FLOAT, "topn": _AttrType.INT, "select_layer": _AttrType.INT,
+_ATTRIBUTE_TYPES = {"scale": _AttrType.FLOAT, "topn": _AttrType.INT, "topn_numerator": _AttrType.INT,
+                    "topn_denominator": _AttrType.INT, "select_layer": _AttrType.INT,
                     "renormalize": _AttrType.INT}
 cached_attention_node = Op(kvcompile_opset, "cached_attention", _node_schema(
     "cached_attention", ["query", "key", "value", "key_cache", "value_cache", "attn_bias"],

@@ -76,10 +76,25 @@ def test_kcache_attention_body_matches_torch_op(select, renormalize, query_heads
     value_host = inputs.pop("value_cache").transpose(1, 2).contiguous()  # [B, P, Hkv, D]
     args = (inputs["query"], inputs["key"], inputs["value"], inputs["key_cache"], value_host, inputs["attn_bias"])
     expected = torch.ops.kvcompile.kcache_attention(*args, 0.35, topn, select, renormalize)
-    model = single_node_model("kcache_attention", scale=0.35, topn=topn,
+    model = single_node_model("kcache_attention", scale=0.35, topn=topn, topn_numerator=0, topn_denominator=0,
                               select_layer=int(select == "layer"), renormalize=int(renormalize))
     got = run(model, dict(zip(INPUTS["kcache_attention"], args)))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("numerator, denominator", [(3, 10), (1, 4), (1, 3), (1, 100)])
+@pytest.mark.parametrize("tokens, past", [(1, 11), (1, 26), (3, 17)])
+def test_kcache_fractional_topn_matches_torch_op(numerator, denominator, tokens, past):
+    """A fraction of the context, rounded half up and at least 1, as passes/kcache.py computes it."""
+    inputs = attention_inputs(tokens=tokens, past=past, seed=past)
+    value_host = inputs.pop("value_cache").transpose(1, 2).contiguous()
+    args = (inputs["query"], inputs["key"], inputs["value"], inputs["key_cache"], value_host, inputs["attn_bias"])
+    context = past + tokens
+    topn = max(1, (context * numerator + denominator // 2) // denominator)
+    expected = torch.ops.kvcompile.kcache_attention(*args, 0.35, topn, "head", False)
+    model = single_node_model("kcache_attention", scale=0.35, topn=0, topn_numerator=numerator,
+                              topn_denominator=denominator, select_layer=0, renormalize=0)
+    torch.testing.assert_close(run(model, dict(zip(INPUTS["kcache_attention"], args))), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_kcache_topn_at_context_equals_full_attention():
@@ -88,7 +103,8 @@ def test_kcache_topn_at_context_equals_full_attention():
     full = run(single_node_model("cached_attention", scale=0.3), inputs)
     kcache_inputs = dict(inputs, value_cache=value_host)
     kcache_inputs["value_host"] = kcache_inputs.pop("value_cache")
-    model = single_node_model("kcache_attention", scale=0.3, topn=11, select_layer=0, renormalize=0)
+    model = single_node_model("kcache_attention", scale=0.3, topn=11, topn_numerator=0, topn_denominator=0,
+                              select_layer=0, renormalize=0)
     torch.testing.assert_close(run(model, kcache_inputs), full, atol=1e-5, rtol=1e-5)
 
 
@@ -99,7 +115,8 @@ def test_kcache_small_topn_differs_from_full_attention():
     full = run(single_node_model("cached_attention", scale=0.3), inputs)
     kcache_inputs = {**{k: v for k, v in inputs.items() if k != "value_cache"}, "value_host": value_host}
     kcache_inputs = {name: kcache_inputs[name] for name in INPUTS["kcache_attention"]}
-    model = single_node_model("kcache_attention", scale=0.3, topn=2, select_layer=0, renormalize=0)
+    model = single_node_model("kcache_attention", scale=0.3, topn=2, topn_numerator=0, topn_denominator=0,
+                              select_layer=0, renormalize=0)
     assert (run(model, kcache_inputs) - full).abs().max() > 1e-2
 
 
@@ -107,7 +124,7 @@ def test_kcache_small_topn_differs_from_full_attention():
 def test_function_bodies_pass_checker_and_shape_inference(op_name):
     attributes = {"scale": 0.5}
     if op_name == "kcache_attention":
-        attributes.update(topn=4, select_layer=1, renormalize=0)
+        attributes.update(topn=4, topn_numerator=0, topn_denominator=0, select_layer=1, renormalize=0)
     model = single_node_model(op_name, **attributes)
     onnx.checker.check_model(model, full_check=True)
     # inference must derive the output shape [B, Hq, T, D] from the query through the bodies

@@ -49,6 +49,16 @@ def test_tiny_model_onnx_parity(arch, kind, tmp_path):
     check_parity(compiled, backend)
 
 
+@pytest.mark.slow
+def test_fractional_topn_onnx_parity(tmp_path):
+    """topn=0.3 is graph arithmetic on the context length; the node carries the fraction."""
+    _, compiled = compiled_tiny("llama", "kcache", topn=0.3)
+    backend = load_onnx_artifact(export_onnx(compiled, tmp_path / "fraction"))
+    attributes = backend.manifest["kvcompile_domain"]["node_attributes"]["kcache_attention"]
+    assert "topn_numerator" in attributes
+    check_parity(compiled, backend)
+
+
 def reference_model():
     """The bundled reference model when its weights exist, else random weights of its shape."""
     from kvcompile.loading import LoadError, load_model
