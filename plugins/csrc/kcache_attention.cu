@@ -54,13 +54,8 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   q.heads_per_select = layer ? q.Hq : q.G;
   q.group_tile = q.G <= 1 ? 1 : q.G <= 2 ? 2 : q.G <= 4 ? 4 : 8;
   q.head_tiles = (q.G + q.group_tile - 1) / q.group_tile;
-  // The pipelined score kernel puts one K row on 1..32 lanes, one 16-byte vector each, so it
-  // needs a power-of-two number of vectors per row; other head sizes take the generic kernel.
-  const int row_vecs = q.D * elem / 16;
-  q.score_pipelined = row_vecs <= 32 && (row_vecs & (row_vecs - 1)) == 0;
-  q.score_tile = q.score_pipelined ? 1024 : 512;
+  q.score_tile = 512;
   q.score_tiles = (q.S + q.score_tile - 1) / q.score_tile;
-  q.stage_rows = kScoreStageBytes / (q.D * elem);
   q.row_elems = layer ? q.Hkv * q.D : q.D;
   const int row_bytes = q.row_elems * elem;
   // ~8 KiB of rows per gather CTA: enough loads in flight per CTA, and enough CTAs.

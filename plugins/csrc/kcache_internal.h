@@ -19,10 +19,8 @@ struct KCachePlan {
   int elem_bytes;
   int group_tile;                 // query heads per score CTA (1, 2, 4 or 8; padded with zeros)
   int head_tiles;                 // ceil(G / group_tile)
-  int score_pipelined;            // 1: cp.async pipelined score kernel (row of K = 16·2^k bytes)
   int score_tile;                 // positions per score CTA
   int score_tiles;                // ceil(S / score_tile)
-  int stage_rows;                 // rows of K per pipeline stage (pipelined kernel)
   int row_elems;                  // elements of one fetched value row: D or Hkv * D
   int gather_rows;                // kept positions per gather CTA
   int gather_chunks;              // ceil(N / gather_rows)
@@ -82,17 +80,10 @@ template <> __device__ inline float from_float(float x) { return x; }
 template <> __device__ inline __half from_float(float x) { return __float2half_rn(x); }
 template <> __device__ inline __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 
-// Pipelined score kernel: stages of this many bytes, this many in flight per CTA.
-constexpr int kScoreStageBytes = 8192;
-constexpr int kScoreStages = 5;  // 40 KiB: under the 48 KiB a CTA gets without opt-in
-
 // Stage launchers, in the order kvc_kcache_decode enqueues them.
 // logits [B, Hq, S] = q·k·scale + bias; tile_stats [B, Hq, score_tiles] per score CTA.
 cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
                           MaxSum* tile_stats, cudaStream_t stream);
-// The same for plans with score_pipelined set (launch_scores dispatches to it).
-cudaError_t launch_scores_pipelined(const kvc_kcache_decode_args& a, const KCachePlan& p,
-                                    float* logits, MaxSum* tile_stats, cudaStream_t stream);
 // stats [B, Hq] = (max, 1 / sum) over all positions.
 cudaError_t launch_softmax_stats(const KCachePlan& p, const MaxSum* tile_stats, MaxSum* stats,
                                  cudaStream_t stream);
