@@ -71,6 +71,21 @@ class HFRunner:
         raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
 
     @torch.no_grad()
+    def question_logits(self, chunks, question, mode: str) -> torch.Tensor:
+        """Logits [Tq, V] at the question's positions under `mode` (for KL-style comparisons)."""
+        length = sum(len(c) for c in chunks)
+        if mode == "full_prefill":
+            joined = [t for chunk in chunks for t in chunk] + list(question)
+            return self.logits(self._ids([joined]))[0, length:]
+        if mode != "full_reuse":
+            raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
+        cache, _ = self.reused_cache(chunks)
+        positions = torch.arange(length, length + len(question), device=self.device)
+        out = self.model(input_ids=self._ids([list(question)]), position_ids=positions[None],
+                         cache_position=positions, past_key_values=cache, use_cache=True)
+        return out.logits[0].float()
+
+    @torch.no_grad()
     def reused_cache(self, chunks) -> tuple[DynamicCache, int]:
         """Each chunk prefilled alone at its final positions; caches concatenated per layer."""
         per_chunk: list[DynamicCache] = []
