@@ -1,9 +1,9 @@
 """KCache quality sweep on the reference model: perplexity and retrieval vs top-N and selection.
 
 For every (topn, select) the same prompts run through the compiled model:
-- perplexity: held-out windows of `--window` bytes; the first half is prefilled, the second half
-  is fed one token at a time as decode steps (so every scored token reads the top-N cache);
-  bits per byte over the decoded half, against the exact full-cache number on the same bytes;
+- perplexity: held-out windows of `--window` bytes; all but the last `--ppl-tail` are prefilled,
+  the tail is fed one token at a time as decode steps (so every scored token reads the top-N
+  cache); bits per byte over the decoded tail, against the full cache on the same bytes;
 - retrieval: key→value lookup at 512/1K/2K tokens; the context is prefilled and the question
   tokens are decoded (decode_tail=16), so the lookup itself goes through top-N retrieval.
 
@@ -45,8 +45,7 @@ def tail_bits_per_byte(runner, windows, tail: int, batch: int) -> float:
 def measure(model, config, windows, args) -> dict:
     compiled = kvcompile.compile(model, config)
     began = time.perf_counter()
-    bpb = tail_bits_per_byte(CompiledRunner(compiled, decode_tail=args.window // 2), windows, args.window // 2,
-                             args.batch)
+    bpb = tail_bits_per_byte(CompiledRunner(compiled, decode_tail=args.ppl_tail), windows, args.ppl_tail, args.batch)
     retrieval = score_retrieval(CompiledRunner(compiled, decode_tail=QUESTION_TAIL), count=args.samples,
                                 batch_size=args.samples)
     return {"bpb": bpb, "retrieval": {k: v for k, v in retrieval.items() if k.isdigit()},
@@ -84,6 +83,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--ppl-tail", type=int, default=1024, help="tokens per window scored as decode steps")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--topn", type=int, nargs="*", default=list(TOPNS))
     args = parser.parse_args()
@@ -92,7 +92,8 @@ def main() -> None:
     model = kvcompile.load_model("reference", dtype=torch.float32, device=args.device)
     windows = heldout_windows(args.window, args.windows)
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "window": args.window, "samples": args.samples, "kcache": []}
+               "window": args.window, "ppl_tail": args.ppl_tail, "windows": len(windows),
+               "samples": args.samples, "kcache": []}
     results["full"] = measure(model, kvcompile.CacheConfig(kind="full"), windows, args)
     print("full", results["full"], flush=True)
     for select in ("head", "layer"):
