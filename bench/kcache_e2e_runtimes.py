@@ -198,49 +198,43 @@ def capacity(args) -> int:
     return args.context + 2 * (args.warmup + args.steps) + 2
 
 
-TRACE_WAYS = ["device", "device, math-only SDPA", "cpu copy, then .to(device)"]
-FALLBACK_DEVICE_TYPE = "cuda"  # where the other ways are tried (a test may point it at "cpu")
+TRACE_WAYS = ["as is", "guards deferred to runtime asserts", "HF SDPA with enable_gqa instead of repeat_kv"]
 
 
 def compile_model(model, cache_config):
-    """kvcompile.compile, working around a trace failure seen on CUDA with torch 2.11: torch.export
-    of the 1B Llama on the H100 raised ConstraintViolation on a guard it could not prove,
-    `min(64*tokens, 256*tokens) == 64*tokens`, that arises where SDPA picks a CUDA kernel (the same
-    trace passes on CPU). Tried in order, the first that traces is kept for later compiles:
-    on the device as is; on the device with only the math SDPA backend enabled while tracing (the
-    graph keeps aten.scaled_dot_product_attention whole either way, and insert_kv_cache replaces it);
-    a CPU copy of the model, same dtype, moved to the device with CompiledModel.to.
-    -> (CompiledModel, how it was traced)."""
-    import copy
+    """kvcompile.compile, working around a trace failure of torch 2.11 + transformers 5.17 (the GPU
+    machine's versions; 2.13 + 5.23 trace fine). There HF's sdpa_attention passes a mask while
+    tracing, so it expands KV heads with repeat_kv, whose reshape of an expanded tensor makes
+    torch.export add a guard it cannot prove, `min(D*tokens, G*D*tokens) == D*tokens`
+    (_prims_common.check_contiguous_sizes_strides), and export fails with ConstraintViolation.
+    Ways tried in order, the first that traces is kept for later compiles:
+      as is;
+      torch.export(..., prefer_deferred_runtime_asserts_over_guards=True) (the fix trace.py needs);
+      HF's use_gqa_in_sdpa forced true, so SDPA gets enable_gqa=True and no repeat_kv.
+    Both workarounds give the same tokens as HF generate (full, and kcache with topn ≥ context)
+    on a tiny Llama under torch 2.11 + transformers 5.17. -> (CompiledModel, the way it traced)."""
+    import contextlib
+    import functools
+    from unittest import mock
 
     import kvcompile
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    device = next(model.parameters()).device
     for way in list(TRACE_WAYS):
+        if way == "as is":
+            patch = contextlib.nullcontext()
+        elif way.startswith("guards deferred"):
+            deferred = functools.partial(torch.export.export, prefer_deferred_runtime_asserts_over_guards=True)
+            patch = mock.patch.object(torch.export, "export", deferred)
+        else:
+            patch = mock.patch("transformers.integrations.sdpa_attention.use_gqa_in_sdpa", lambda *a, **k: True)
         try:
-            if way == "device" or device.type != FALLBACK_DEVICE_TYPE:
+            with patch:
                 return kvcompile.compile(model, cache_config), way
-            if way == "device, math-only SDPA":
-                with sdpa_kernel([SDPBackend.MATH]):
-                    return kvcompile.compile(model, cache_config), way
-            compiled = kvcompile.compile(copy.deepcopy(model).to("cpu"), cache_config)
-            retarget_positional_devices(compiled.graph_module, device)
-            return compiled.to(device), way
         except Exception as error:  # noqa: BLE001 - TraceError, or a pass that no longer matches
             print(f"  trace ({way}) failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
             if way == TRACE_WAYS[-1]:
                 raise
             TRACE_WAYS.remove(way)  # don't pay for this failure again on the next compile
-
-
-def retarget_positional_devices(graph_module, device) -> None:
-    """CompiledModel.to rewrites `device=` kwargs only; the Llama trace also has
-    aten.to.device(x, device(type='cpu'), ...) with the device positional (RoPE's .to(x.device))."""
-    for node in graph_module.graph.nodes:
-        if any(isinstance(arg, torch.device) for arg in node.args):
-            node.args = tuple(device if isinstance(arg, torch.device) else arg for arg in node.args)
-    graph_module.recompile()
 
 
 def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
