@@ -175,21 +175,26 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
+    # runtimes that failed still get a slot, so a missing bar reads as "not measured", not as 0
+    failed = [name for name, message in result.get("errors", {}).items() if not message.startswith("skipped")]
     colors = {"kvc_full": "tab:gray", "kvc_kcache_layer": "tab:orange", "kvc_kcache_head": "tab:blue",
               "hf_dynamic": "tab:green", "hf_offloaded": "tab:purple"}
-    labels = [r["label"] for r in rows]
+    labels = [r["label"] for r in rows] + [f"{name}\n(failed)" for name in failed]
     x = range(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     left.bar(x, [r["tokens_per_s"] for r in rows], color=[colors[r["name"]] for r in rows])
     for i, r in enumerate(rows):
         left.text(i, r["tokens_per_s"], f"{r['tokens_per_s']:.0f}", ha="center", va="bottom", fontsize=8)
+    for i in range(len(rows), len(labels)):
+        left.text(i, 0, "not measured", ha="center", va="bottom", fontsize=8, rotation=90)
     left.set_ylabel("decode tokens/s")
     left.set_title(f"decode throughput, {result['context']} context, {result['budget_gib']} GiB GPU KV budget")
     right.bar(x, [r["gpu_kv_bytes_per_token"] / 1024 for r in rows], color=[colors[r["name"]] for r in rows])
     right.set_ylabel("GPU KV cache KiB per token")
     right.set_title("GPU-resident KV bytes per token")
-    for ax in (left, right):
-        ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
+    left.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    left.set_xlim(-0.6, len(labels) - 0.4)
+    right.set_xticks(list(x), labels[: len(rows)], rotation=30, ha="right", fontsize=8)
     m = result["model"]
     fig.suptitle(f"KCache end to end — {result['device']}, Llama {m['layers']}L {m['query_heads']}q/{m['kv_heads']}kv "
                  f"heads d={m['head_dim']}, {m['dtype']}, topn={result['topn']}")
