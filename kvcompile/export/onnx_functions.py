@@ -69,8 +69,11 @@ def cached_attention(query: TFloat, key: TFloat, value: TFloat, key_cache: TFloa
 def kcache_attention(query: TFloat, key: TFloat, value: TFloat, key_cache: TFloat, value_host: TFloat,
                      attn_bias: TBias, scale: float, topn: int, topn_numerator: int,
                      topn_denominator: int, select_layer: int, renormalize: int) -> TFloat:
-    keys = op.Concat(key_cache, key, axis=2)  # [B, Hkv, S, D]
-    probs = attention_probs(query, keys, attn_bias, scale=scale)  # [B, Hkv, G, T, S]
+    # The op is defined in float32 math (kvcompile/ops/kcache_attention.py): with fp16 inputs
+    # the top-N choice would otherwise differ from torch's. A no-op for float32 graphs.
+    query_f = op.Cast(query, to=1)  # FLOAT
+    keys = op.Cast(op.Concat(key_cache, key, axis=2), to=1)  # [B, Hkv, S, D]
+    probs = attention_probs(query_f, keys, op.Cast(attn_bias, to=1), scale=scale)  # [B, Hkv, G, T, S]
 
     # Which positions each KV head (or the whole layer) keeps: the top-N by probability
     # mass summed over its query heads and this call's query rows.
@@ -98,7 +101,7 @@ def kcache_attention(query: TFloat, key: TFloat, value: TFloat, key_cache: TFloa
     _, chosen = op.TopK(score, count, axis=-1)  # [B, Hkv, N]
 
     # V rows of past positions come from host memory (token-major), new ones from `value`.
-    values = op.Concat(op.Transpose(value_host, perm=[0, 2, 1, 3]), value, axis=2)  # [B, Hkv, S, D]
+    values = op.Cast(op.Concat(op.Transpose(value_host, perm=[0, 2, 1, 3]), value, axis=2), to=1)  # [B, Hkv, S, D]
     row_index = op.Expand(op.Unsqueeze(chosen, op.Constant(value_ints=[3])),
                           op.Concat(op.Shape(chosen), op.Shape(values, start=3, end=4), axis=0))
     chosen_values = op.GatherElements(values, row_index, axis=2)  # [B, Hkv, N, D]
@@ -112,7 +115,7 @@ def kcache_attention(query: TFloat, key: TFloat, value: TFloat, key_cache: TFloa
     chosen_probs = op.Where(renorm, op.Div(chosen_probs, mass), chosen_probs)
 
     grouped = op.MatMul(chosen_probs, op.Unsqueeze(chosen_values, op.Constant(value_ints=[2])))  # [B, Hkv, G, T, D]
-    return op.Reshape(grouped, op.Shape(query))
+    return op.CastLike(op.Reshape(grouped, op.Shape(query)), query)
 
 
 # The exporter inlines every function it knows about when it converts opset versions, so
