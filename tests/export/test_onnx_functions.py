@@ -15,14 +15,14 @@ INPUTS = {
 }
 
 
-def single_node_model(op_name: str, **attributes) -> onnx.ModelProto:
+def single_node_model(op_name: str, elem_type=TensorProto.FLOAT, **attributes) -> onnx.ModelProto:
     """One kvcompile node, its function bodies attached, all axes dynamic."""
     names = INPUTS[op_name]
     node = helper.make_node(op_name, names, ["out"], domain=onnx_functions.DOMAIN, **attributes)
     graph = helper.make_graph(
         [node], op_name,
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"{n}_{i}" for i in range(4)]) for n in names],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["out_0", "out_1", "out_2", "out_3"])])
+        [helper.make_tensor_value_info(n, elem_type, [f"{n}_{i}" for i in range(4)]) for n in names],
+        [helper.make_tensor_value_info("out", elem_type, ["out_0", "out_1", "out_2", "out_3"])])
     model = helper.make_model(
         graph, functions=onnx_functions.function_protos([op_name]),
         opset_imports=[helper.make_opsetid("", onnx_functions.STANDARD_OPSET),
@@ -95,6 +95,20 @@ def test_kcache_fractional_topn_matches_torch_op(numerator, denominator, tokens,
     model = single_node_model("kcache_attention", scale=0.35, topn=0, topn_numerator=numerator,
                               topn_denominator=denominator, select_layer=0, renormalize=0)
     torch.testing.assert_close(run(model, dict(zip(INPUTS["kcache_attention"], args))), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kcache_body_in_float16_selects_like_the_torch_op():
+    """The op is defined in float32 math; the body upcasts too, so fp16 graphs keep the same top-N."""
+    inputs = {k: v.half() for k, v in attention_inputs(tokens=1, past=40, seed=5).items()}
+    inputs["attn_bias"] = inputs["attn_bias"].clamp(min=torch.finfo(torch.float16).min)
+    value_host = inputs.pop("value_cache").transpose(1, 2).contiguous()
+    args = (inputs["query"], inputs["key"], inputs["value"], inputs["key_cache"], value_host, inputs["attn_bias"])
+    expected = torch.ops.kvcompile.kcache_attention(*args, 0.35, 6, "head", False)
+    model = single_node_model("kcache_attention", TensorProto.FLOAT16, scale=0.35, topn=6, topn_numerator=0,
+                              topn_denominator=0, select_layer=0, renormalize=0)
+    got = run(model, dict(zip(INPUTS["kcache_attention"], args)))
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
 
 
 def test_kcache_topn_at_context_equals_full_attention():
