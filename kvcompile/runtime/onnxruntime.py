@@ -50,6 +50,12 @@ class OnnxRuntimeBackend:
         }
         self.input_names = self.spec.input_names
         self.output_names = self.spec.output_names
+        for role, session in self.sessions.items():
+            # checksums prove the files are the exported ones; this proves manifest and graph agree
+            got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+            if got != (self.input_names, self.output_names):
+                raise ArtifactError(f"artifact {artifact_dir}: {role} graph's inputs/outputs do not match "
+                                    f"its manifest's graph_spec")
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._host_inputs = {f"past_value.{i}" for i, kind in enumerate(self.spec.layer_kinds) if kind == "kcache"}
 
