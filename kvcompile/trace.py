@@ -44,7 +44,11 @@ def trace_model(model: nn.Module) -> torch.export.ExportedProgram:
     shapes = ({0: batch, 1: tokens}, {0: batch, 1: tokens})
     try:
         with torch.no_grad():
-            return torch.export.export(LogitsOnly(model).eval(), (input_ids, position_ids), dynamic_shapes=shapes)
+            # Deferred asserts: some transformers versions (5.17) reshape repeat_kv's output in a
+            # way export cannot prove for every sequence length at trace time; the check then
+            # runs in the graph instead of failing the trace.
+            return torch.export.export(LogitsOnly(model).eval(), (input_ids, position_ids), dynamic_shapes=shapes,
+                                       prefer_deferred_runtime_asserts_over_guards=True)
     except Exception as err:  # torch.export raises many types; one line for the user
         name = type(model).__name__
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
