@@ -52,6 +52,8 @@ class CompiledModel:
         for node in self.graph_module.graph.nodes:
             if "device" in node.kwargs:
                 node.kwargs = {**node.kwargs, "device": device}
+            # e.g. aten.to.device(inv_freq, device('cpu'), ...) passes the device positionally
+            node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
         self.graph_module.recompile()
         return self
 
