@@ -38,13 +38,11 @@ def cached_attention(
 ) -> Tensor:
     keys = torch.cat([key_cache, key], dim=2)  # [B, Hkv, P+T, D]
     values = torch.cat([value_cache, value], dim=2)
-    heads = query.shape[1]
+    # enable_gqa lets SDPA read each KV head for its query group instead of materialising
+    # Hq/Hkv copies of the whole cache every step.
     return torch.nn.functional.scaled_dot_product_attention(
-        query,
-        expand_kv_heads(keys, heads),
-        expand_kv_heads(values, heads),
-        attn_mask=attn_bias.to(query.dtype),
-        scale=scale,
+        query, keys, values, attn_mask=attn_bias.to(query.dtype), scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1],
     ).contiguous()
 
 
