@@ -217,8 +217,19 @@ def known_errors() -> tuple:
             ContextLengthError)
 
 
+def quiet_third_party_logs() -> None:
+    """The exporters' chatter (e.g. 'torchvision is not installed') buries the one line that matters."""
+    import logging
+    import warnings
+
+    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party_logs()
     try:
         return args.func(args)
     except known_errors() as err:
