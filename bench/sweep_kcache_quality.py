@@ -59,15 +59,20 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     exact = results["full"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for select, marker in (("head", "o"), ("layer", "s")):
-        rows = [r for r in results["kcache"] if r["select"] == select]
-        ns = [r["topn"] for r in rows]
-        left.plot(ns, [100 * (r["bpb"] / exact["bpb"] - 1) for r in rows], marker=marker, label=f"select={select}")
-        right.plot(ns, [r["retrieval"]["2048"] * 100 for r in rows], marker=marker, label=f"select={select}, 2K")
+        for renormalize, style in ((False, "-"), (True, "--")):
+            rows = [r for r in results["kcache"] if r["select"] == select and bool(r["renormalize"]) == renormalize]
+            if not rows:
+                continue
+            ns = [r["topn"] for r in rows]
+            label = f"{select}{', renorm' if renormalize else ''}"
+            left.plot(ns, [100 * (r["bpb"] / exact["bpb"] - 1) for r in rows], style, marker=marker, label=label)
+            right.plot(ns, [r["retrieval"]["2048"] * 100 for r in rows], style, marker=marker, label=label)
     left.axhline(1.0, color="grey", ls="--", lw=1, label="+1% target")
     right.axhline(99 * exact["retrieval"]["2048"], color="grey", ls="--", lw=1, label="99% of exact")
-    for axis, title in ((left, "perplexity increase vs full cache (%)"), (right, "retrieval accuracy at 2K (%)")):
+    left.set_yscale("symlog", linthresh=1.0)
+    for axis, title in ((left, "bits/byte increase vs full cache (%)"), (right, "retrieval accuracy at 2K (%)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("top-N")
         axis.set_title(title)
@@ -86,6 +91,8 @@ def main() -> None:
     parser.add_argument("--ppl-tail", type=int, default=1024, help="tokens per window scored as decode steps")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--topn", type=int, nargs="*", default=list(TOPNS))
+    parser.add_argument("--renormalize", type=int, nargs="*", default=[0, 1], choices=[0, 1],
+                        help="sweep without (0) and/or with (1) renormalising over the kept positions")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,13 +103,16 @@ def main() -> None:
                "samples": args.samples, "kcache": []}
     results["full"] = measure(model, kvcompile.CacheConfig(kind="full"), windows, args)
     print("full", results["full"], flush=True)
-    for select in ("head", "layer"):
-        for topn in args.topn:
-            config = kvcompile.CacheConfig(kind="kcache", topn=topn, select=select)
-            row = {"topn": topn, "select": select, **measure(model, config, windows, args)}
-            results["kcache"].append(row)
-            print(row, flush=True)
-    (out / "kcache_quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    for renormalize in map(bool, args.renormalize):
+        for select in ("head", "layer"):
+            for topn in args.topn:
+                config = kvcompile.CacheConfig(kind="kcache", topn=topn, select=select, renormalize=renormalize)
+                row = {"topn": topn, "select": select, "renormalize": renormalize,
+                       **measure(model, config, windows, args)}
+                results["kcache"].append(row)
+                print(row, flush=True)
+                # written as it goes, so a run cut short still leaves its rows
+                (out / "kcache_quality.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "kcache_quality.png")
 
 
