@@ -1,7 +1,7 @@
 """Decode throughput: ONNX Runtime (CPU) backend vs the torch CPU runtime, same graphs, same loop.
 
-Not a test (pytest does not collect it). Run:
-    python tests/export/bench_onnxruntime.py --out onnxruntime_bench.json
+Run:
+    python bench/bench_onnxruntime.py --out onnxruntime_bench.json
 Both backends run the same greedy loop and cache managers (kvcompile.runtime.generate); only
 `step` differs. Timed: decode steps only (after prefill and a warm-up), fp32, the same number
 of intra-op threads for both (default 1: on a shared 2-core machine, spinning OpenMP workers of
@@ -102,7 +102,27 @@ def main():
                   machine=platform.processor() or platform.machine(), torch=torch.__version__,
                   onnxruntime=ort.__version__, rows=rows)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    plot(rows, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and its plot")
+
+
+def plot(rows, path: Path) -> None:
+    """Grouped bars: decode tokens/s of torch and ORT for each (cache, batch, prompt) row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['kind']}\nB={r['batch']} L={r['prompt']}" for r in rows]
+    x = range(len(rows))
+    fig, axis = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
+    axis.bar([i - 0.2 for i in x], [r["torch_tokens_per_s"] for r in rows], 0.4, label="torch runtime (CPU)")
+    axis.bar([i + 0.2 for i in x], [r["ort_tokens_per_s"] for r in rows], 0.4, label="ONNX Runtime (CPU)")
+    axis.set_xticks(list(x), labels)
+    axis.set_ylabel("decode tokens/s")
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
