@@ -9,6 +9,8 @@ import torch
 from kvcompile.eval import HFRunner, evaluate
 from kvcompile.reference import WEIGHTS_DIR
 
+pytestmark = pytest.mark.slow  # ~40 s on 2 idle cores (the model runs ~90 prompts)
+
 
 @pytest.fixture(scope="module")
 def report():
