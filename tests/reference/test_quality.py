@@ -9,7 +9,7 @@ import torch
 from kvcompile.eval import HFRunner, evaluate
 from kvcompile.reference import WEIGHTS_DIR
 
-pytestmark = pytest.mark.slow  # ~40 s on 2 idle cores (the model runs ~90 prompts)
+pytestmark = pytest.mark.slow  # ~2 min on the shared 2-core CPU machine (~90 prompts)
 
 
 @pytest.fixture(scope="module")
