@@ -71,7 +71,6 @@ def plot(results: dict, path: Path) -> None:
             right.plot(ns, [r["retrieval"]["2048"] * 100 for r in rows], style, marker=marker, label=label)
     left.axhline(1.0, color="grey", ls="--", lw=1, label="+1% target")
     right.axhline(99 * exact["retrieval"]["2048"], color="grey", ls="--", lw=1, label="99% of exact")
-    left.set_yscale("symlog", linthresh=1.0)
     for axis, title in ((left, "bits/byte increase vs full cache (%)"), (right, "retrieval accuracy at 2K (%)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("top-N")
@@ -79,6 +78,21 @@ def plot(results: dict, path: Path) -> None:
         axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def markdown_table(results: dict) -> str:
+    """The sweep as a markdown table, with each row's ratio to the full cache."""
+    exact = results["full"]
+    lengths = sorted(exact["retrieval"], key=int)
+    head = "| select | renormalize | top-N | bits/byte | vs full | " + " | ".join(f"retrieval {n}" for n in lengths) + " |"
+    lines = [head, "|" + " --- |" * (5 + len(lengths))]
+    cells = " | ".join(f"{exact['retrieval'][n]:.0%}" for n in lengths)
+    lines.append(f"| full cache | - | - | {exact['bpb']:.4f} | 1.000 | {cells} |")
+    for row in results["kcache"]:
+        cells = " | ".join(f"{row['retrieval'][n]:.0%}" for n in lengths)
+        lines.append(f"| {row['select']} | {'yes' if row.get('renormalize') else 'no'} | {row['topn']} | "
+                     f"{row['bpb']:.4f} | {row['bpb'] / exact['bpb']:.3f} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -93,9 +107,15 @@ def main() -> None:
     parser.add_argument("--topn", type=int, nargs="*", default=list(TOPNS))
     parser.add_argument("--renormalize", type=int, nargs="*", default=[0, 1], choices=[0, 1],
                         help="sweep without (0) and/or with (1) renormalising over the kept positions")
+    parser.add_argument("--from-json", help="only redraw the plot and table of an earlier run's JSON")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        plot(results, out / "kcache_quality.png")
+        (out / "kcache_quality.md").write_text(markdown_table(results))
+        return
     model = kvcompile.load_model("reference", dtype=torch.float32, device=args.device)
     windows = heldout_windows(args.window, args.windows)
     results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -114,6 +134,7 @@ def main() -> None:
                 # written as it goes, so a run cut short still leaves its rows
                 (out / "kcache_quality.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "kcache_quality.png")
+    (out / "kcache_quality.md").write_text(markdown_table(results))
 
 
 if __name__ == "__main__":
