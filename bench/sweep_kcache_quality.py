@@ -84,13 +84,13 @@ def markdown_table(results: dict) -> str:
     """The sweep as a markdown table, with each row's ratio to the full cache."""
     exact = results["full"]
     lengths = sorted(exact["retrieval"], key=int)
-    head = "| select | renormalize | top-N | bits/byte | vs full | " + " | ".join(f"retrieval {n}" for n in lengths) + " |"
-    lines = [head, "|" + " --- |" * (5 + len(lengths))]
+    head = "| select | renormalize | full_layers | top-N | bits/byte | vs full | " + " | ".join(f"retrieval {n}" for n in lengths) + " |"
+    lines = [head, "|" + " --- |" * (6 + len(lengths))]
     cells = " | ".join(f"{exact['retrieval'][n]:.0%}" for n in lengths)
-    lines.append(f"| full cache | - | - | {exact['bpb']:.4f} | 1.000 | {cells} |")
+    lines.append(f"| full cache | - | - | - | {exact['bpb']:.4f} | 1.000 | {cells} |")
     for row in results["kcache"]:
         cells = " | ".join(f"{row['retrieval'][n]:.0%}" for n in lengths)
-        lines.append(f"| {row['select']} | {'yes' if row.get('renormalize') else 'no'} | {row['topn']} | "
+        lines.append(f"| {row['select']} | {'yes' if row.get('renormalize') else 'no'} | {row.get('full_layers', 0)} | {row['topn']} | "
                      f"{row['bpb']:.4f} | {row['bpb'] / exact['bpb']:.3f} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--topn", type=int, nargs="*", default=list(TOPNS))
     parser.add_argument("--renormalize", type=int, nargs="*", default=[0, 1], choices=[0, 1],
                         help="sweep without (0) and/or with (1) renormalising over the kept positions")
+    parser.add_argument("--full-layers", type=int, default=0, help="first layers keeping V on the device")
+    parser.add_argument("--selects", nargs="*", default=["head", "layer"], choices=["head", "layer"])
     parser.add_argument("--from-json", help="only redraw the plot and table of an earlier run's JSON")
     args = parser.parse_args()
     out = Path(args.out)
@@ -124,10 +126,11 @@ def main() -> None:
     results["full"] = measure(model, kvcompile.CacheConfig(kind="full"), windows, args)
     print("full", results["full"], flush=True)
     for renormalize in map(bool, args.renormalize):
-        for select in ("head", "layer"):
+        for select in args.selects:
             for topn in args.topn:
-                config = kvcompile.CacheConfig(kind="kcache", topn=topn, select=select, renormalize=renormalize)
-                row = {"topn": topn, "select": select, "renormalize": renormalize,
+                config = kvcompile.CacheConfig(kind="kcache", topn=topn, select=select, renormalize=renormalize,
+                                               full_layers=args.full_layers)
+                row = {"topn": topn, "select": select, "renormalize": renormalize, "full_layers": args.full_layers,
                        **measure(model, config, windows, args)}
                 results["kcache"].append(row)
                 print(row, flush=True)
