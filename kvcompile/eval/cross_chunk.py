@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import string
 
+from kvcompile.eval.retrieval import answer_of
 from kvcompile.eval.splits import all_names, seeded_rng
 from kvcompile.tokenizer import ByteTokenizer
 
@@ -171,16 +172,6 @@ def cross_chunk_example(index: int, seed: int = 0, kind: str = "chain", n_chunks
             "answer": answer, "trap": trap, "text": "".join(chunk_texts) + question_text(target)}
 
 
-def _digits(generated: list[int]) -> str:
-    text = _TOKENIZER.decode(generated)
-    out = []
-    for ch in text:
-        if not ch.isdigit():
-            break
-        out.append(ch)
-    return "".join(out)
-
-
 def score_cross_chunk(runner, count: int = 20, seed: int = 0, modes=MODES, kinds=KINDS,
                       n_chunks: int = 4, lines_per_chunk: int = 16) -> dict:
     """Accuracy per kind and mode; for "chain", how often the stale (trap) value came out."""
@@ -191,7 +182,7 @@ def score_cross_chunk(runner, count: int = 20, seed: int = 0, modes=MODES, kinds
             correct = trapped = 0
             for i in range(count):
                 ex = cross_chunk_example(i, seed, kind, n_chunks, lines_per_chunk)
-                got = _digits(runner.greedy_fused(ex["chunks"], ex["question"], 2, mode))
+                got = answer_of(runner.greedy_fused(ex["chunks"], ex["question"], 2, mode))
                 correct += got == ex["answer"]
                 trapped += ex["trap"] is not None and got == ex["trap"]
             per_mode[mode] = correct / count
