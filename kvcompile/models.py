@@ -28,13 +28,30 @@ def tiny_config(arch: str):
         return tf.Phi3Config(**llama_like, partial_rotary_factor=0.5, pad_token_id=0)
     if arch == "gemma":  # attention scaling by query_pre_attn_scalar-free head_dim, GeGLU
         return tf.GemmaConfig(**llama_like, head_dim=16)
+    if arch == "llama3":  # llama3 RoPE frequency scaling, MQA (one KV head)
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+        return tf.LlamaConfig(**{**llama_like, "num_key_value_heads": 1}, rope_parameters=rope)
+    if arch == "cohere":  # interleaved rotary computed in fp32, LayerNorm, logit scaling
+        return tf.CohereConfig(**llama_like)
+    if arch == "granite":  # attention_multiplier instead of 1/sqrt(d), residual/embedding multipliers
+        return tf.GraniteConfig(**llama_like, attention_multiplier=0.3)
+    if arch == "olmo2":  # qk-norm over the whole projection, post-norms
+        return tf.Olmo2Config(**llama_like)
+    if arch == "starcoder2":  # biases everywhere, LayerNorm, GELU MLP
+        return tf.Starcoder2Config(**llama_like)
+    if arch == "gpt_neox":  # partial rotary (25%), fused qkv, parallel residual, MHA
+        return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=512,
+                                bos_token_id=256, eos_token_id=257)
     if arch == "gpt2":  # learned absolute positions, fused c_attn with bias, MHA
         return tf.GPT2Config(vocab_size=VOCAB, n_positions=512, n_embd=64, n_layer=2, n_head=4,
                              bos_token_id=256, eos_token_id=257)
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
 
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2",
+              "llama3", "cohere", "granite", "olmo2", "starcoder2", "gpt_neox")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):

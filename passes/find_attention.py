@@ -97,16 +97,26 @@ def strip_repeat_kv(node: torch.fx.Node) -> tuple:
     return source, out_shape[1] // source_shape[1]
 
 
+CAST_TARGETS = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default)
+
+
+def skip_casts(node):
+    """Step over dtype casts and copies (e.g. Cohere and OLMo-2 rotate in fp32, then cast back)."""
+    while isinstance(node, torch.fx.Node) and node.target in CAST_TARGETS:
+        node = node.args[0]
+    return node
+
+
 def describe_rope(key: torch.fx.Node) -> str:
     """Name the rotary embedding applied to `key` (informational; the graph keeps computing it)."""
     partial = ""
-    node = key
+    node = skip_casts(key)
     if node.target == aten.cat.default and len(node.args[0]) == 2:
         rotated, passthrough = node.args[0]
         rot_shape, full_shape = shape_of(rotated), shape_of(node)
         if rot_shape and full_shape:
             partial = f", partial {rot_shape[-1]}/{full_shape[-1]}"
-        node = rotated
+        node = skip_casts(rotated)
     if node.target != aten.add.Tensor:
         return "none"
     products = [a for a in node.args if isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor]

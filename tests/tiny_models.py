@@ -9,9 +9,11 @@ import kvcompile
 from kvcompile.models import tiny_model
 
 # The four architectures the foundation issue names, plus features the passes must generalise
-# over: qk-norm (qwen3), partial rotary + fused qkv (phi3), GeGLU / embedding scaling (gemma).
+# over: qk-norm (qwen3, olmo2), partial rotary + fused qkv (phi3, gpt_neox), GeGLU / embedding
+# scaling (gemma), llama3 RoPE scaling + MQA (llama3), interleaved rotary in fp32 (cohere),
+# attention_multiplier scale (granite), biases + LayerNorm (starcoder2).
 CORE_ARCHS = ("llama", "mistral", "qwen2", "gpt2")
-EXTRA_ARCHS = ("qwen3", "phi3", "gemma")
+EXTRA_ARCHS = ("qwen3", "phi3", "gemma", "llama3", "cohere", "granite", "olmo2", "starcoder2", "gpt_neox")
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,6 +23,9 @@ def sites_of(arch: str):
         ("llama", "repeat_kv", "half-split", (4, 2)),
         ("phi3", "repeat_kv", "half-split, partial 8/16", (4, 2)),
         ("gpt2", "none", "none", (4, 4)),
+        ("cohere", "repeat_kv", "interleaved", (4, 2)),
+        ("gpt_neox", "none", "half-split, partial 4/16", (4, 4)),
+        ("llama3", "repeat_kv", "half-split", (4, 1)),
     ],
 )
 def test_describes_each_layer(arch, gqa, rope, heads):
@@ -33,10 +36,15 @@ def test_describes_each_layer(arch, gqa, rope, heads):
         assert site.head_dim == 16
         assert site.gqa == gqa
         assert site.rope == rope
-        assert site.scale == pytest.approx(0.25)
+        assert site.scale == pytest.approx(0.25)  # 1/sqrt(16); granite's multiplier is tested below
         # the key the cache stores is the per-KV-head tensor, before any GQA expansion
         assert tuple(site.key.meta["val"].shape)[1] == heads[1]
-    assert rows[0]["module"].endswith("0.self_attn" if arch != "gpt2" else "h.0.attn")
+    assert rows[0]["module"].endswith({"gpt2": "h.0.attn", "gpt_neox": "layers.0.attention"}.get(arch, "0.self_attn"))
+
+
+def test_attention_multiplier_becomes_the_scale():
+    sites, _ = sites_of("granite")
+    assert all(site.scale == pytest.approx(0.3) for site in sites)
 
 
 def test_eager_attention_names_layer_and_missing_pattern():
