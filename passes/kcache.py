@@ -23,11 +23,16 @@ import torch.fx
 import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.*)
 
 
+def topn_ratio(topn: float) -> Fraction:
+    """The exact fraction a float topn stands for (the ONNX exporter carries the same one)."""
+    return Fraction(topn).limit_denominator(10_000)
+
+
 def topn_node(graph: torch.fx.Graph, attn_bias: torch.fx.Node, topn):
     """An int, or for a fraction f: max(1, round(f · context)) computed from attn_bias's shape."""
     if not isinstance(topn, float):
         return int(topn)
-    ratio = Fraction(topn).limit_denominator(10_000)
+    ratio = topn_ratio(topn)
     context = graph.call_function(torch.ops.aten.sym_size.int, (attn_bias, 3))
     scaled = graph.call_function(operator.mul, (context, ratio.numerator))
     rounded = graph.call_function(operator.floordiv, (graph.call_function(operator.add, (scaled, ratio.denominator // 2)), ratio.denominator))

@@ -28,6 +28,7 @@ from torch.export import Dim
 import kvcompile
 import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.*)
 from kvcompile.export import onnx_functions
+from kvcompile.export.example_inputs import example_inputs
 from kvcompile.export.manifest import check_writable_parent, write_artifact
 from kvcompile.spec import GraphSpec
 from kvcompile.text import copy_tokenizer_files
@@ -38,8 +39,6 @@ PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE = "prefill.onnx", "decode.onnx", "weight
 # self-contained file is handier.
 EXTERNAL_DATA_THRESHOLD = 256 << 20
 _PROTOBUF_SAFE_BYTES = 1 << 30  # embedding more than this risks protobuf's 2 GB ceiling
-# Example sizes for tracing: ≥ 2 and pairwise different, so no axis specialises or aliases.
-EXAMPLE_BATCH, EXAMPLE_TOKENS, EXAMPLE_PAST = 2, 3, 5
 
 
 class OnnxExportError(RuntimeError):
@@ -73,10 +72,10 @@ def kcache_translation(topn_fraction: Optional[Fraction]):
 
 def topn_fraction(cache_config: Optional[dict]) -> Optional[Fraction]:
     """The fraction the kcache pass turns a float topn into (passes/kcache.py, topn_node)."""
+    from kvcompile.passes.kcache import topn_ratio
+
     topn = (cache_config or {}).get("topn")
-    if isinstance(topn, float):
-        return Fraction(topn).limit_denominator(10_000)
-    return None
+    return topn_ratio(topn) if isinstance(topn, float) else None
 
 
 def translation_table(cache_config: Optional[dict] = None) -> dict:
@@ -101,22 +100,6 @@ def io_axes(spec: GraphSpec) -> tuple[dict, dict]:
         outputs[f"new_key.{layer}"] = [batch, hkv, tokens, dim]
         outputs[f"new_value.{layer}"] = [batch, hkv, tokens, dim]
     return inputs, outputs
-
-
-def example_inputs(spec: GraphSpec) -> tuple:
-    batch, tokens, past = EXAMPLE_BATCH, EXAMPLE_TOKENS, EXAMPLE_PAST
-    dtype = getattr(torch, spec.dtype)
-    generator = torch.Generator().manual_seed(0)
-    causal = torch.ones(tokens, past + tokens, dtype=torch.bool).tril(diagonal=past)
-    bias = torch.zeros(batch, 1, tokens, past + tokens, dtype=dtype).masked_fill(~causal, torch.finfo(dtype).min)
-    inputs = [torch.randint(0, spec.vocab_size, (batch, tokens), generator=generator),
-              (torch.arange(tokens) + past).expand(batch, -1).contiguous(), bias]
-    in_axes, _ = io_axes(spec)
-    sizes = {"batch": batch, "tokens": tokens, "past": past}
-    for name in spec.input_names[3:]:
-        shape = [sizes.get(axis, axis) for axis in in_axes[name]]
-        inputs.append(torch.randn(shape, generator=generator).to(dtype))
-    return tuple(inputs)
 
 
 def dynamic_shapes(module: torch.nn.Module, spec: GraphSpec):
