@@ -5,7 +5,6 @@ One program serves prefill and decode: new-token count T and cached count P are 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -83,7 +82,3 @@ def config_from_dict(data: dict):
         return AutoConfig.for_model(**data)
     except (ValueError, KeyError, TypeError):
         return PretrainedConfig(**data)
-
-
-def read_manifest_json(artifact_dir) -> dict:
-    return json.loads((Path(artifact_dir) / "manifest.json").read_text())
