@@ -16,17 +16,9 @@ exec > >(tee "$LOG") 2>&1
 echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
-echo "== install (kvcompile.plugins lives in ./plugins)"
-# Scripts run from other folders (bench/, /tmp) too, so check from outside the repo.
-if ! (cd /tmp && python3 -c "import kvcompile.plugins.kcache_decode") 2>/dev/null; then
-  python3 -m pip install -e . --no-deps --no-build-isolation -q --root-user-action=ignore 2>&1 | tail -3
-fi
-if ! (cd /tmp && python3 -c "import kvcompile.plugins.kcache_decode") 2>/dev/null; then
-  echo "editable install failed: falling back to PYTHONPATH and a kvcompile/plugins link"
-  ln -sfn ../plugins kvcompile/plugins
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-(cd /tmp && python3 -c "import kvcompile.plugins.kcache_decode as m; print('kvcompile.plugins from', m.__file__)") || exit 1
+echo "== install"
+source bench/gpu_install.sh
+install_kvcompile || exit 1
 
 echo "== build"
 SECONDS=0

@@ -18,10 +18,9 @@ free -g | head -2
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: JSON only, plot later with --plot"
 
-echo "== install (kvcompile.passes / kvcompile.plugins live in ./passes and ./plugins)"
-if ! python3 -c "import kvcompile.plugins.kcache_decode, kvcompile.passes.kcache" 2>/dev/null; then
-  pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -3
-fi
+echo "== install"
+source bench/gpu_install.sh
+install_kvcompile || exit 1
 
 echo "== kernel library (\$KVCOMPILE_KERNELS_LIB pins a prebuilt one, e.g. of committed sources)"
 SECONDS=0

@@ -9,7 +9,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/gpu_runtime.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -2
+source bench/gpu_install.sh
+install_kvcompile || exit 1
 python3 -c "from kvcompile.plugins import load_kernels; load_kernels(); print('kernels loaded')"
 echo "== gpu runtime tests"
 timeout 240 python3 -m pytest tests/test_gpu_runtime.py tests/ops -q -m gpu -p no:cacheprovider 2>&1 | tail -15

@@ -1,9 +1,11 @@
 // Stage 1 and 2 of a KCache decode step: q·k over every key (the only pass over K, so it sets
 // the step's HBM floor) and the softmax statistics of each query head.
-// Measured on H100 (docs/BENCHMARKS.md): 2.05 TB/s at 32K, 1.45x the K floor. A cp.async
-// pipeline with one 8 KiB stage per barrier pair ran 3.7x slower (977 us at 32K): each stage
-// waited on a bias load and shuffle chains between two barriers. Larger stages, the bias
-// staged with K and fewer barriers are the next things to try.
+// Measured on H100 (docs/BENCHMARKS.md): 2.05 TB/s at 32K, 1.45x the K floor. Nsight Compute
+// (bench/ncu_kcache_op.sh, bf16, 4 query heads per CTA): 80 registers cap it at 3 CTAs per SM,
+// 0.53 instructions issued per scheduler cycle, half the stalls waiting on K loads. Two things
+// did not help: a cp.async pipeline (8 KiB stages, 3.7x slower) and issuing 8 instead of 4
+// loads per lane before use (same time; forcing 4 CTAs per SM spills). The next step is fewer
+// instructions per byte: q·K on tensor cores (mma over the query group) instead of FMAs.
 #include "kcache_internal.h"
 
 namespace kvc {
