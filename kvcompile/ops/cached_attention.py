@@ -26,6 +26,54 @@ def expand_kv_heads(x: Tensor, query_heads: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def _past_attention_with_lse(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                             bias: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of [B, H, M, D] queries over the past alone, and its log-sum-exp [B, H, M].
+
+    SDPA's public API does not return the log-sum-exp, so this calls the same ATen kernels it
+    dispatches to: memory-efficient attention on CUDA (takes an additive bias, reads strided
+    K/V), the flash kernel on CPU.
+    """
+    if query.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key_cache, value_cache, bias, True, 0.0, False, scale=scale)[:2]
+        return out, lse[..., : query.shape[2]]  # the kernel pads the query axis to 32
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key_cache, value_cache, 0.0, False, attn_mask=bias, scale=scale)
+
+
+def decode_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tensor,
+                     value_cache: Tensor, attn_bias: Tensor, scale: float) -> Tensor:
+    """One new token per sequence (T = 1) over past ++ new, without concatenating the cache.
+
+    `torch.cat` of past and new would copy every cached key and value each step (what HF's
+    DynamicCache does): three times the bytes the attention itself reads. Instead the past is
+    attended on its own and the new token folded in through the log-sum-exp. The query heads
+    of one KV group become the query rows of that KV head, so no kernel needs GQA support and
+    no KV head is repeated.
+    """
+    B, Hq, _, D = query.shape
+    Hkv, P = key.shape[1], key_cache.shape[2]
+    G = Hq // Hkv
+    rows = query.reshape(B, Hkv, G, D)
+    # The efficient kernel wants bias rows 16-element aligned: pad, then view the first P.
+    bias_past = attn_bias[:, :, :, :P].to(query.dtype)
+    if P % 16:
+        bias_past = torch.nn.functional.pad(bias_past, (0, 16 - P % 16))[..., :P]
+    out_past, lse_past = _past_attention_with_lse(
+        rows, key_cache, value_cache, bias_past.expand(B, Hkv, G, P), scale)
+    # The new token's logit for each query row: [B, Hkv, G].
+    logit_new = (rows.float() * key.float()).sum(-1) * scale + attn_bias[:, :, 0, P:].float()
+    lse_past = lse_past.float()
+    top = torch.maximum(lse_past, logit_new)
+    weight_past = torch.exp(lse_past - top)
+    weight_new = torch.exp(logit_new - top)
+    # A fully masked past has weight 0 (its output may be NaN): keep it out of the sum.
+    past = torch.where(weight_past[..., None] > 0, out_past.float() * weight_past[..., None], 0.0)
+    out = (past + value.float() * weight_new[..., None]) / (weight_past + weight_new)[..., None]
+    return out.to(query.dtype).reshape(B, Hq, 1, D)
+
+
 @torch.library.custom_op("kvcompile::cached_attention", mutates_args=())
 def cached_attention(
     query: Tensor,
@@ -36,6 +84,8 @@ def cached_attention(
     attn_bias: Tensor,
     scale: float,
 ) -> Tensor:
+    if query.shape[2] == 1 and key_cache.shape[2] > 0:
+        return decode_attention(query, key, value, key_cache, value_cache, attn_bias, scale)
     keys = torch.cat([key_cache, key], dim=2)  # [B, Hkv, P+T, D]
     values = torch.cat([value_cache, value], dim=2)
     # enable_gqa lets SDPA read each KV head for its query group instead of materialising
