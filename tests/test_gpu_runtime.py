@@ -22,25 +22,65 @@ def test_fp32_cuda_generate_matches_hf(arch):
     assert torch.equal(got, expected)
 
 
+BF16_LOGIT_TOLERANCE = 2e-2
+
+
+def bf16_tolerance(logits: torch.Tensor) -> float:
+    """2e-2, relative to the logit scale where that exceeds 1: the tiny models' logits span
+    ~0.5, the trained reference model's ~20, where bf16 rounding through 8 layers moves a
+    logit by up to 1.8% of that scale (measured on CPU) whichever cache runs."""
+    return BF16_LOGIT_TOLERANCE * max(1.0, logits.abs().max().item())
+
+
+def decode_in_lockstep(full, kcache, input_ids, attention_mask, steps: int) -> float:
+    """Greedy decoding of both models on the full cache's tokens. Logits must agree within
+    `bf16_tolerance` at every step, and the chosen token wherever the full cache's own top-2
+    margin exceeds that tolerance (below it, one bf16 rounding decides the token: HF's own bf16
+    generate differs from fp32 there too). -> the fraction of decisive steps."""
+    logits_full, cache_full = full.prefill(input_ids, attention_mask)
+    _, cache_kc = kcache.prefill(input_ids, attention_mask)
+    assert cache_kc.values[-1].is_pinned() and cache_kc.values[-1].device.type == "cpu"
+    next_ids = logits_full[:, -1].argmax(-1)
+    decisive_steps = 0
+    for _ in range(steps):
+        a = full.decode_step(next_ids, cache_full)[:, -1].float()
+        b = kcache.decode_step(next_ids, cache_kc)[:, -1].float()
+        tolerance = bf16_tolerance(a)
+        assert (a - b).abs().max().item() <= tolerance
+        top2 = a.topk(2, dim=-1).values
+        decisive = top2[:, 0] - top2[:, 1] > tolerance
+        assert torch.equal(a.argmax(-1)[decisive], b.argmax(-1)[decisive])
+        decisive_steps += int(decisive.sum())
+        next_ids = a.argmax(-1)
+    return decisive_steps / (steps * input_ids.shape[0])
+
+
 @pytest.mark.parametrize("arch", CORE_ARCHS)
 @pytest.mark.parametrize("select", ["head", "layer"])
 def test_bf16_kcache_with_full_topn_matches_full_cache(arch, select):
+    # The tiny random models have nearly flat logits (range ~0.5): few steps are decisive.
     model = tiny_model(arch, dtype=torch.bfloat16).cuda()
     full = kvcompile.compile(model)
     kcache = kvcompile.compile(model, kvcompile.CacheConfig(kind="kcache", topn=10**6, select=select))
     input_ids, attention_mask = (t.cuda() for t in padded_batch(seed=7))
-    logits_full, cache_full = full.prefill(input_ids, attention_mask)
-    logits_kc, cache_kc = kcache.prefill(input_ids, attention_mask)
-    assert cache_kc.values[-1].is_pinned() and cache_kc.values[-1].device.type == "cpu"
-    next_ids = logits_full[:, -1].argmax(-1)
-    for _ in range(4):
-        a = full.decode_step(next_ids, cache_full).float()
-        b = kcache.decode_step(next_ids, cache_kc).float()
-        assert (a - b).abs().max().item() <= 2e-2
-        next_ids = a[:, -1].argmax(-1)
-    expected = full.generate(input_ids, attention_mask=attention_mask, max_new_tokens=32, pad_token_id=0)
-    got = kcache.generate(input_ids, attention_mask=attention_mask, max_new_tokens=32, pad_token_id=0)
-    assert torch.equal(got, expected)
+    assert decode_in_lockstep(full, kcache, input_ids, attention_mask, steps=32) > 0
+
+
+@pytest.mark.parametrize("select", ["head", "layer"])
+def test_bf16_kcache_matches_full_cache_on_the_reference_model(select):
+    from kvcompile.tokenizer import ByteTokenizer
+
+    model = kvcompile.load_model("reference", dtype=torch.bfloat16).cuda()
+    full = kvcompile.compile(model)
+    kcache = kvcompile.compile(model, kvcompile.CacheConfig(kind="kcache", topn=10**6, select=select))
+    tokenizer = ByteTokenizer()
+    prompts = ["def fibonacci(n):\n    ", "The capital of the key-value store is", "for i in range(10):"]
+    rows = [tokenizer.encode(p) for p in prompts]
+    width, pad = max(len(r) for r in rows), tokenizer.pad_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device="cuda")
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device="cuda")
+    # A trained model is decisive at most steps, so this checks most tokens.
+    assert decode_in_lockstep(full, kcache, input_ids, attention_mask, steps=48) >= 0.75
 
 
 def test_cpu_trace_moves_to_cuda():

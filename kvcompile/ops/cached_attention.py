@@ -56,20 +56,24 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tenso
     Hkv, P = key.shape[1], key_cache.shape[2]
     G = Hq // Hkv
     rows = query.reshape(B, Hkv, G, D)
-    # The efficient kernel wants bias rows 16-element aligned: pad, then view the first P.
-    bias_past = attn_bias[:, :, :, :P].to(query.dtype)
-    if P % 16:
-        bias_past = torch.nn.functional.pad(bias_past, (0, 16 - P % 16))[..., :P]
+    # The efficient kernel wants the bias's batch stride 16-element aligned (the slice of
+    # [B, 1, 1, P + 1] has stride P + 1): copy it into a padded buffer, view the first P.
+    padded = attn_bias.new_zeros(B, 1, 1, -(-P // 16) * 16, dtype=query.dtype)
+    bias_past = padded[..., :P].copy_(attn_bias[:, :, :, :P])
     out_past, lse_past = _past_attention_with_lse(
         rows, key_cache, value_cache, bias_past.expand(B, Hkv, G, P), scale)
     # The new token's logit for each query row: [B, Hkv, G].
     logit_new = (rows.float() * key.float()).sum(-1) * scale + attn_bias[:, :, 0, P:].float()
+    # A fully masked past has weight 0. Kernels disagree on what they return for it (-inf,
+    # +inf or a finite log-sum-exp over an output of zeros), so decide it from the bias.
     lse_past = lse_past.float()
+    visible = (attn_bias[:, :, 0, :P] > torch.finfo(attn_bias.dtype).min / 2).any(-1)  # [B, 1]
+    has_past = torch.isfinite(lse_past) & visible[..., None]
+    lse_past = torch.where(has_past, lse_past, float("-inf"))
     top = torch.maximum(lse_past, logit_new)
     weight_past = torch.exp(lse_past - top)
     weight_new = torch.exp(logit_new - top)
-    # A fully masked past has weight 0 (its output may be NaN): keep it out of the sum.
-    past = torch.where(weight_past[..., None] > 0, out_past.float() * weight_past[..., None], 0.0)
+    past = torch.where(has_past[..., None], out_past.float() * weight_past[..., None], 0.0)
     out = (past + value.float() * weight_new[..., None]) / (weight_past + weight_new)[..., None]
     return out.to(query.dtype).reshape(B, Hq, 1, D)
 
