@@ -55,21 +55,30 @@ def sdpa_floor_s(context: int, elem: int = 2) -> float:
     return 2 * B * HKV * context * D * elem / HBM_BYTES_PER_S
 
 
-def time_eager(fn, iters: int, repeats: int = 5) -> float:
-    """Median over `repeats` of the mean ms per call across `iters` back-to-back calls."""
-    for _ in range(3):
+def time_calls(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Mean ms per call over `iters` back-to-back calls after `warmup` calls (CUDA events on
+    CUDA, wall clock elsewhere). Shared with the end-to-end benchmark."""
+    for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
             fn()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) / iters)
-    return statistics.median(samples)
+        return start.elapsed_time(end) / iters
+    start_s = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start_s) * 1e3 / iters
+
+
+def time_eager(fn, iters: int, repeats: int = 5) -> float:
+    """Median over `repeats` of the mean ms per call across `iters` back-to-back calls."""
+    cuda = torch.device("cuda")
+    return statistics.median(time_calls(fn, cuda, 3 if i == 0 else 0, iters) for i in range(repeats))
 
 
 def time_graph(fn, iters: int, repeats: int = 5):

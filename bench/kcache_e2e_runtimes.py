@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kcache_op import HBM_BYTES_PER_S, link_rate  # noqa: E402  (the shared floor table)
+from bench_kcache_op import HBM_BYTES_PER_S, link_rate, time_calls  # noqa: E402  (shared floors, timing)
 
 HOST_TO_DEVICE_BYTES_PER_S = 55e9  # pinned host → device copy, 1 GiB (DESIGN.md "Floors")
 GIB = 2**30
@@ -106,25 +106,6 @@ def free_memory(device) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_calls(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Mean ms per call over `iters` back-to-back calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / iters
-    start_s = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start_s) * 1e3 / iters
 
 
 def attention_floor_ms(name: str, shape: Shape, batch: int, context: int, topn: int) -> float:
