@@ -16,7 +16,7 @@ decode cost depends on the cache's shape, not its contents (top-N selection read
 whatever they are), and a 16K prefill of ~100 sequences would take far longer than the decode.
 Each runtime: `--warmup` decode steps, then `--steps` timed steps (CUDA events);
 tokens/s = batch × steps / time. The attention share of a step is timed separately: the attention
-op of one layer on the same cache, × layers; it is compared with its floor (DESIGN.md "Floors"):
+op of one layer on the same cache, × layers; it is compared with its floor (docs/ARCHITECTURE.md "Floors"):
   full / HF:  (K + V bytes) / HBM bandwidth
   kcache:     K bytes / HBM bandwidth + fetched V bytes / host-link rate for the row size
   offloaded:  (K + V bytes) / pinned host→device bandwidth

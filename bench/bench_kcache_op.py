@@ -4,7 +4,7 @@ One decode step of one layer, B=8, 32 query / 8 KV heads, d=128, bf16, contexts 
   kcache: torch.ops.kvcompile.kcache_attention with K on the GPU and V in pinned host memory,
           a few topn, both selection modes.
   peer:   F.scaled_dot_product_attention over K and V both on the GPU (GQA, no copy).
-Floors (docs: DESIGN.md "Floors", H100):
+Floors (docs: docs/ARCHITECTURE.md "Floors", H100):
   kcache = K bytes / 2975 GB/s + fetched V bytes / host-link rate for that row size
   SDPA   = (K + V bytes) / 2975 GB/s
 Each configuration is timed eagerly (what a Python caller sees, launch overhead included) and
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 HBM_BYTES_PER_S = 2975e9
-# zero-copy gather of random rows from pinned host memory (row bytes, bytes/s), measured (DESIGN.md)
+# zero-copy gather of random rows from pinned host memory (row bytes, bytes/s), measured (docs/ARCHITECTURE.md "Floors")
 LINK_RATES = [(64, 3e9), (256, 11e9), (512, 20e9), (2048, 51e9)]
 B, HQ, HKV, D = 8, 32, 8, 128
 DTYPE = torch.bfloat16

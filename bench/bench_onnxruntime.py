@@ -24,14 +24,14 @@ import onnxruntime as ort
 import torch
 
 import kvcompile
-from kvcompile.compiler import compile as compile_model
-from kvcompile.export.onnx import export_onnx
+from kvcompile.core.pipeline import compile as compile_model
+from kvcompile.export.onnx_target import export_onnx
 from kvcompile.runtime import generate as gen
 from kvcompile.runtime.onnxruntime import load_onnx_artifact
 
 
 def reference_model():
-    from kvcompile.loading import LoadError, load_model
+    from kvcompile.frontend.loading import LoadError, load_model
 
     try:
         return load_model("reference"), "reference (trained weights)"

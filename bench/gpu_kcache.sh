@@ -35,7 +35,7 @@ echo "== compute-sanitizer memcheck (small decode steps, both modes, bf16 and fp
 SECONDS=0
 cat > /tmp/kcache_memcheck.py <<'PY'
 import torch, kvcompile.ops
-from kvcompile.ops.kcache_attention import kcache_attention_reference as ref
+from kvcompile.ops.kcache_attention.definition import kcache_attention_reference as ref
 op = torch.ops.kvcompile.kcache_attention
 for dtype in (torch.bfloat16, torch.float32):
     B, Hq, Hkv, P, D = 2, 8, 2, 300, 64

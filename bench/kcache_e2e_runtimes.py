@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kcache_op import HBM_BYTES_PER_S, link_rate, time_calls  # noqa: E402  (shared floors, timing)
 
-HOST_TO_DEVICE_BYTES_PER_S = 55e9  # pinned host → device copy, 1 GiB (DESIGN.md "Floors")
+HOST_TO_DEVICE_BYTES_PER_S = 55e9  # pinned host → device copy, 1 GiB (docs/ARCHITECTURE.md "Floors")
 GIB = 2**30
 
 
@@ -179,49 +179,14 @@ def capacity(args) -> int:
     return args.context + 2 * (args.warmup + args.steps) + 2
 
 
-TRACE_WAYS = ["as is", "guards deferred to runtime asserts", "HF SDPA with enable_gqa instead of repeat_kv"]
-
-
-def compile_model(model, cache_config):
-    """kvcompile.compile, working around a trace failure of torch 2.11 + transformers 5.17 (the GPU
-    machine's versions; 2.13 + 5.23 trace fine). There HF's sdpa_attention passes a mask while
-    tracing, so it expands KV heads with repeat_kv, whose reshape of an expanded tensor makes
-    torch.export add a guard it cannot prove, `min(D*tokens, G*D*tokens) == D*tokens`
-    (_prims_common.check_contiguous_sizes_strides), and export fails with ConstraintViolation.
-    Ways tried in order, the first that traces is kept for later compiles:
-      as is;
-      torch.export(..., prefer_deferred_runtime_asserts_over_guards=True) (the fix trace.py needs);
-      HF's use_gqa_in_sdpa forced true, so SDPA gets enable_gqa=True and no repeat_kv.
-    Both workarounds give the same tokens as HF generate (full, and kcache with topn ≥ context)
-    on a tiny Llama under torch 2.11 + transformers 5.17. -> (CompiledModel, the way it traced)."""
-    import contextlib
-    import functools
-    from unittest import mock
-
-    import kvcompile
-
-    for way in list(TRACE_WAYS):
-        if way == "as is":
-            patch = contextlib.nullcontext()
-        elif way.startswith("guards deferred"):
-            deferred = functools.partial(torch.export.export, prefer_deferred_runtime_asserts_over_guards=True)
-            patch = mock.patch.object(torch.export, "export", deferred)
-        else:
-            patch = mock.patch("transformers.integrations.sdpa_attention.use_gqa_in_sdpa", lambda *a, **k: True)
-        try:
-            with patch:
-                return kvcompile.compile(model, cache_config), way
-        except Exception as error:  # noqa: BLE001 - TraceError, or a pass that no longer matches
-            print(f"  trace ({way}) failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
-            if way == TRACE_WAYS[-1]:
-                raise
-            TRACE_WAYS.remove(way)  # don't pay for this failure again on the next compile
-
-
 def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
     """Compile for `cache_config`, fill a cache (or reuse `cache`), time decode steps -> (row, cache)."""
     start_s = time.perf_counter()
-    compiled, trace_way = compile_model(model, cache_config)
+    import kvcompile
+
+    # kvcompile.frontend.trace defers shape guards to run time, which torch 2.11 +
+    # transformers 5.17 (the GPU machine's versions) need; no workaround is needed here.
+    compiled = kvcompile.compile(model, cache_config)
     compile_s = time.perf_counter() - start_s
     if cache is None:
         cache = compiled.new_cache(batch, capacity(args))
@@ -235,7 +200,7 @@ def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
 
     reset_peak(device)
     step_ms = time_calls(step, device, args.warmup, args.steps)
-    row = dict(step_ms=step_ms, compile_s=round(compile_s, 1), traced=trace_way, peak_gpu_gib=peak_gib(device),
+    row = dict(step_ms=step_ms, compile_s=round(compile_s, 1), peak_gpu_gib=peak_gib(device),
                cache_device_gib=cache.device_bytes() / GIB, context_at_end=cache.length)
     if args.split:
         attention_ms, row["cuda_kernels"] = kvcompile_attention_ms(compiled, cache, args, device)

@@ -1,19 +1,21 @@
 """kvcompile: a compiler for the KV cache of decoder LLMs.
 
     model = kvcompile.load_model("reference")
-    compiled = kvcompile.compile(model, kvcompile.CacheConfig(kind="kcache", topn=128))
+    config = kvcompile.CacheConfig(kind="kcache", kcache=kvcompile.KCacheOptions(topn=128))
+    compiled = kvcompile.compile(model, config)
     tokens = compiled.generate(input_ids, max_new_tokens=32)
     kvcompile.export(model, target="onnx", out_dir="exported/reference-kcache", cache=config)
 """
 __version__ = "0.1.0"
 
-from kvcompile.config import CacheConfig, ConfigError  # noqa: F401,E402
-from kvcompile.loading import LoadError, load_model  # noqa: F401,E402
+from kvcompile.core.config import CacheConfig, ConfigError, KCacheOptions  # noqa: F401,E402
+from kvcompile.core.modes import CacheKind, SelectMode  # noqa: F401,E402
+from kvcompile.frontend.loading import LoadError, load_model  # noqa: F401,E402
 
 
 def compile(model, config=None):  # noqa: A001
     """Trace `model`, rewrite its attention for `config` (a CacheConfig), return a CompiledModel."""
-    from kvcompile.compiler import compile as compile_model
+    from kvcompile.core.pipeline import compile as compile_model
 
     return compile_model(model, config)
 

@@ -3,7 +3,8 @@
 Matches: each `aten.scaled_dot_product_attention` node. Walks back from its key/value inputs over
 HF's `repeat_kv` expansion (unsqueeze → expand → reshape) to the per-KV-head tensors, and from the
 key to its RoPE application (`x·cos + rotate(x)·sin`, half-split or interleaved, full or partial).
-Produces: no graph change; `context["attention_sites"]`, one AttentionSite per layer in layer order.
+Produces: no graph change; `context.attention_sites`, one AttentionSite per layer in layer order,
+each with its LayerRecord (kvcompile/core/records.py): heads, scale, window, positions.
 
 It needs nothing model-specific: whatever computes q/k/v (fused projections, biases, qk-norm,
 learned positions) stays upstream and untouched; the cache stores exactly what SDPA consumed.
@@ -18,6 +19,10 @@ from typing import List, Optional
 import torch
 import torch.fx
 
+from kvcompile.core.records import LayerRecord, Positions, PositionKind, Window, WindowKind
+from kvcompile.passes.context import PassContext
+from kvcompile.passes.manager import compiler_pass
+
 aten = torch.ops.aten
 SDPA_TARGETS = (aten.scaled_dot_product_attention.default,)
 EXPAND_TARGETS = (aten.expand.default,)
@@ -30,32 +35,30 @@ class AttentionPatternError(RuntimeError):
 
 @dataclass
 class AttentionSite:
-    layer: int
-    module_path: str
+    """Where one layer's attention sits in the graph, and its record (the facts about it)."""
+
+    record: LayerRecord
     module_type: str
-    sdpa: torch.fx.Node
+    sdpa: torch.fx.Node  # the attention node; later passes point it at their replacement
     query: torch.fx.Node
     key: torch.fx.Node  # per-KV-head key, before any GQA expansion: [B, Hkv, T, D]
     value: torch.fx.Node  # [B, Hkv, T, D]
     mask: Optional[torch.fx.Node]
-    scale: float
-    query_heads: int
-    kv_heads: int
-    head_dim: int
-    gqa: str  # "none" | "repeat_kv" | "enable_gqa"
-    rope: str  # e.g. "half-split", "interleaved", "half-split, partial 8/16", "none"
+    gqa: str  # how the model expanded K/V for GQA: "none" | "repeat_kv" | "enable_gqa"
+
+    # the record's facts, read through
+    layer = property(lambda self: self.record.layer)
+    module_path = property(lambda self: self.record.module)
+    scale = property(lambda self: self.record.scale)
+    query_heads = property(lambda self: self.record.query_heads)
+    kv_heads = property(lambda self: self.record.kv_heads)
+    head_dim = property(lambda self: self.record.head_dim)
+    rope = property(lambda self: self.record.positions.describe())
 
     def describe(self) -> dict:
-        return {
-            "layer": self.layer,
-            "module": self.module_path,
-            "heads q/kv": f"{self.query_heads}/{self.kv_heads}",
-            "head_dim": self.head_dim,
-            "gqa": self.gqa,
-            "rope": self.rope,
-            "model mask": "is_causal" if self.mask is None else "4D tensor",
-            "scale": round(self.scale, 6),
-        }
+        row = self.record.describe()
+        row.pop("kind"), row.pop("V lives on")
+        return {**row, "gqa": self.gqa, "model mask": "is_causal" if self.mask is None else "4D tensor"}
 
 
 def shape_of(node) -> Optional[tuple]:
@@ -107,21 +110,24 @@ def skip_casts(node):
     return node
 
 
-def describe_rope(key: torch.fx.Node) -> str:
-    """Name the rotary embedding applied to `key` (informational; the graph keeps computing it)."""
-    partial = ""
+def rope_layout(key: torch.fx.Node) -> tuple:
+    """(layout, rotary dims) of the rotary embedding applied to `key`, or (None, None) for none.
+
+    layout is "half-split" or "interleaved" (or "unrecognised rotation"); the graph keeps
+    computing the rotation, this only names it for the record.
+    """
+    rotary_dims = None
     node = skip_casts(key)
     if node.target == aten.cat.default and len(node.args[0]) == 2:
-        rotated, passthrough = node.args[0]
-        rot_shape, full_shape = shape_of(rotated), shape_of(node)
-        if rot_shape and full_shape:
-            partial = f", partial {rot_shape[-1]}/{full_shape[-1]}"
+        rotated, _passthrough = node.args[0]
+        rot_shape = shape_of(rotated)
+        rotary_dims = int(rot_shape[-1]) if rot_shape else None
         node = skip_casts(rotated)
     if node.target != aten.add.Tensor:
-        return "none"
+        return None, None
     products = [a for a in node.args if isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor]
     if len(products) != 2:
-        return "none"
+        return None, None
     for product in products:
         for operand in product.args:
             if not isinstance(operand, torch.fx.Node):
@@ -129,12 +135,49 @@ def describe_rope(key: torch.fx.Node) -> str:
             if operand.target == aten.cat.default and any(
                 isinstance(a, torch.fx.Node) and a.target == aten.neg.default for a in operand.args[0]
             ):
-                return "half-split" + partial
+                return "half-split", rotary_dims
             if operand.target in (aten.flatten.using_ints, aten.view.default, aten.reshape.default) and any(
                 isinstance(a, torch.fx.Node) and a.target == aten.stack.default for a in operand.args
             ):
-                return "interleaved" + partial
-    return "unrecognised rotation" + partial
+                return "interleaved", rotary_dims
+    return "unrecognised rotation", rotary_dims
+
+
+def layer_type(config, layer: int) -> Optional[str]:
+    types = getattr(config, "layer_types", None)
+    return types[layer] if types and layer < len(types) else None
+
+
+def rope_parameters(config, layer: int) -> Optional[dict]:
+    """The RoPE parameters of a layer (transformers 5 keys them by layer type where they differ)."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        return None
+    kind = layer_type(config, layer)
+    if kind in params and isinstance(params[kind], dict):
+        params = params[kind]
+    return {k: v for k, v in params.items() if not isinstance(v, dict)}
+
+
+def positions_of(key: torch.fx.Node, config, layer: int, head_dim: int) -> Positions:
+    layout, rotary_dims = rope_layout(key)
+    if layout is None:
+        learned = any(hasattr(config, name) for name in ("n_positions",)) if config is not None else False
+        return Positions(PositionKind.NONE, learned_absolute=learned)
+    params = rope_parameters(config, layer) if config is not None else None
+    theta = (params or {}).get("rope_theta", getattr(config, "rope_theta", None))
+    return Positions(PositionKind.ROPE, layout=layout, rotary_dims=rotary_dims or head_dim, head_dim=head_dim,
+                     theta=float(theta) if theta is not None else None, scaling=params)
+
+
+def window_of(config, layer: int) -> Window:
+    """The layer's window, as the model's config states it."""
+    if config is None:
+        return Window()
+    size = getattr(config, "sliding_window", None)
+    if size is None or not getattr(config, "use_sliding_window", True):
+        return Window()
+    return Window(WindowKind.SLIDING, int(size))
 
 
 def attention_modules(graph_module: torch.fx.GraphModule) -> dict:
@@ -149,7 +192,8 @@ def attention_modules(graph_module: torch.fx.GraphModule) -> dict:
     return found
 
 
-def find_attention(graph_module: torch.fx.GraphModule, context: dict) -> list:
+@compiler_pass(produces=("attention_sites",))
+def find_attention(graph_module: torch.fx.GraphModule, context: PassContext) -> list:
     """Locate each SDPA node with its layer, q/k/v producers, GQA expansion, RoPE, mask and scale."""
     sites: List[AttentionSite] = []
     sdpa_nodes = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
@@ -191,17 +235,15 @@ def find_attention(graph_module: torch.fx.GraphModule, context: dict) -> list:
             raise AttentionPatternError(f"{where}: {query_heads} query heads do not group over {kv_heads} KV heads")
         scale = node.kwargs.get("scale")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-        sites.append(AttentionSite(
-            layer=layer, module_path=path, module_type=cls_name, sdpa=node, query=query, key=key, value=value,
-            mask=mask, scale=scale, query_heads=query_heads, kv_heads=kv_heads, head_dim=head_dim,
-            gqa=gqa, rope=describe_rope(key),
-        ))
+        config = context.model_config
+        record = LayerRecord(layer=layer, module=path, query_heads=query_heads, kv_heads=kv_heads,
+                             head_dim=head_dim, scale=scale, window=window_of(config, layer),
+                             positions=positions_of(key, config, layer, head_dim))
+        sites.append(AttentionSite(record=record, module_type=cls_name, sdpa=node, query=query, key=key,
+                                   value=value, mask=mask, gqa=gqa))
     sites.sort(key=lambda s: s.layer)
     layers = [s.layer for s in sites]
     if len(set(layers)) != len(layers):
         raise AttentionPatternError(f"several attention calls share a layer index: {layers}")
-    context["attention_sites"] = sites
+    context.attention_sites = sites
     return [s.describe() for s in sites]
-
-
-find_attention.pass_name = "find_attention"

@@ -16,7 +16,9 @@ import torch
 import torch.fx
 
 import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.*)
-from kvcompile.spec import GraphSpec
+from kvcompile.core.layout import GraphSpec
+from kvcompile.passes.context import PassContext
+from kvcompile.passes.manager import compiler_pass
 
 
 def add_placeholder(graph: torch.fx.Graph, name: str) -> torch.fx.Node:
@@ -32,10 +34,11 @@ def flatten_codegen(graph_module: torch.fx.GraphModule) -> None:
     graph_module._forward_pre_hooks.clear()  # the input-constraint check knows only the 2 traced inputs
 
 
-def insert_kv_cache(graph_module: torch.fx.GraphModule, context: dict) -> list:
+@compiler_pass(requires=("attention_sites",), produces=("spec",))
+def insert_kv_cache(graph_module: torch.fx.GraphModule, context: PassContext) -> list:
     """Replace each SDPA with kvcompile::cached_attention over explicit past K/V inputs."""
     graph = graph_module.graph
-    sites = context["attention_sites"]
+    sites = context.attention_sites
     flatten_codegen(graph_module)
     attn_bias = add_placeholder(graph, "attn_bias")
     new_outputs = []
@@ -63,12 +66,12 @@ def insert_kv_cache(graph_module: torch.fx.GraphModule, context: dict) -> list:
     (logits,) = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
     output.args = (tuple([logits, *new_outputs]),)
     graph.eliminate_dead_code()
-    context["spec"] = spec_from_sites(sites, context)
+    context.spec = spec_from_sites(sites, context)
     return rows
 
 
-def spec_from_sites(sites, context: dict) -> GraphSpec:
-    config = context["model_config"]
+def spec_from_sites(sites, context: PassContext) -> GraphSpec:
+    config = context.model_config
     first = sites[0]
     return GraphSpec(
         num_layers=len(sites),
@@ -76,11 +79,7 @@ def spec_from_sites(sites, context: dict) -> GraphSpec:
         kv_heads=first.kv_heads,
         head_dim=first.head_dim,
         vocab_size=int(config.vocab_size),
-        dtype=str(context["dtype"]).removeprefix("torch."),
-        layer_kinds=["full"] * len(sites),
-        sliding_window=getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None,
-        max_context=int(context["max_context"]),
+        dtype=str(context.dtype).removeprefix("torch."),
+        layers=[site.record for site in sites],
+        max_context=int(context.max_context),
     )
-
-
-insert_kv_cache.pass_name = "insert_kv_cache"

@@ -3,7 +3,7 @@
 Matches: the `kvcompile::cached_attention` nodes that `insert_kv_cache` produced, from layer
 `full_layers` on (earlier layers keep V on the device, by choice of the CacheConfig).
 Produces: `kvcompile::kcache_attention(q, k, v, past_key, past_value_host, attn_bias, scale,
-topn, select, renormalize)`, and marks those layers "kcache" in the GraphSpec, so the cache
+topn, select, renormalize)`, and marks those layers' records LayerKind.KCACHE, so the cache
 manager keeps their V in (pinned) host memory, token-major [B, P, Hkv, D].
 
 A fractional topn becomes graph arithmetic on the context length (attn_bias's last axis), so
@@ -15,21 +15,21 @@ After:  kcache_attention(q, k, v, past_k, past_v_host, bias, s, topn, "head", Fa
 from __future__ import annotations
 
 import operator
-from fractions import Fraction
 
 import torch
 import torch.fx
 
 import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.*)
-
-
-def topn_ratio(topn: float) -> Fraction:
-    """The exact fraction a float topn stands for (the ONNX exporter carries the same one)."""
-    return Fraction(topn).limit_denominator(10_000)
+from kvcompile.core.config import topn_ratio
+from kvcompile.core.modes import LayerKind
+from kvcompile.ops import registry
+from kvcompile.passes.context import PassContext
+from kvcompile.passes.manager import compiler_pass
 
 
 def topn_node(graph: torch.fx.Graph, attn_bias: torch.fx.Node, topn):
-    """An int, or for a fraction f: max(1, round(f · context)) computed from attn_bias's shape."""
+    """An int, or for a fraction f: kvcompile.core.config.topn_for_context as graph arithmetic
+    on the context length (attn_bias's last axis): max(1, (context·num + den // 2) // den)."""
     if not isinstance(topn, float):
         return int(topn)
     ratio = topn_ratio(topn)
@@ -39,15 +39,20 @@ def topn_node(graph: torch.fx.Graph, attn_bias: torch.fx.Node, topn):
     return graph.call_function(torch.sym_max, (rounded, 1))
 
 
-def kcache(graph_module: torch.fx.GraphModule, context: dict) -> list:
+@compiler_pass(requires=("attention_sites", "spec"))
+def kcache(graph_module: torch.fx.GraphModule, context: PassContext) -> list:
     """Rewrite cached attention to kcache_attention (V in host memory) beyond `full_layers`."""
-    config = context["cache_config"]
-    spec = context["spec"]
+    config = context.cache_config.kcache
+    spec = context.spec
     graph = graph_module.graph
+    cached_attention = registry.get("cached_attention").torch_op
     rows = []
-    for site in context["attention_sites"]:
+    for index, site in enumerate(context.attention_sites):
         node = site.sdpa  # insert_kv_cache left the cached_attention node here
-        assert node.target == torch.ops.kvcompile.cached_attention.default, "run insert_kv_cache first"
+        if node.target is not cached_attention:
+            rows.append({"layer": site.layer, "attention": str(node.target), "V lives on": "device (not matched)",
+                         "topn": "-", "select": "-"})
+            continue
         if site.layer < config.full_layers:
             rows.append({"layer": site.layer, "attention": "cached_attention", "V lives on": "device (full_layers)",
                          "topn": "-", "select": "-"})
@@ -56,17 +61,16 @@ def kcache(graph_module: torch.fx.GraphModule, context: dict) -> list:
         with graph.inserting_before(node):
             topn = topn_node(graph, attn_bias, config.topn)
             replacement = graph.call_function(
-                torch.ops.kvcompile.kcache_attention.default,
-                (query, key, value, past_key, past_value, attn_bias, scale, topn, config.select, config.renormalize),
+                registry.get("kcache_attention").torch_op,
+                (query, key, value, past_key, past_value, attn_bias, scale, topn, config.select.value,
+                 config.renormalize),
             )
         replacement.meta.update(node.meta)
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
         site.sdpa = replacement
-        spec.layer_kinds[site.layer] = "kcache"
+        site.record = site.record.cached_as(LayerKind.KCACHE)
+        spec.layers[index] = site.record
         rows.append({"layer": site.layer, "attention": "kcache_attention", "V lives on": "host [B, P, Hkv, D]",
-                     "topn": str(config.topn), "select": config.select})
+                     "topn": str(config.topn), "select": config.select.value})
     return rows
-
-
-kcache.pass_name = "kcache"

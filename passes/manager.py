@@ -1,17 +1,49 @@
 """A small pass manager: runs FX passes in order and keeps what each one matched and changed.
 
-A pass is a callable `(graph_module, context) -> list[dict]`; each dict is one record (usually one
-per layer) that `kvcompile inspect` prints as a table row. Passes mutate the graph in place and
-leave shared facts (e.g. the attention sites) in `context`.
+A pass is a function `(graph_module, context: PassContext) -> list[dict]` made a CompilerPass
+by the `compiler_pass` decorator, which names what it reads and writes in the context. Each
+returned dict is one record (usually one per layer) that `kvcompile inspect` prints as a row.
+Passes mutate the graph in place and leave shared facts in the context.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Callable, List, Sequence, Tuple
 
 import torch.fx
 
-PassFn = Callable[[torch.fx.GraphModule, Dict[str, Any]], List[dict]]
+from kvcompile.passes.context import PassContext
+
+
+class PipelineError(RuntimeError):
+    """Passes in an order where one reads what no earlier pass produced."""
+
+
+@dataclass(frozen=True)
+class CompilerPass:
+    name: str
+    run: Callable[[torch.fx.GraphModule, PassContext], List[dict]]
+    requires: Tuple[str, ...] = ()
+    produces: Tuple[str, ...] = ()
+
+    @property
+    def doc(self) -> str:
+        text = (self.run.__doc__ or "").strip()
+        return text.splitlines()[0] if text else ""
+
+    def __call__(self, graph_module, context):
+        return self.run(graph_module, context)
+
+
+def compiler_pass(requires: Sequence[str] = (), produces: Sequence[str] = ()):
+    """Make a function a CompilerPass named after it, with its context reads and writes."""
+    unknown = (set(requires) | set(produces)) - PassContext.products()
+    if unknown:
+        raise PipelineError(f"not PassContext products: {sorted(unknown)}")
+
+    def wrap(function) -> CompilerPass:
+        return CompilerPass(function.__name__, function, tuple(requires), tuple(produces))
+    return wrap
 
 
 @dataclass
@@ -36,17 +68,25 @@ class PassReport:
         return cls([PassRecord(p["name"], p.get("doc", ""), p.get("rows", [])) for p in data.get("passes", [])])
 
 
-class PassManager:
-    def __init__(self, passes: List[PassFn]):
-        self.passes = passes
+def check_order(passes: Sequence[CompilerPass]) -> None:
+    available: set = set()
+    for compiler_pass_ in passes:
+        missing = set(compiler_pass_.requires) - available
+        if missing:
+            raise PipelineError(f"pass {compiler_pass_.name} needs {sorted(missing)}, which no earlier pass produces")
+        available |= set(compiler_pass_.produces)
 
-    def run(self, graph_module: torch.fx.GraphModule, context: Dict[str, Any]) -> PassReport:
+
+class PassManager:
+    def __init__(self, passes: Sequence[CompilerPass]):
+        check_order(passes)
+        self.passes = list(passes)
+
+    def run(self, graph_module: torch.fx.GraphModule, context: PassContext) -> PassReport:
         report = PassReport()
-        for pass_fn in self.passes:
-            rows = pass_fn(graph_module, context)
+        for compiler_pass_ in self.passes:
+            rows = compiler_pass_(graph_module, context)
             graph_module.graph.lint()
             graph_module.recompile()
-            doc = (pass_fn.__doc__ or "").strip().splitlines()[0] if pass_fn.__doc__ else ""
-            name = getattr(pass_fn, "pass_name", pass_fn.__name__)
-            report.passes.append(PassRecord(name, doc, rows))
+            report.passes.append(PassRecord(compiler_pass_.name, compiler_pass_.doc, rows))
         return report

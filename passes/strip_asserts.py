@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from kvcompile.passes.context import PassContext
+from kvcompile.passes.manager import compiler_pass
 
-def strip_asserts(graph_module: torch.fx.GraphModule, context: dict) -> list:
+
+@compiler_pass()
+def strip_asserts(graph_module: torch.fx.GraphModule, context: PassContext) -> list:
     """Remove trace-time device/dtype assertions so the graph is portable."""
     removed = 0
     for node in list(graph_module.graph.nodes):
@@ -18,5 +22,3 @@ def strip_asserts(graph_module: torch.fx.GraphModule, context: dict) -> list:
             removed += 1
     return [{"removed": removed}]
 
-
-strip_asserts.pass_name = "strip_asserts"

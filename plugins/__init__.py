@@ -1,7 +1,8 @@
 """kvcompile.plugins: CUDA kernels with a C ABI and the TensorRT plugins that wrap them.
 
 `csrc/` holds the kernels (`kvcompile_kernels.h` is the ABI); `build.py` compiles them into
-one shared library; `load_kernels()` opens it with ctypes for the torch ops. `tensorrt/`
+one shared library; `load_kernels()` opens it with ctypes and declares the symbols every
+registered op lists (kvcompile/ops/registry.py), so the torch ops can call them. `tensorrt/`
 holds the TensorRT plugins, which link the same library.
 """
 from __future__ import annotations
@@ -28,10 +29,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kvc_abi_version.argtypes = []
     lib.kvc_last_error.restype = ctypes.c_char_p
     lib.kvc_last_error.argtypes = []
-    lib.kvc_kcache_decode_workspace_size.restype = ctypes.c_int
-    lib.kvc_kcache_decode_workspace_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
-    lib.kvc_kcache_decode.restype = ctypes.c_int
-    lib.kvc_kcache_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    # Each op declares its own symbols in its registry entry (kvcompile/ops/<op>/kernels.py).
+    from kvcompile.ops import registry
+
+    for symbol in registry.kernel_symbols():
+        function = getattr(lib, symbol.name)
+        function.restype = symbol.restype
+        function.argtypes = list(symbol.argtypes)
 
 
 def load_kernels() -> ctypes.CDLL:

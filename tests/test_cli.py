@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from kvcompile.cli import main
+from kvcompile.cli.main import main
 
 
 def run_cli(*args, cwd=None):
-    result = subprocess.run([sys.executable, "-m", "kvcompile.cli", *args], capture_output=True, text=True, cwd=cwd)
+    result = subprocess.run([sys.executable, "-m", "kvcompile.cli.main", *args], capture_output=True, text=True, cwd=cwd)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -26,7 +26,7 @@ def torch_artifact(tmp_path_factory):
 def test_export_writes_manifest_and_program(torch_artifact):
     manifest = json.loads((torch_artifact / "manifest.json").read_text())
     assert manifest["target"] == "torch"
-    assert manifest["inputs"][:3] == ["input_ids", "position_ids", "attn_bias"]
+    assert [slot["name"] for slot in manifest["inputs"]][:3] == ["input_ids", "position_ids", "attn_bias"]
     assert "program.pt2" in manifest["files"]
     assert manifest["graph_spec"]["num_layers"] == 2
 

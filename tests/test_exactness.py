@@ -81,7 +81,7 @@ def test_sliding_window_model_matches_hf():
     import transformers
 
     import kvcompile
-    from kvcompile.models import tiny_config
+    from kvcompile.frontend.tiny_models import tiny_config
 
     config = tiny_config("mistral")
     config.sliding_window = 4

@@ -6,7 +6,7 @@ import torch
 
 import kvcompile
 from tiny_models import CORE_ARCHS, padded_batch
-from kvcompile.models import tiny_model
+from kvcompile.frontend.tiny_models import tiny_model
 
 pytestmark = pytest.mark.gpu
 
@@ -68,7 +68,7 @@ def test_bf16_kcache_with_full_topn_matches_full_cache(arch, select):
 
 @pytest.mark.parametrize("select", ["head", "layer"])
 def test_bf16_kcache_matches_full_cache_on_the_reference_model(select):
-    from kvcompile.tokenizer import ByteTokenizer
+    from kvcompile.frontend.tokenizer import ByteTokenizer
 
     model = kvcompile.load_model("reference", dtype=torch.bfloat16).cuda()
     full = kvcompile.compile(model)

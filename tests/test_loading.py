@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from kvcompile.loading import LoadError, load_model
-from kvcompile.models import tiny_model
+from kvcompile.frontend.loading import LoadError, load_model
+from kvcompile.frontend.tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")

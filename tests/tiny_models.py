@@ -6,7 +6,7 @@ import functools
 import torch
 
 import kvcompile
-from kvcompile.models import tiny_model
+from kvcompile.frontend.tiny_models import tiny_model
 
 # The four architectures the foundation issue names, plus features the passes must generalise
 # over: qk-norm (qwen3, olmo2), partial rotary + fused qkv (phi3, gpt_neox), GeGLU / embedding

@@ -32,7 +32,7 @@ import string
 
 from kvcompile.eval.retrieval import answer_of
 from kvcompile.eval.splits import all_names, seeded_rng
-from kvcompile.tokenizer import ByteTokenizer
+from kvcompile.frontend.tokenizer import ByteTokenizer
 
 NAME_ALPHABET = string.ascii_letters
 KINDS = ("chain", "direct")

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kvcompile.tokenizer import ByteTokenizer
+from kvcompile.frontend.tokenizer import ByteTokenizer
 
 _TOKENIZER = ByteTokenizer()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from kvcompile.eval.splits import random_name, seeded_rng
-from kvcompile.tokenizer import ByteTokenizer
+from kvcompile.frontend.tokenizer import ByteTokenizer
 
 KEY_LETTERS = 5
 VALUE_DIGITS = 4

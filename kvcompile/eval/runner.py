@@ -18,7 +18,9 @@ from typing import Protocol, Sequence
 import torch
 from transformers import DynamicCache
 
-FUSED_MODES = ("full_prefill", "full_reuse")
+from kvcompile.core.modes import FusedPrefillMode
+
+FUSED_MODES = FusedPrefillMode.names()
 
 
 class Runner(Protocol):
@@ -61,24 +63,22 @@ class HFRunner:
 
     @torch.no_grad()
     def greedy_fused(self, chunks, question, max_new_tokens: int, mode: str) -> list[int]:
-        if mode == "full_prefill":
+        mode = FusedPrefillMode.parse(mode, "fused-prefill mode")
+        if mode is FusedPrefillMode.FULL_PREFILL:
             joined = [t for chunk in chunks for t in chunk] + list(question)
             return self.greedy([joined], max_new_tokens)[0]
-        if mode == "full_reuse":
-            cache, length = self.reused_cache(chunks)
-            return self._decode(self._ids([list(question)]), cache, start=length,
-                                max_new_tokens=max_new_tokens)[0]
-        raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
+        cache, length = self.reused_cache(chunks)
+        return self._decode(self._ids([list(question)]), cache, start=length,
+                            max_new_tokens=max_new_tokens)[0]
 
     @torch.no_grad()
     def question_logits(self, chunks, question, mode: str) -> torch.Tensor:
         """Logits [Tq, V] at the question's positions under `mode` (for KL-style comparisons)."""
         length = sum(len(c) for c in chunks)
-        if mode == "full_prefill":
+        mode = FusedPrefillMode.parse(mode, "fused-prefill mode")
+        if mode is FusedPrefillMode.FULL_PREFILL:
             joined = [t for chunk in chunks for t in chunk] + list(question)
             return self.logits(self._ids([joined]))[0, length:]
-        if mode != "full_reuse":
-            raise ValueError(f"mode must be one of {FUSED_MODES}, got {mode!r}")
         cache, _ = self.reused_cache(chunks)
         positions = torch.arange(length, length + len(question), device=self.device)
         out = self.model(input_ids=self._ids([list(question)]), position_ids=positions[None],

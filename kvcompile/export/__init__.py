@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from kvcompile.config import CacheConfig
+from kvcompile.core.config import CacheConfig
 
 TARGETS = ("torch", "onnx")
 
@@ -21,7 +21,7 @@ def check_target(target: str) -> None:
 def export(model, target: str = "torch", out_dir="exported/model", cache: Optional[CacheConfig] = None,
            source_dir: Optional[Path] = None) -> Path:
     """Compile `model` (a HF model or a CompiledModel) for `cache` and write a `target` artifact."""
-    from kvcompile.compiler import compile as compile_model
+    from kvcompile.core.pipeline import compile as compile_model
     from kvcompile.export.manifest import check_writable_parent
     from kvcompile.runtime.compiled import CompiledModel
 
@@ -32,7 +32,7 @@ def export(model, target: str = "torch", out_dir="exported/model", cache: Option
     if source_dir is None and compiled.model_config is not None:
         source = getattr(compiled.model_config, "_kvcompile_source", None)
         if source:
-            from kvcompile.loading import resolve_model_dir
+            from kvcompile.frontend.loading import resolve_model_dir
 
             candidate = resolve_model_dir(source)
             source_dir = candidate if candidate.is_dir() else None
@@ -40,6 +40,6 @@ def export(model, target: str = "torch", out_dir="exported/model", cache: Option
         from kvcompile.export.torch_target import export_torch
 
         return export_torch(compiled, out_dir, source_dir)
-    from kvcompile.export.onnx import export_onnx
+    from kvcompile.export.onnx_target import export_onnx
 
     return export_onnx(compiled, out_dir, source_dir=source_dir)

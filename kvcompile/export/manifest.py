@@ -26,7 +26,7 @@ import kvcompile
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "kvcompile-artifact"
 # Bump when the manifest's fields or the meaning of an artifact's files change.
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: per-layer records in graph_spec, one field layout for every target
 
 _HASH_CHUNK = 8 << 20
 
@@ -117,6 +117,43 @@ def _swap_into_place(new_dir: Path, out_dir: Path) -> None:
         os.replace(old_dir, out_dir)
         raise
     shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def model_config_dict(config) -> dict:
+    """A HF config (or dict) as plain JSON data: dtypes and the like become strings."""
+    if config is None:
+        return {}
+    data = config if isinstance(config, dict) else (config.to_dict() if hasattr(config, "to_dict") else vars(config))
+    return json.loads(json.dumps(data, default=str))
+
+
+def compiled_fields(compiled, target: str, model_config=None, cache_config=None) -> dict:
+    """The manifest fields every target shares, read off a CompiledModel (or anything with
+    `.spec`, and optionally `.model_config`, `.cache_config`, `.report`): what was compiled,
+    with which cache, the graph's I/O layout and each layer's record."""
+    spec = compiled.spec
+    config = model_config if model_config is not None else getattr(compiled, "model_config", None)
+    cache = cache_config if cache_config is not None else getattr(compiled, "cache_config", None)
+    report = getattr(compiled, "report", None)
+
+    def slots(items):
+        return [{"name": slot.name, "dtype": spec.dtype if slot.dtype == "activation" else slot.dtype,
+                 "axes": list(slot.axes), "memory": slot.memory} for slot in items]
+    return {
+        "target": target,
+        "model": (getattr(config, "_kvcompile_source", None) or getattr(config, "name_or_path", None)) if config else None,
+        "model_config": model_config_dict(config),
+        "cache_config": cache.to_dict() if hasattr(cache, "to_dict") else cache,
+        "graph_spec": spec.to_dict(),
+        "inputs": slots(spec.inputs()),
+        "outputs": slots(spec.outputs()),
+        "cache_layout": [
+            {"layer": r.layer, "kind": r.kind.value, "key": "B,Hkv,P,D", "value": spec.value_layout(i),
+             "value_memory": r.value_home.value}
+            for i, r in enumerate(spec.layers)
+        ],
+        "passes": report.to_dict() if report is not None else {},
+    }
 
 
 def load_manifest(

@@ -10,12 +10,12 @@ from typing import Optional
 
 import torch
 
-from kvcompile.config import CacheConfig
+from kvcompile.core.config import CacheConfig
 from kvcompile.export.example_inputs import dynamic_shapes, example_inputs
-from kvcompile.export.manifest import ArtifactError, load_manifest, write_artifact
+from kvcompile.export.manifest import ArtifactError, compiled_fields, load_manifest, write_artifact
 from kvcompile.runtime.compiled import CompiledModel
-from kvcompile.spec import GraphSpec
-from kvcompile.text import copy_tokenizer_files
+from kvcompile.core.layout import GraphSpec
+from kvcompile.frontend.text_tokenizer import copy_tokenizer_files
 
 PROGRAM_FILE = "program.pt2"
 
@@ -29,27 +29,13 @@ def export_program(compiled: CompiledModel) -> torch.export.ExportedProgram:
         )
 
 
-def common_manifest_fields(compiled: CompiledModel, target: str) -> dict:
-    config = compiled.model_config
-    return {
-        "target": target,
-        "model": getattr(config, "_kvcompile_source", None) or getattr(config, "name_or_path", ""),
-        "model_config": config.to_dict() if config is not None else {},
-        "cache_config": compiled.cache_config.to_dict(),
-        "graph_spec": compiled.spec.to_dict(),
-        "inputs": compiled.spec.input_names,
-        "outputs": compiled.spec.output_names,
-        "cache_layout": {f"past_value.{i}": compiled.spec.value_layout(i) for i in range(compiled.spec.num_layers)},
-        "passes": compiled.report.to_dict() if compiled.report is not None else {},
-    }
-
-
 def export_torch(compiled: CompiledModel, out_dir, source_dir: Optional[Path] = None) -> Path:
     def fill(folder: Path) -> dict:
         torch.export.save(export_program(compiled), str(folder / PROGRAM_FILE))
         has_tokenizer = copy_tokenizer_files(source_dir, folder / "tokenizer")
-        return {**common_manifest_fields(compiled, "torch"), "program": PROGRAM_FILE,
-                "tokenizer": "tokenizer" if has_tokenizer else None}
+        return {**compiled_fields(compiled, "torch"), "program": PROGRAM_FILE,
+                "tokenizer": "tokenizer" if has_tokenizer else None,
+                "exporter": {"torch": torch.__version__}}
 
     return write_artifact(out_dir, fill)
 

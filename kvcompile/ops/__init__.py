@@ -1,13 +1,11 @@
-"""kvcompile's torch.library custom ops.
+"""kvcompile's custom ops, one folder each, and the registry that lists them.
 
-Importing this package registers every op under the `kvcompile` namespace
-(`torch.ops.kvcompile.<name>`). Each op has a CPU reference written in plain torch, a fake
-(meta) kernel so torch.export can trace through it, and, where one exists, a CUDA kernel
-from `kvcompile.plugins`.
+Importing this package registers every op under the `kvcompile` torch namespace
+(`torch.ops.kvcompile.<name>`) and in `kvcompile.ops.registry`. To add an op, add a folder
+like `cached_attention/` and one line below (docs/ARCHITECTURE.md, "Adding an op").
 """
-from kvcompile.ops import cached_attention  # noqa: F401  (registers the op)
+from kvcompile.ops import registry
+from kvcompile.ops import cached_attention, kcache_attention
 
-try:  # the KCache op lands with its own module; keep the package importable without it
-    from kvcompile.ops import kcache_attention  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+registry.register(cached_attention.ENTRY)
+registry.register(kcache_attention.ENTRY)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
-from kvcompile.tokenizer import ByteTokenizer
+from kvcompile.frontend.tokenizer import ByteTokenizer
 
 CONTEXT = 2048
 

@@ -23,7 +23,7 @@ import numpy as np
 from kvcompile.eval.cross_chunk import training_program_doc
 from kvcompile.eval.retrieval import training_retrieval_doc
 from kvcompile.eval.splits import seeded_rng
-from kvcompile.tokenizer import ByteTokenizer
+from kvcompile.frontend.tokenizer import ByteTokenizer
 
 HELDOUT_BUCKETS = 20  # ~1 module in 20 is held out
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}

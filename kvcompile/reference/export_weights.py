@@ -18,7 +18,7 @@ import torch
 from kvcompile.reference import WEIGHTS_DIR
 from kvcompile.reference.architecture import reference_config
 from kvcompile.reference.checkpoint import load_checkpoint
-from kvcompile.tokenizer import ByteTokenizer
+from kvcompile.frontend.tokenizer import ByteTokenizer
 
 MAX_TOTAL_BYTES = 25_000_000
 MAX_SHARD = "16MB"  # one file of ~15.5 MB; a larger model would be split

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from kvcompile.spec import GraphSpec
+from kvcompile.core.layout import GraphSpec
 
 
 class HostMemoryError(RuntimeError):
@@ -52,7 +52,7 @@ class KVCacheManager:
 
     # storage -------------------------------------------------------------------------------
     def is_host_layer(self, layer: int) -> bool:
-        return self.spec.layer_kinds[layer] == "kcache"
+        return self.spec.layers[layer].host_values
 
     def new_buffers(self, capacity: int):
         spec, batch = self.spec, self.batch

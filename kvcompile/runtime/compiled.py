@@ -5,10 +5,10 @@ from typing import List, Optional
 
 import torch
 
-from kvcompile.config import CacheConfig
+from kvcompile.core.config import CacheConfig
 from kvcompile.runtime import generate as gen
 from kvcompile.runtime.cache import KVCacheManager
-from kvcompile.spec import GraphSpec
+from kvcompile.core.layout import GraphSpec
 
 
 def interleave(keys: List[torch.Tensor], values: List[torch.Tensor]) -> list:

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from kvcompile.core.modes import FusedPrefillMode
+
 from kvcompile.runtime import generate as gen
 
 
@@ -65,11 +67,10 @@ class CompiledRunner:
     @torch.no_grad()
     def greedy_fused(self, chunks, question, max_new_tokens: int, mode: str) -> list:
         device = self.compiled.device
-        if mode == "full_prefill":
+        mode = FusedPrefillMode.parse(mode, "fused-prefill mode")
+        if mode is FusedPrefillMode.FULL_PREFILL:
             joined = [t for chunk in chunks for t in chunk] + list(question)
             return self.greedy([joined], max_new_tokens)[0]
-        if mode != "full_reuse":
-            raise ValueError(f"mode must be 'full_prefill' or 'full_reuse', got {mode!r}")
         total = sum(len(c) for c in chunks) + len(question) + max_new_tokens
         cache = self.new_cache(1, total)
         for chunk in chunks:

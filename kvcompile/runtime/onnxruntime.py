@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 
 from kvcompile.export.manifest import ArtifactError, load_manifest
-from kvcompile.spec import GraphSpec
+from kvcompile.core.layout import GraphSpec
 
 
 class OnnxRuntimeBackend:
@@ -57,7 +57,7 @@ class OnnxRuntimeBackend:
                 raise ArtifactError(f"artifact {artifact_dir}: {role} graph's inputs/outputs do not match "
                                     f"its manifest's graph_spec")
         self.device_type = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self._host_inputs = {f"past_value.{i}" for i, kind in enumerate(self.spec.layer_kinds) if kind == "kcache"}
+        self._host_inputs = {slot.name for slot in self.spec.inputs() if slot.memory == "host"}
 
     @property
     def dtype(self) -> torch.dtype:

@@ -15,6 +15,7 @@ extern "C" {
 
 enum { KVC_OK = 0, KVC_ERR_ARGUMENT = 1, KVC_ERR_CUDA = 2, KVC_ERR_WORKSPACE = 3 };
 enum { KVC_DTYPE_F32 = 0, KVC_DTYPE_F16 = 1, KVC_DTYPE_BF16 = 2 };
+/* kvcompile.core.modes.SelectMode.code: a test holds the two equal. */
 enum { KVC_SELECT_HEAD = 0, KVC_SELECT_LAYER = 1 };
 
 /* One KCache decode step (T == 1, P > 0) of one layer. Strides are in elements; the last

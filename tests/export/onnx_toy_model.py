@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.*)
-from kvcompile.spec import GraphSpec
+from kvcompile.core.layout import GraphSpec
+from kvcompile.core.modes import LayerKind
+from kvcompile.core.records import LayerRecord
 
 
 class ToyLayer(nn.Module):
@@ -26,10 +28,17 @@ class ToyLayer(nn.Module):
         self.position_scale = nn.Parameter(torch.randn(head_dim) * 0.01)
 
 
+def toy_record(layer, kind, query_heads, kv_heads, head_dim):
+    record = LayerRecord(layer=layer, module=f"layers.{layer}", query_heads=query_heads, kv_heads=kv_heads,
+                         head_dim=head_dim, scale=1.0 / math.sqrt(head_dim))
+    return record.cached_as(LayerKind(kind))
+
+
 class ToyDecoder(nn.Module):
     def __init__(self, layer_kinds, vocab=97, hidden=32, query_heads=4, kv_heads=2, head_dim=8,
-                 topn=4, select="head", renormalize=False, seed=0):
+                 topn=4, select="head", renormalize=False, seed=0, value_transform=None):
         super().__init__()
+        self.value_transform = value_transform  # e.g. a test's own custom op applied to V
         torch.manual_seed(seed)
         self.layer_kinds = list(layer_kinds)
         self.topn, self.select, self.renormalize = topn, select, renormalize
@@ -38,7 +47,8 @@ class ToyDecoder(nn.Module):
         self.head = nn.Linear(hidden, vocab, bias=False)
         self.spec = GraphSpec(num_layers=len(layer_kinds), query_heads=query_heads, kv_heads=kv_heads,
                               head_dim=head_dim, vocab_size=vocab, dtype="float32",
-                              layer_kinds=list(layer_kinds))
+                              layers=[toy_record(i, kind, query_heads, kv_heads, head_dim)
+                                      for i, kind in enumerate(layer_kinds)])
 
     def forward(self, input_ids, position_ids, attn_bias, *past):
         x = self.embed(input_ids)  # [B, T, hidden]
@@ -52,6 +62,8 @@ class ToyDecoder(nn.Module):
             q = heads(layer.q_proj(x), layer.query_heads) + shift
             k = heads(layer.k_proj(x), layer.kv_heads) + shift
             v = heads(layer.v_proj(x), layer.kv_heads)
+            if self.value_transform is not None:
+                v = self.value_transform(v)
             past_key, past_value = past[2 * i], past[2 * i + 1]
             scale = 1.0 / math.sqrt(layer.head_dim)
             if self.layer_kinds[i] == "kcache":

@@ -7,9 +7,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from kvcompile.config import CacheConfig
+from kvcompile.core.config import CacheConfig
 from kvcompile.export.manifest import MANIFEST_NAME, ArtifactError, load_manifest
-from kvcompile.export.onnx import DECODE_FILE, PREFILL_FILE, WEIGHTS_FILE, export_onnx
+from kvcompile.export.onnx_target import DECODE_FILE, PREFILL_FILE, WEIGHTS_FILE, export_onnx
 from kvcompile.runtime import generate as gen
 from kvcompile.runtime.compiled import CompiledModel
 from kvcompile.runtime.onnxruntime import load_onnx_artifact
@@ -57,7 +57,7 @@ def test_manifest_describes_the_artifact(artifact):
     assert layouts == [("full", "B,Hkv,P,D", "device"), ("kcache", "B,P,Hkv,D", "host"), ("kcache", "B,P,Hkv,D", "host")]
     assert manifest["opsets"] == {"ai.onnx": 18, "kvcompile": 1}
     assert manifest["kvcompile_nodes"] == ["cached_attention", "kcache_attention"]
-    assert manifest["cache_config"]["topn"] == TOPN
+    assert manifest["cache_config"]["kcache"]["topn"] == TOPN
 
 
 @pytest.mark.parametrize("graph_file, tokens_axis", [(PREFILL_FILE, "tokens"), (DECODE_FILE, 1)])

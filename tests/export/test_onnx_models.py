@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import kvcompile
-from kvcompile.compiler import compile as compile_model
-from kvcompile.export.onnx import export_onnx
+from kvcompile.core.pipeline import compile as compile_model
+from kvcompile.export.onnx_target import export_onnx
 from kvcompile.runtime import generate as gen
 from kvcompile.runtime.onnxruntime import load_onnx_artifact
 from tiny_models import compiled_tiny
@@ -61,7 +61,7 @@ def test_fractional_topn_onnx_parity(tmp_path):
 
 def reference_model():
     """The bundled reference model when its weights exist, else random weights of its shape."""
-    from kvcompile.loading import LoadError, load_model
+    from kvcompile.frontend.loading import LoadError, load_model
 
     try:
         return load_model("reference"), "reference"

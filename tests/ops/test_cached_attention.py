@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvcompile.ops  # noqa: F401  (registers the ops)
-from kvcompile.ops.cached_attention import decode_attention
+from kvcompile.ops.cached_attention.definition import decode_attention
 
 MIN = torch.finfo(torch.float32).min
 

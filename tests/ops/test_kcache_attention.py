@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvcompile.ops  # noqa: F401  (registers the ops)
-from kvcompile.ops.kcache_attention import kcache_attention_reference
+from kvcompile.ops.kcache_attention.definition import kcache_attention_reference
 
 HIDDEN = torch.finfo(torch.float32).min
 op = torch.ops.kvcompile.kcache_attention
@@ -178,7 +178,7 @@ def test_kernel_library_abi_plans_workspace_and_rejects_bad_args():
     import ctypes
 
     from kvcompile.plugins import load_kernels
-    from kvcompile.plugins.kcache_decode import DecodeArgs
+    from kvcompile.ops.kcache_attention.kernels import DecodeArgs
 
     lib = load_kernels()
     B, Hq, Hkv, P, D, topn = 2, 8, 2, 1000, 64, 100
@@ -231,7 +231,7 @@ def to_cuda_args(args, pinned=True):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("select", ["head", "layer"])
 def test_cuda_decode_matches_reference(shape, dtype, select):
-    from kvcompile.plugins import kcache_decode
+    from kvcompile.ops.kcache_attention import kernels as kcache_decode
 
     B, Hq, Hkv, P, D, pads = shape
     args = make_inputs(B, Hq, Hkv, 1, P, D, pads, dtype=dtype, seed=P, spread=3.0)
@@ -250,7 +250,7 @@ def test_cuda_decode_matches_reference(shape, dtype, select):
 @pytest.mark.gpu
 @requires_cuda
 def test_cuda_other_cases_fall_back_to_reference_on_gpu():
-    from kvcompile.plugins import kcache_decode
+    from kvcompile.ops.kcache_attention import kernels as kcache_decode
 
     # several new tokens, prefill, and a decode step whose host values are not pinned
     # (no padding in prefill: rows of padded queries see nothing, and SDPA backends differ there)

@@ -4,17 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompile.models import tiny_model
+from kvcompile.frontend.tiny_models import tiny_model
 from kvcompile.passes.find_attention import AttentionPatternError, find_attention
-from kvcompile.trace import trace_model
+from kvcompile.core.config import CacheConfig
+from kvcompile.core.pipeline import pass_context
+from kvcompile.frontend.trace import trace_model
+from kvcompile.passes.context import PassContext
 
 
 def sites_of(arch: str):
     model = tiny_model(arch)
-    context = {}
+    context = pass_context(model, CacheConfig())
     graph_module = trace_model(model).module()
     rows = find_attention(graph_module, context)
-    return context["attention_sites"], rows
+    return context.attention_sites, rows
 
 
 @pytest.mark.parametrize(
@@ -54,7 +57,7 @@ def test_eager_attention_names_layer_and_missing_pattern():
         layer.self_attn.config._attn_implementation = "eager"
     graph_module = trace_model(model).module()
     with pytest.raises(AttentionPatternError) as error:
-        find_attention(graph_module, {})
+        find_attention(graph_module, pass_context(model, CacheConfig()))
     message = str(error.value)
     assert "layer 0" in message and "self_attn" in message
     assert "scaled_dot_product_attention" in message and "attn_implementation='sdpa'" in message
@@ -66,4 +69,5 @@ def test_dropout_in_attention_is_refused():
     node = graph.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, q, q, None, 0.1))
     graph.output(node)
     with pytest.raises(AttentionPatternError, match="dropout"):
-        find_attention(torch.fx.GraphModule(torch.nn.Module(), graph), {})
+        find_attention(torch.fx.GraphModule(torch.nn.Module(), graph),
+                       PassContext(model_config=None, dtype=torch.float32, max_context=16, cache_config=CacheConfig()))

@@ -6,8 +6,8 @@ import torch
 
 import kvcompile
 from tiny_models import CORE_ARCHS, compiled_tiny, padded_batch
-from kvcompile.config import ConfigError
-from kvcompile.models import tiny_model
+from kvcompile.core.config import ConfigError
+from kvcompile.frontend.tiny_models import tiny_model
 
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)

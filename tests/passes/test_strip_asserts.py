@@ -5,7 +5,7 @@ import torch
 
 import kvcompile
 from tiny_models import compiled_tiny
-from kvcompile.models import tiny_model
+from kvcompile.frontend.tiny_models import tiny_model
 
 
 def test_no_tensor_metadata_assertions_remain():

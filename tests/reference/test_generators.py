@@ -8,7 +8,7 @@ import pytest
 from kvcompile.eval import cross_chunk, retrieval
 from kvcompile.eval.splits import seeded_rng, split_of
 from kvcompile.reference.corpus import SequenceMixer, is_heldout, module_key
-from kvcompile.tokenizer import ByteTokenizer
+from kvcompile.frontend.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from kvcompile.reference import WEIGHTS_DIR
-from kvcompile.tokenizer import TOKENIZER_FILE, ByteTokenizer
+from kvcompile.frontend.tokenizer import TOKENIZER_FILE, ByteTokenizer
 
 
 def test_encode_is_utf8_bytes_and_decode_inverts_it():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvcompile.reference import WEIGHTS_DIR
-from kvcompile.tokenizer import ByteTokenizer
+from kvcompile.frontend.tokenizer import ByteTokenizer
 
 
 def test_size_limits():

@@ -7,16 +7,17 @@ is both programs: prefill (T ≥ 1, P ≥ 0, P = 0 for a fresh prompt) and decod
 the two cannot drift apart, export takes half the time, and ONNX Runtime still gets a static
 T for decode. Both files share one external weight file when weights are large.
 
-kvcompile ops become single nodes in domain `kvcompile` carrying model-local function bodies
-(see onnx_functions.py). torch.onnx inlines every function it knows about when it converts
-opsets, so the nodes are recorded bare and the bodies attached after export.
+kvcompile ops become single nodes in domain `kvcompile` carrying model-local function bodies:
+every op in the registry (kvcompile/ops/registry.py) brings its own (`onnx_function.py` in its
+folder); nothing here knows an op by name. torch.onnx inlines every function it knows about
+when it converts opsets, so the nodes are recorded bare and the bodies attached after export.
 """
 from __future__ import annotations
 
 import inspect
-import json
 import time
 import warnings
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional
@@ -27,11 +28,12 @@ from torch.export import Dim
 
 import kvcompile
 import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.*)
-from kvcompile.export import onnx_functions
+from kvcompile.core.config import topn_ratio
+from kvcompile.core.layout import GraphSpec
 from kvcompile.export.example_inputs import example_inputs
-from kvcompile.export.manifest import check_writable_parent, write_artifact
-from kvcompile.spec import GraphSpec
-from kvcompile.text import copy_tokenizer_files
+from kvcompile.export.manifest import check_writable_parent, compiled_fields, write_artifact
+from kvcompile.ops import onnx_domain, registry
+from kvcompile.frontend.text_tokenizer import copy_tokenizer_files
 
 PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE = "prefill.onnx", "decode.onnx", "weights.data"
 # Above this many bytes of weights the graphs reference one shared external file. Protobuf
@@ -46,67 +48,49 @@ class OnnxExportError(RuntimeError):
 
 
 # torch op -> kvcompile node --------------------------------------------------------------------
-def _translate_cached_attention(query, key, value, key_cache, value_cache, attn_bias, scale: float):
-    return onnx_functions.cached_attention_node(query, key, value, key_cache, value_cache, attn_bias,
-                                                scale=scale)
+@dataclass(frozen=True)
+class ExportContext:
+    """What a registered op's `node_attributes` may need beyond its own arguments."""
+
+    topn_fraction: Optional[Fraction] = None  # a fractional kcache topn, which the graph computes
 
 
-def kcache_translation(topn_fraction: Optional[Fraction]):
-    """kcache_attention -> node. An absolute topn arrives as an int; a fractional one arrives as
-    a value the kcache pass computed from the context length, which an ONNX attribute cannot
-    hold, so the node carries the fraction itself and its body redoes that arithmetic."""
-    def translate(query, key, value, key_cache, value_host, attn_bias, scale: float, topn: int,
-                  select: str, renormalize: bool):
-        if isinstance(topn, int):
-            topn_attrs = dict(topn=topn, topn_numerator=0, topn_denominator=0)
-        elif topn_fraction is not None:
-            topn_attrs = dict(topn=0, topn_numerator=topn_fraction.numerator,
-                              topn_denominator=topn_fraction.denominator)
-        else:
-            raise OnnxExportError("kcache_attention has a computed topn but the cache config has no fractional topn")
-        return onnx_functions.kcache_attention_node(
-            query, key, value, key_cache, value_host, attn_bias, scale=scale, **topn_attrs,
-            select_layer=int(select == "layer"), renormalize=int(bool(renormalize)))
+def export_context(cache_config: Optional[dict]) -> ExportContext:
+    kcache = (cache_config or {}).get("kcache", cache_config or {})
+    topn = kcache.get("topn")
+    return ExportContext(topn_fraction=topn_ratio(topn) if isinstance(topn, float) else None)
+
+
+def node_translation(entry, context: ExportContext):
+    """torch op call -> one bare `kvcompile::<name>` node: the first len(inputs) arguments are
+    the node's tensor inputs, the rest become its attributes through the op's node_attributes."""
+    definition = entry.onnx_definition()
+    node = onnx_domain.node_op(entry.name, definition)
+    count = len(definition.inputs)
+
+    def translate(*args):
+        attributes = definition.node_attributes(*args[count:], context=context)
+        return node(*args[:count], **attributes)
     return translate
 
 
-def topn_fraction(cache_config: Optional[dict]) -> Optional[Fraction]:
-    """The fraction the kcache pass turns a float topn into (passes/kcache.py, topn_node)."""
-    from kvcompile.passes.kcache import topn_ratio
-
-    topn = (cache_config or {}).get("topn")
-    return topn_ratio(topn) if isinstance(topn, float) else None
-
-
 def translation_table(cache_config: Optional[dict] = None) -> dict:
-    return {
-        torch.ops.kvcompile.cached_attention.default: _translate_cached_attention,
-        torch.ops.kvcompile.kcache_attention.default: kcache_translation(topn_fraction(cache_config)),
-    }
+    context = export_context(cache_config)
+    return {entry.torch_op: node_translation(entry, context) for entry in registry.registered()}
 
 
 # I/O contract ----------------------------------------------------------------------------------
 def io_axes(spec: GraphSpec) -> tuple[dict, dict]:
     """Axis names (str = dynamic, int = fixed) of every graph input and output."""
-    batch, tokens, past, context = "batch", "tokens", "past", "context"
-    hkv, dim = spec.kv_heads, spec.head_dim
-    inputs = {"input_ids": [batch, tokens], "position_ids": [batch, tokens],
-              "attn_bias": [batch, 1, tokens, context]}
-    outputs = {"logits": [batch, tokens, spec.vocab_size]}
-    for layer in range(spec.num_layers):
-        inputs[f"past_key.{layer}"] = [batch, hkv, past, dim]
-        host = spec.layer_kinds[layer] == "kcache"
-        inputs[f"past_value.{layer}"] = [batch, past, hkv, dim] if host else [batch, hkv, past, dim]
-        outputs[f"new_key.{layer}"] = [batch, hkv, tokens, dim]
-        outputs[f"new_value.{layer}"] = [batch, hkv, tokens, dim]
-    return inputs, outputs
+    return ({slot.name: list(slot.axes) for slot in spec.inputs()},
+            {slot.name: list(slot.axes) for slot in spec.outputs()})
 
 
 def dynamic_shapes(module: torch.nn.Module, spec: GraphSpec):
     """torch.export dynamic_shapes for the flat signature (nested if forward takes *past).
 
     Every named axis is Dim.AUTO: the traced model already carries its own bounds (e.g. batch
-    ≤ 1024 from kvcompile.trace) and context = past + tokens is a relation torch.export
+    ≤ 1024 from kvcompile.frontend.trace) and context = past + tokens is a relation torch.export
     cannot state with Dims. `finish_graph` then checks that no axis was specialised.
     """
     in_axes, _ = io_axes(spec)
@@ -149,14 +133,14 @@ def finish_graph(model: onnx.ModelProto, spec: GraphSpec, fixed_tokens: Optional
     # the exporting machine. Not part of the artifact.
     for node in model.graph.node:
         del node.metadata_props[:]
-    used = sorted({node.op_type for node in model.graph.node if node.domain == onnx_functions.DOMAIN})
-    unknown = set(used) - set(onnx_functions.FUNCTIONS)
+    used = sorted({node.op_type for node in model.graph.node if node.domain == onnx_domain.DOMAIN})
+    unknown = [name for name in used if registry.get(name) is None]
     if unknown:
-        raise OnnxExportError(f"graph has kvcompile nodes without an ONNX function: {sorted(unknown)}")
+        raise OnnxExportError(f"graph has kvcompile nodes without an ONNX function: {unknown}")
     del model.functions[:]
-    model.functions.extend(onnx_functions.function_protos(used))
-    if not any(o.domain == onnx_functions.DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(onnx_functions.DOMAIN, onnx_functions.DOMAIN_VERSION))
+    model.functions.extend(onnx_domain.function_protos(used))
+    if not any(o.domain == onnx_domain.DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(onnx_domain.DOMAIN, onnx_domain.DOMAIN_VERSION))
     return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
 
 
@@ -188,7 +172,7 @@ def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, work_dir: Path,
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             program = torch.onnx.export(
                 module, example_inputs(spec), dynamo=True, optimize=False,
-                opset_version=onnx_functions.STANDARD_OPSET,
+                opset_version=onnx_domain.STANDARD_OPSET,
                 dynamic_shapes=dynamic_shapes(module, spec),
                 input_names=spec.input_names, output_names=spec.output_names,
                 custom_translation_table=translation_table(cache_config), verbose=False)
@@ -219,13 +203,6 @@ def _save(model: onnx.ModelProto, path: Path, embed_weights: bool) -> None:
     onnx.save_model(model, str(path))
 
 
-def _model_config_dict(config) -> Optional[dict]:
-    if config is None:
-        return None
-    data = config if isinstance(config, dict) else (config.to_dict() if hasattr(config, "to_dict") else vars(config))
-    return json.loads(json.dumps(data, default=str))  # dtypes and the like become strings
-
-
 def export_onnx(
     compiled,
     out_dir,
@@ -246,17 +223,8 @@ def export_onnx(
     check_writable_parent(out_dir)  # before minutes of tracing, not after
     spec: GraphSpec = compiled.spec
     module = compiled.graph_module
-    config_object = model_config if model_config is not None else getattr(compiled, "model_config", None)
-    cache_config = cache_config if cache_config is not None else getattr(compiled, "cache_config", None)
-    if cache_config is not None and hasattr(cache_config, "to_dict"):
-        cache_config = cache_config.to_dict()
-    report = getattr(compiled, "report", None)
-    source = {
-        "model": getattr(config_object, "_kvcompile_source", None) or getattr(config_object, "name_or_path", None),
-        "model_config": _model_config_dict(config_object),
-        "cache_config": cache_config,
-        "passes": report.to_dict() if report is not None else {},
-    }
+    shared = compiled_fields(compiled, "onnx", model_config, cache_config)
+    cache_config = shared["cache_config"]
 
     def fill(folder: Path) -> dict:
         started = time.perf_counter()
@@ -272,22 +240,16 @@ def export_onnx(
             for name in graphs:
                 check_graph(folder / name)
         has_tokenizer = copy_tokenizer_files(source_dir, folder / "tokenizer")
-        return {**manifest_fields(spec, graphs[PREFILL_FILE], weights=None if embed else WEIGHTS_FILE,
-                                  export_seconds=round(time.perf_counter() - started, 2)),
-                **source, "tokenizer": "tokenizer" if has_tokenizer else None}
+        return {**shared, **onnx_fields(graphs[PREFILL_FILE], weights=None if embed else WEIGHTS_FILE,
+                                         export_seconds=round(time.perf_counter() - started, 2)),
+                "tokenizer": "tokenizer" if has_tokenizer else None}
 
     return write_artifact(out_dir, fill)
 
 
-def manifest_fields(spec: GraphSpec, model: onnx.ModelProto, weights: Optional[str],
-                    export_seconds: float) -> dict:
-    in_axes, out_axes = io_axes(spec)
-    dtype = spec.dtype  # torch / numpy names: float32, float16, bfloat16
-    def io(axes_by_name, integer=("input_ids", "position_ids")):
-        return [{"name": name, "dtype": "int64" if name in integer else dtype, "axes": axes}
-                for name, axes in axes_by_name.items()]
+def onnx_fields(model: onnx.ModelProto, weights: Optional[str], export_seconds: float) -> dict:
+    """The manifest fields only an ONNX artifact has (the shared ones: manifest.compiled_fields)."""
     return {
-        "target": "onnx",
         "graphs": {
             "prefill": {"file": PREFILL_FILE, "tokens": "dynamic ≥ 1", "past": "dynamic ≥ 0"},
             "decode": {"file": DECODE_FILE, "tokens": 1, "past": "dynamic ≥ 0"},
@@ -295,17 +257,9 @@ def manifest_fields(spec: GraphSpec, model: onnx.ModelProto, weights: Optional[s
         "weights_file": weights,
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "ir_version": model.ir_version,
-        "inputs": io(in_axes),
-        "outputs": io(out_axes),
-        "cache_layout": [
-            {"layer": layer, "kind": kind, "key": "B,Hkv,P,D", "value": spec.value_layout(layer),
-             "value_memory": "host" if kind == "kcache" else "device"}
-            for layer, kind in enumerate(spec.layer_kinds)
-        ],
-        "kvcompile_nodes": sorted({n.op_type for n in model.graph.node if n.domain == onnx_functions.DOMAIN}),
-        "kvcompile_domain": {"domain": onnx_functions.DOMAIN, "version": onnx_functions.DOMAIN_VERSION,
-                             "node_attributes": onnx_functions.NODE_ATTRIBUTES},
-        "graph_spec": spec.to_dict(),
+        "kvcompile_nodes": sorted({n.op_type for n in model.graph.node if n.domain == onnx_domain.DOMAIN}),
+        "kvcompile_domain": {"domain": onnx_domain.DOMAIN, "version": onnx_domain.DOMAIN_VERSION,
+                             "node_attributes": onnx_domain.node_attribute_docs()},
         "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "kvcompile": kvcompile.__version__,
                      "export_seconds": export_seconds},
     }

@@ -5,13 +5,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from kvcompile.tokenizer import ByteTokenizer
+from kvcompile.frontend.tokenizer import ByteTokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt")
 
 
-class TextCodec:
+class TextTokenizer:
     """encode(str) -> list[int] and decode(list[int]) -> str, whatever the tokenizer is."""
 
     def __init__(self, tokenizer, kind: str):
@@ -29,20 +29,20 @@ class TextCodec:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def load_text_codec(folder: Optional[Path]) -> TextCodec:
+def load_text_tokenizer(folder: Optional[Path]) -> TextTokenizer:
     """Our byte tokenizer if the folder describes one, a local HF tokenizer if present, else bytes."""
     if folder is not None:
         byte_tokenizer = ByteTokenizer.for_model_dir(str(folder))
         if byte_tokenizer is not None:
-            return TextCodec(byte_tokenizer, "byte")
+            return TextTokenizer(byte_tokenizer, "byte")
         if any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer
 
             try:
-                return TextCodec(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), "hf")
+                return TextTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True), "hf")
             except (OSError, ValueError):
                 pass
-    return TextCodec(ByteTokenizer(), "byte")
+    return TextTokenizer(ByteTokenizer(), "byte")
 
 
 def copy_tokenizer_files(source: Optional[Path], destination: Path) -> bool:

@@ -1,8 +1,9 @@
 """Runs one KCache decode step (T == 1, P > 0) through the kernel library (ctypes).
 
-`kvcompile.ops.kcache_attention` calls `can_use_kernels` and then `decode` for CUDA inputs;
+The op's CUDA registration (definition.py) calls `can_use_kernels` and then `decode`;
 everything else runs its torch reference. The argument struct mirrors
-`kvc_kcache_decode_args` in csrc/kvcompile_kernels.h field by field.
+`kvc_kcache_decode_args` in plugins/csrc/kvcompile_kernels.h field by field, and SYMBOLS
+declares the C functions this op needs (the kernel loader reads them from the registry).
 """
 from __future__ import annotations
 
@@ -12,11 +13,19 @@ import warnings
 import torch
 from torch import Tensor
 
+from kvcompile.core.modes import SelectMode
+from kvcompile.ops.registry import KernelSymbol
 from kvcompile.plugins import KernelLibraryError, load_kernels
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-SELECT_CODES = {"head": 0, "layer": 1}
 _int, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+
+SYMBOLS = (
+    KernelSymbol("kvc_kcache_decode_workspace_size", ctypes.c_int,
+                 (ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t))),
+    KernelSymbol("kvc_kcache_decode", ctypes.c_int,
+                 (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)),
+)
 
 
 class DecodeArgs(ctypes.Structure):
@@ -98,7 +107,7 @@ def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, sel
 
     args = DecodeArgs(
         batch=B, query_heads=Hq, kv_heads=Hkv, past_len=P, head_dim=D, topn=topn,
-        select=SELECT_CODES[select], renormalize=int(renormalize),
+        select=SelectMode(select).code, renormalize=int(renormalize),
         dtype=DTYPE_CODES[query.dtype], scale=scale,
         query=query.data_ptr(), query_stride_b=_stride(query, 0), query_stride_h=_stride(query, 1),
         key=key.data_ptr(), key_stride_b=_stride(key, 0), key_stride_h=_stride(key, 1),

@@ -10,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from kvcompile.core.modes import CacheKind, SelectMode
+
 console = Console(stderr=True)
 # Tables stay readable when piped to a file or CI log (rich assumes 80 columns there).
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -25,7 +27,7 @@ def stage(text: str):
 
 
 def cache_config_from(args):
-    from kvcompile.config import CacheConfig
+    from kvcompile.core.config import CacheConfig
 
     topn = args.topn
     if topn is not None and "." in str(topn):
@@ -45,8 +47,8 @@ def cache_config_from(args):
 def load_for_cli(name: str, dtype: str = None):
     import torch
 
-    from kvcompile.loading import load_model
-    from kvcompile.models import TINY_ARCHS, tiny_model
+    from kvcompile.frontend.loading import load_model
+    from kvcompile.frontend.tiny_models import TINY_ARCHS, tiny_model
 
     if name.startswith("tiny-") and name[5:] in TINY_ARCHS:
         return tiny_model(name[5:])
@@ -54,7 +56,7 @@ def load_for_cli(name: str, dtype: str = None):
 
 
 def cmd_export(args) -> int:
-    from kvcompile.compiler import compile as compile_model
+    from kvcompile.core.pipeline import compile as compile_model
     from kvcompile.export import check_target, export
     from kvcompile.export.manifest import check_writable_parent
 
@@ -91,14 +93,14 @@ def load_artifact(folder: str, backend: str):
 def cmd_run(args) -> int:
     import torch
 
-    from kvcompile.text import load_text_codec
+    from kvcompile.frontend.text_tokenizer import load_text_tokenizer
 
     backend = args.backend or "torch"
     with stage(f"loading {args.artifact} ({backend})"):
         model, manifest = load_artifact(args.artifact, backend)
     tokenizer_dir = Path(args.artifact) / manifest["tokenizer"] if manifest.get("tokenizer") else None
-    codec = load_text_codec(tokenizer_dir)
-    prompt = codec.encode(args.prompt)
+    tokenizer = load_text_tokenizer(tokenizer_dir)
+    prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise SystemExit("error: the prompt is empty")
     input_ids = torch.tensor([prompt])
@@ -106,13 +108,13 @@ def cmd_run(args) -> int:
     output = model.generate(input_ids, max_new_tokens=args.max_new_tokens)
     elapsed = time.perf_counter() - start
     new_tokens = output[0, len(prompt):].tolist()
-    out.print(args.prompt + codec.decode(new_tokens), markup=False, highlight=False)
+    out.print(args.prompt + tokenizer.decode(new_tokens), markup=False, highlight=False)
     console.print(f"[dim]{len(new_tokens)} tokens in {elapsed:.2f} s ({len(new_tokens) / elapsed:.1f} tok/s, {backend})[/dim]")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from kvcompile.inspect_report import print_report
+    from kvcompile.cli.inspect_report import print_report
 
     target = Path(args.target)
     if (target / "manifest.json").is_file():
@@ -120,13 +122,13 @@ def cmd_inspect(args) -> int:
         from kvcompile.passes.manager import PassReport
 
         manifest = load_manifest(target, verify_checksums=False)
-        from kvcompile.spec import GraphSpec
+        from kvcompile.core.layout import GraphSpec
 
         spec = GraphSpec.from_dict(manifest["graph_spec"]) if manifest.get("graph_spec") else None
         print_report(out, PassReport.from_dict(manifest.get("passes", {})),
                      title=f"{target} ({manifest.get('target')} artifact)", spec=spec)
         return 0
-    from kvcompile.compiler import compile as compile_model
+    from kvcompile.core.pipeline import compile as compile_model
 
     config = cache_config_from(args)
     with stage(f"loading {args.target}"):
@@ -138,7 +140,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from kvcompile.eval_cli import run_eval_command
+    from kvcompile.cli.eval_command import run_eval_command
 
     return run_eval_command(args, load_for_cli, cache_config_from, out)
 
@@ -157,9 +159,9 @@ def cmd_bench(args) -> int:
 
 
 def add_cache_options(parser):
-    parser.add_argument("--cache", choices=("full", "kcache"), default="full", help="KV-cache scheme")
+    parser.add_argument("--cache", choices=CacheKind.names(), default=CacheKind.FULL.value, help="KV-cache scheme")
     parser.add_argument("--topn", help="kcache: positions kept (int) or fraction of context (float)")
-    parser.add_argument("--select", choices=("head", "layer"), help="kcache: selection per KV head or per layer")
+    parser.add_argument("--select", choices=SelectMode.names(), help="kcache: selection per KV head or per layer")
     parser.add_argument("--full-layers", type=int, help="kcache: first layers keeping V on the device")
 
 
@@ -195,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the results as JSON here")
     evaluate.add_argument("--decode-tail", type=int, help="feed each prompt's last N tokens as decode steps "
                           "(default 16 for kcache, so the question reads the compressed cache)")
+    evaluate.add_argument("--runner", choices=("compiled", "hf"), default="compiled",
+                          help="score kvcompile's compiled model, or transformers itself (the reference)")
+    evaluate.add_argument("--ppl-windows", type=int, default=8, help="held-out windows for perplexity")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    evaluate.add_argument("--device", help="e.g. cuda (default: where the model loads, the CPU)")
     evaluate.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (JSON + plot)")
@@ -205,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def known_errors() -> tuple:
-    from kvcompile.config import ConfigError
+    from kvcompile.core.config import ConfigError
     from kvcompile.export import TargetError
     from kvcompile.export.manifest import ArtifactError
-    from kvcompile.loading import LoadError
+    from kvcompile.frontend.loading import LoadError
     from kvcompile.passes.find_attention import AttentionPatternError
     from kvcompile.runtime.cache import HostMemoryError
     from kvcompile.runtime.generate import ContextLengthError
-    from kvcompile.trace import TraceError
+    from kvcompile.frontend.trace import TraceError
 
     return (ConfigError, TargetError, ArtifactError, LoadError, AttentionPatternError, HostMemoryError, TraceError,
             ContextLengthError)

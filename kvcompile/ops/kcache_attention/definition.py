@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvcompile.ops.cached_attention import expand_kv_heads
+from kvcompile.core.modes import SelectMode
+from kvcompile.ops.cached_attention.definition import expand_kv_heads
 
-SELECT_MODES = ("head", "layer")
+SELECT_MODES = SelectMode.names()
 
 
 def check_kcache_args(query, key, value, key_cache, value_host, attn_bias, topn, select) -> None:
@@ -124,7 +125,7 @@ def kcache_attention_reference(query, key, value, key_cache, value_host, attn_bi
     scores = scores + attn_bias.float().reshape(B, 1, 1, T, S)
     probs = torch.softmax(scores, dim=-1)  # [B, Hkv, G, T, S]
 
-    if select == "head":
+    if select == SelectMode.HEAD:
         position_score = probs.sum(dim=(2, 3))  # [B, Hkv, S]
     else:
         position_score = probs.sum(dim=(1, 2, 3)).unsqueeze(1).expand(B, Hkv, S)
@@ -162,10 +163,10 @@ def _kcache_attention_cuda(query, key, value, key_cache, value_host, attn_bias,
                            scale, topn, select, renormalize):
     # Any CUDA tensor among the args lands here (value_host usually is a pinned CPU tensor).
     check_kcache_args(query, key, value, key_cache, value_host, attn_bias, topn, select)
-    from kvcompile.plugins import kcache_decode
+    from kvcompile.ops.kcache_attention import kernels
 
-    if kcache_decode.can_use_kernels(query, key, value, key_cache, value_host, attn_bias):
-        return kcache_decode.decode(query, key, value, key_cache, value_host, attn_bias,
+    if kernels.can_use_kernels(query, key, value, key_cache, value_host, attn_bias):
+        return kernels.decode(query, key, value, key_cache, value_host, attn_bias,
                                             scale, topn, select, renormalize)
     return kcache_attention_reference(query, key, value, key_cache, value_host, attn_bias,
                                       scale, topn, select, renormalize)

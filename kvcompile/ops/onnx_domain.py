@@ -1,0 +1,99 @@
+"""The `kvcompile` ONNX domain: what every op's ONNX function shares.
+
+Each op is exported as ONE node `kvcompile::<op name>` whose model-local function body,
+written with standard ONNX ops in the op's own `onnx_function.py`, defines what it computes.
+Stock ONNX Runtime inlines the body and runs it; TensorRT's parser maps a node of that name
+to a registered plugin when one exists and otherwise inlines the same body. So the body is
+the contract a plugin must match, and the tests check it against the torch ops numerically.
+
+Shapes used by the attention bodies (D = head dim, G = Hq // Hkv query heads per KV head,
+S = P + T): query [B, Hq, T, D]; key, value [B, Hkv, T, D]; key_cache [B, Hkv, P, D];
+attn_bias [B, 1, T, S] additive; out [B, Hq, T, D]. Bodies group query heads as
+[B, Hkv, G, T, D] so GQA needs no repeat of K/V.
+"""
+from __future__ import annotations
+
+from typing import TypeVar, Union
+
+import onnx
+from onnxscript import BFLOAT16, FLOAT, FLOAT16
+from onnxscript import opset18 as op
+from onnxscript import script
+from onnxscript.values import Op, Opset
+
+DOMAIN = "kvcompile"
+DOMAIN_VERSION = 1
+STANDARD_OPSET = 18  # must equal the ai.onnx opset of the graphs these functions live in
+kvcompile_opset = Opset(DOMAIN, DOMAIN_VERSION)
+
+# Type annotations are what torch.onnx reads to know each function's inputs and outputs.
+TFloat = TypeVar("TFloat", bound=Union[FLOAT, FLOAT16, BFLOAT16])
+TBias = TypeVar("TBias", bound=Union[FLOAT, FLOAT16, BFLOAT16])
+
+
+@script(kvcompile_opset, default_opset=op)
+def attention_probs(query: TFloat, keys: TFloat, attn_bias: TBias, scale: float) -> TFloat:
+    """softmax(q·keysᵀ·scale + bias), with query heads grouped per KV head.
+
+    query [B, Hq, T, D], keys [B, Hkv, S, D], attn_bias [B, 1, T, S] -> [B, Hkv, G, T, S]
+    """
+    grouped_shape = op.Concat(op.Shape(keys, start=0, end=2), op.Constant(value_ints=[-1]),
+                              op.Shape(query, start=2, end=4), axis=0)
+    grouped_query = op.Reshape(query, grouped_shape)  # [B, Hkv, G, T, D]
+    keys_t = op.Unsqueeze(op.Transpose(keys, perm=[0, 1, 3, 2]), op.Constant(value_ints=[2]))  # [B, Hkv, 1, D, S]
+    scale_value = op.CastLike(op.Constant(value_float=scale), query)
+    scores = op.Mul(op.MatMul(grouped_query, keys_t), scale_value)  # [B, Hkv, G, T, S]
+    bias = op.Unsqueeze(op.CastLike(attn_bias, query), op.Constant(value_ints=[1]))  # [B, 1, 1, T, S]
+    return op.Softmax(op.Add(scores, bias), axis=-1)
+
+
+# The exporter inlines every function it knows about when it converts opset versions, so
+# the graph is built with bare kvcompile nodes (these schemas exist only to let onnxscript
+# record such a node, they are never registered with onnx) and `function_protos` attaches
+# the bodies afterwards.
+_FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+_ATTRIBUTE_KINDS = {"float": onnx.defs.OpSchema.AttrType.FLOAT, "int": onnx.defs.OpSchema.AttrType.INT}
+
+
+def node_op(name: str, definition) -> Op:
+    """An onnxscript Op that records a bare `kvcompile::<name>` node (an OnnxDefinition's)."""
+    def formal(param):
+        return onnx.defs.OpSchema.FormalParameter(param, "TBias" if param in definition.bias_inputs else "T")
+
+    schema = onnx.defs.OpSchema(
+        name, DOMAIN, DOMAIN_VERSION,
+        inputs=[formal(param) for param in definition.inputs],
+        outputs=[formal(definition.output)],
+        type_constraints=[("T", _FLOAT_TYPES, "activations"), ("TBias", _FLOAT_TYPES, "additive bias")],
+        attributes=[onnx.defs.OpSchema.Attribute(a.name, _ATTRIBUTE_KINDS[a.kind], a.doc, required=True)
+                    for a in definition.attributes],
+    )
+    return Op(kvcompile_opset, name, schema)
+
+
+def function_protos(op_names) -> list:
+    """The FunctionProtos that nodes of the given registered ops need, deduplicated.
+
+    An op's body is named after the op (the node `kvcompile::<name>` resolves to it whatever
+    the Python function is called); helpers keep their own names.
+    """
+    from kvcompile.ops import registry
+
+    seen, protos = set(), []
+    for name in op_names:
+        definition = registry.get(name).onnx_definition()
+        body = definition.body.to_function_proto()
+        body.name = name
+        for proto in (body, *(helper.to_function_proto() for helper in definition.helpers)):
+            if proto.name not in seen:
+                seen.add(proto.name)
+                protos.append(proto)
+    return protos
+
+
+def node_attribute_docs() -> dict:
+    """op name -> {attribute: "kind: doc"} for every registered op (recorded in manifests)."""
+    from kvcompile.ops import registry
+
+    return {entry.name: {a.name: f"{a.kind}: {a.doc}" for a in entry.onnx_definition().attributes}
+            for entry in registry.registered()}
