@@ -1,10 +1,13 @@
 """find_attention: locate every attention in a traced model and describe it.
 
-Matches: each `aten.scaled_dot_product_attention` node. Walks back from its key/value inputs over
-HF's `repeat_kv` expansion (unsqueeze → expand → reshape) to the per-KV-head tensors, and from the
-key to its RoPE application (`x·cos + rotate(x)·sin`, half-split or interleaved, full or partial).
+Matches: each `kvcompile::captured_attention` node (models that call transformers' attention
+interface: the node's arguments are the layer's scale, window, soft-cap and sinks), or else each
+`aten.scaled_dot_product_attention` node, walked back over HF's `repeat_kv` expansion
+(unsqueeze → expand → reshape) to the per-KV-head tensors. From the key it walks to the RoPE
+application (`x·cos + rotate(x)·sin`, half-split or interleaved, full or partial).
 Produces: no graph change; `context.attention_sites`, one AttentionSite per layer in layer order,
-each with its LayerRecord (kvcompile/core/records.py): heads, scale, window, positions.
+each with its LayerRecord (kvcompile/core/records.py), every fact cross-checked against the model
+config (passes/layer_facts.py). What cannot be represented exactly is refused by layer and feature.
 
 It needs nothing model-specific: whatever computes q/k/v (fused projections, biases, qk-norm,
 learned positions) stays upstream and untouched; the cache stores exactly what SDPA consumed.
@@ -19,18 +22,16 @@ from typing import List, Optional
 import torch
 import torch.fx
 
-from kvcompile.core.records import LayerRecord, Positions, PositionKind, Window, WindowKind
+from kvcompile.core.records import LayerRecord, Window, WindowKind
+from kvcompile.ops import registry
 from kvcompile.passes.context import PassContext
+from kvcompile.passes.layer_facts import AttentionPatternError, checked_positions, checked_window, shape_of
 from kvcompile.passes.manager import compiler_pass
 
 aten = torch.ops.aten
 SDPA_TARGETS = (aten.scaled_dot_product_attention.default,)
 EXPAND_TARGETS = (aten.expand.default,)
 RESHAPE_TARGETS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
-
-
-class AttentionPatternError(RuntimeError):
-    """The model's attention does not have a shape kvcompile can rewrite."""
 
 
 @dataclass
@@ -44,7 +45,8 @@ class AttentionSite:
     key: torch.fx.Node  # per-KV-head key, before any GQA expansion: [B, Hkv, T, D]
     value: torch.fx.Node  # [B, Hkv, T, D]
     mask: Optional[torch.fx.Node]
-    gqa: str  # how the model expanded K/V for GQA: "none" | "repeat_kv" | "enable_gqa"
+    gqa: str  # how K/V reached attention: "captured" (per KV head) | "none" | "repeat_kv" | "enable_gqa"
+    sinks: Optional[torch.fx.Node] = None  # the layer's sink logits [Hq] (a parameter), if any
 
     # the record's facts, read through
     layer = property(lambda self: self.record.layer)
@@ -58,12 +60,7 @@ class AttentionSite:
     def describe(self) -> dict:
         row = self.record.describe()
         row.pop("kind"), row.pop("V lives on")
-        return {**row, "gqa": self.gqa, "model mask": "is_causal" if self.mask is None else "4D tensor"}
-
-
-def shape_of(node) -> Optional[tuple]:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+        return {**row, "captured as": self.gqa if self.gqa == "captured" else f"sdpa ({self.gqa})"}
 
 
 def module_of(node: torch.fx.Node) -> tuple:
@@ -100,86 +97,6 @@ def strip_repeat_kv(node: torch.fx.Node) -> tuple:
     return source, out_shape[1] // source_shape[1]
 
 
-CAST_TARGETS = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default)
-
-
-def skip_casts(node):
-    """Step over dtype casts and copies (e.g. Cohere and OLMo-2 rotate in fp32, then cast back)."""
-    while isinstance(node, torch.fx.Node) and node.target in CAST_TARGETS:
-        node = node.args[0]
-    return node
-
-
-def rope_layout(key: torch.fx.Node) -> tuple:
-    """(layout, rotary dims) of the rotary embedding applied to `key`, or (None, None) for none.
-
-    layout is "half-split" or "interleaved" (or "unrecognised rotation"); the graph keeps
-    computing the rotation, this only names it for the record.
-    """
-    rotary_dims = None
-    node = skip_casts(key)
-    if node.target == aten.cat.default and len(node.args[0]) == 2:
-        rotated, _passthrough = node.args[0]
-        rot_shape = shape_of(rotated)
-        rotary_dims = int(rot_shape[-1]) if rot_shape else None
-        node = skip_casts(rotated)
-    if node.target != aten.add.Tensor:
-        return None, None
-    products = [a for a in node.args if isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor]
-    if len(products) != 2:
-        return None, None
-    for product in products:
-        for operand in product.args:
-            if not isinstance(operand, torch.fx.Node):
-                continue
-            if operand.target == aten.cat.default and any(
-                isinstance(a, torch.fx.Node) and a.target == aten.neg.default for a in operand.args[0]
-            ):
-                return "half-split", rotary_dims
-            if operand.target in (aten.flatten.using_ints, aten.view.default, aten.reshape.default) and any(
-                isinstance(a, torch.fx.Node) and a.target == aten.stack.default for a in operand.args
-            ):
-                return "interleaved", rotary_dims
-    return "unrecognised rotation", rotary_dims
-
-
-def layer_type(config, layer: int) -> Optional[str]:
-    types = getattr(config, "layer_types", None)
-    return types[layer] if types and layer < len(types) else None
-
-
-def rope_parameters(config, layer: int) -> Optional[dict]:
-    """The RoPE parameters of a layer (transformers 5 keys them by layer type where they differ)."""
-    params = getattr(config, "rope_parameters", None)
-    if not isinstance(params, dict):
-        return None
-    kind = layer_type(config, layer)
-    if kind in params and isinstance(params[kind], dict):
-        params = params[kind]
-    return {k: v for k, v in params.items() if not isinstance(v, dict)}
-
-
-def positions_of(key: torch.fx.Node, config, layer: int, head_dim: int) -> Positions:
-    layout, rotary_dims = rope_layout(key)
-    if layout is None:
-        learned = any(hasattr(config, name) for name in ("n_positions",)) if config is not None else False
-        return Positions(PositionKind.NONE, learned_absolute=learned)
-    params = rope_parameters(config, layer) if config is not None else None
-    theta = (params or {}).get("rope_theta", getattr(config, "rope_theta", None))
-    return Positions(PositionKind.ROPE, layout=layout, rotary_dims=rotary_dims or head_dim, head_dim=head_dim,
-                     theta=float(theta) if theta is not None else None, scaling=params)
-
-
-def window_of(config, layer: int) -> Window:
-    """The layer's window, as the model's config states it."""
-    if config is None:
-        return Window()
-    size = getattr(config, "sliding_window", None)
-    if size is None or not getattr(config, "use_sliding_window", True):
-        return Window()
-    return Window(WindowKind.SLIDING, int(size))
-
-
 def attention_modules(graph_module: torch.fx.GraphModule) -> dict:
     """Module paths that look like attention blocks (for a useful error when SDPA is absent)."""
     found = {}
@@ -194,56 +111,121 @@ def attention_modules(graph_module: torch.fx.GraphModule) -> dict:
 
 @compiler_pass(produces=("attention_sites",))
 def find_attention(graph_module: torch.fx.GraphModule, context: PassContext) -> list:
-    """Locate each SDPA node with its layer, q/k/v producers, GQA expansion, RoPE, mask and scale."""
-    sites: List[AttentionSite] = []
-    sdpa_nodes = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
-    if not sdpa_nodes:
+    """Locate each layer's attention (captured node or SDPA) and describe it in a LayerRecord."""
+    captured_op = registry.get("captured_attention").torch_op
+    nodes = [n for n in graph_module.graph.nodes if n.op == "call_function"]
+    captured = [n for n in nodes if n.target is captured_op]
+    sdpa_nodes = [n for n in nodes if n.target in SDPA_TARGETS]
+    if captured and sdpa_nodes:
+        raise AttentionPatternError(f"{module_of(sdpa_nodes[0])[0] or sdpa_nodes[0].name}: some layers use SDPA "
+                                    "outside transformers' attention interface; mixed attention is not supported")
+    if not captured and not sdpa_nodes:
         modules = attention_modules(graph_module)
         where = ", ".join(f"layer {layer_index(p)} ({p}, {c})" for p, c in list(modules.items())[:3])
         raise AttentionPatternError(
             (f"{where}: " if where else "")
-            + "pattern 'scaled_dot_product_attention' not found — this attention is computed another way "
-            "(eager matmul/softmax or a fused kernel); load the model with attn_implementation='sdpa'"
-        )
-    for ordinal, node in enumerate(sdpa_nodes):
-        path, cls_name = module_of(node)
-        layer = layer_index(path)
-        layer = ordinal if layer is None else layer
-        where = f"layer {layer} ({path or node.name})"
-        query, key, value = node.args[:3]
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0):
-            raise AttentionPatternError(f"{where}: attention has dropout; call model.eval() before compiling")
-        enable_gqa = bool(node.kwargs.get("enable_gqa", False))
-        gqa = "enable_gqa" if enable_gqa else "none"
-        if not enable_gqa:
-            key, key_rep = strip_repeat_kv(key)
-            value, value_rep = strip_repeat_kv(value)
-            if key_rep != value_rep:
-                raise AttentionPatternError(f"{where}: key and value are expanded differently for GQA")
-            gqa = "repeat_kv" if key_rep > 1 else "none"
-        q_shape, k_shape, v_shape = shape_of(query), shape_of(key), shape_of(value)
-        if q_shape is None or k_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
-            raise AttentionPatternError(
-                f"{where}: pattern 'query/key as [batch, heads, tokens, head_dim]' not found (got {q_shape} / {k_shape})"
-            )
-        if v_shape != k_shape:
-            raise AttentionPatternError(f"{where}: key {k_shape} and value {v_shape} differ in shape; not supported")
-        query_heads, head_dim = int(q_shape[1]), int(q_shape[3])
-        kv_heads = int(k_shape[1])
-        if query_heads % kv_heads:
-            raise AttentionPatternError(f"{where}: {query_heads} query heads do not group over {kv_heads} KV heads")
-        scale = node.kwargs.get("scale")
-        scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-        config = context.model_config
-        record = LayerRecord(layer=layer, module=path, query_heads=query_heads, kv_heads=kv_heads,
-                             head_dim=head_dim, scale=scale, window=window_of(config, layer),
-                             positions=positions_of(key, config, layer, head_dim))
-        sites.append(AttentionSite(record=record, module_type=cls_name, sdpa=node, query=query, key=key,
-                                   value=value, mask=mask, gqa=gqa))
+            + "attention is computed by the model's own code (not through transformers' attention interface, and "
+            "no 'scaled_dot_product_attention' pattern)"
+            + (", with ALiBi position biases" if uses_alibi(context.model_config) else "")
+            + " — not supported; a model with an SDPA implementation can be loaded with attn_implementation='sdpa'")
+    describe = describe_captured if captured else describe_sdpa
+    sites = [describe(node, ordinal, context) for ordinal, node in enumerate(captured or sdpa_nodes)]
     sites.sort(key=lambda s: s.layer)
-    layers = [s.layer for s in sites]
-    if len(set(layers)) != len(layers):
-        raise AttentionPatternError(f"several attention calls share a layer index: {layers}")
+    check_layers(sites)
     context.attention_sites = sites
     return [s.describe() for s in sites]
+
+
+def uses_alibi(config) -> bool:
+    return bool(getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False))
+
+
+def check_layers(sites: List[AttentionSite]) -> None:
+    """One attention per layer, one cache shape for all layers, no layer reading another's K/V."""
+    layers = [s.layer for s in sites]
+    if len(set(layers)) != len(layers):
+        raise AttentionPatternError(f"several attention calls share a layer index: {layers} "
+                                    "(e.g. differential attention) — not supported")
+    if layers != list(range(len(layers))):
+        raise AttentionPatternError(f"attention layers are {layers}, not 0..{len(layers) - 1} "
+                                    "(layers without attention) — not supported")
+    first = sites[0]
+    for site in sites[1:]:
+        if (site.kv_heads, site.head_dim) != (first.kv_heads, first.head_dim):
+            raise AttentionPatternError(
+                f"layer {site.layer}: {site.kv_heads} KV heads of dim {site.head_dim}, layer 0 has {first.kv_heads} "
+                f"of dim {first.head_dim} (per-layer cache shapes) — not supported")
+    seen = {}
+    for site in sites:
+        if site.key in seen:
+            raise AttentionPatternError(f"layer {site.layer}: reuses layer {seen[site.key]}'s keys "
+                                        "(cross-layer KV sharing) — not supported")
+        seen[site.key] = site.layer
+
+
+def heads_and_dims(query, key, value, where: str) -> tuple:
+    q_shape, k_shape, v_shape = shape_of(query), shape_of(key), shape_of(value)
+    if q_shape is None or k_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
+        raise AttentionPatternError(
+            f"{where}: pattern 'query/key as [batch, heads, tokens, head_dim]' not found (got {q_shape} / {k_shape})")
+    if v_shape != k_shape:
+        raise AttentionPatternError(f"{where}: key {k_shape} and value {v_shape} differ in shape; not supported")
+    query_heads, head_dim, kv_heads = int(q_shape[1]), int(q_shape[3]), int(k_shape[1])
+    if query_heads % kv_heads:
+        raise AttentionPatternError(f"{where}: {query_heads} query heads do not group over {kv_heads} KV heads")
+    return query_heads, kv_heads, head_dim
+
+
+def describe_captured(node: torch.fx.Node, ordinal: int, context: PassContext) -> AttentionSite:
+    """A kvcompile::captured_attention node: its arguments are the layer's facts."""
+    query, key, value, sinks, scale, softcap, window, chunk, causal, layer = node.args
+    path, cls_name = module_of(node)
+    layer = ordinal if layer < 0 else layer
+    where = f"layer {layer} ({path or node.name})"
+    if not causal:
+        raise AttentionPatternError(f"{where}: bidirectional (non-causal) attention cannot be cached — not supported")
+    query_heads, kv_heads, head_dim = heads_and_dims(query, key, value, where)
+    traced_window = (Window(WindowKind.CHUNKED, chunk) if chunk > 0 else
+                     Window(WindowKind.SLIDING, window) if window > 0 else Window())
+    config = context.model_config
+    record = LayerRecord(layer=layer, module=path, query_heads=query_heads, kv_heads=kv_heads, head_dim=head_dim,
+                         scale=float(scale), window=checked_window(traced_window, config, layer, where),
+                         softcap=float(softcap) if softcap > 0 else None, sinks=sinks is not None,
+                         positions=checked_positions(key, config, layer, head_dim, where))
+    return AttentionSite(record=record, module_type=cls_name, sdpa=node, query=query, key=key, value=value,
+                         mask=None, gqa="captured", sinks=sinks)
+
+
+def describe_sdpa(node: torch.fx.Node, ordinal: int, context: PassContext) -> AttentionSite:
+    """An aten SDPA node: walk back over repeat_kv; the window comes from the config."""
+    path, cls_name = module_of(node)
+    layer = layer_index(path)
+    layer = ordinal if layer is None else layer
+    where = f"layer {layer} ({path or node.name})"
+    query, key, value = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0):
+        raise AttentionPatternError(f"{where}: attention has dropout; call model.eval() before compiling")
+    if uses_alibi(context.model_config):
+        raise AttentionPatternError(f"{where}: ALiBi position biases in the attention mask — not supported")
+    mask_value = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+    if isinstance(mask_value, torch.Tensor) and mask_value.is_floating_point():
+        raise AttentionPatternError(f"{where}: the model adds a float bias to the attention scores "
+                                    "(not a plain causal/padding mask) — not supported")
+    enable_gqa = bool(node.kwargs.get("enable_gqa", False))
+    gqa = "enable_gqa" if enable_gqa else "none"
+    if not enable_gqa:
+        key, key_rep = strip_repeat_kv(key)
+        value, value_rep = strip_repeat_kv(value)
+        if key_rep != value_rep:
+            raise AttentionPatternError(f"{where}: key and value are expanded differently for GQA")
+        gqa = "repeat_kv" if key_rep > 1 else "none"
+    query_heads, kv_heads, head_dim = heads_and_dims(query, key, value, where)
+    scale = node.kwargs.get("scale")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+    config = context.model_config
+    record = LayerRecord(layer=layer, module=path, query_heads=query_heads, kv_heads=kv_heads, head_dim=head_dim,
+                         scale=scale, window=checked_window(None, config, layer, where),
+                         positions=checked_positions(key, config, layer, head_dim, where))
+    return AttentionSite(record=record, module_type=cls_name, sdpa=node, query=query, key=key, value=value,
+                         mask=mask, gqa=gqa)

@@ -3,14 +3,14 @@
 Matches: the `kvcompile::cached_attention` nodes that `insert_kv_cache` produced, from layer
 `full_layers` on (earlier layers keep V on the device, by choice of the CacheConfig).
 Produces: `kvcompile::kcache_attention(q, k, v, past_key, past_value_host, attn_bias, scale,
-topn, select, renormalize)`, and marks those layers' records LayerKind.KCACHE, so the cache
+topn, select, renormalize, softcap, sinks)`, and marks those layers' records LayerKind.KCACHE, so the cache
 manager keeps their V in (pinned) host memory, token-major [B, P, Hkv, D].
 
 A fractional topn becomes graph arithmetic on the context length (attn_bias's last axis), so
 one graph keeps the same fraction at every context length.
 
-Before: cached_attention(q, k, v, past_k, past_v, bias, s)
-After:  kcache_attention(q, k, v, past_k, past_v_host, bias, s, topn, "head", False)
+Before: cached_attention(q, k, v, past_k, past_v, bias, s, softcap, sinks)
+After:  kcache_attention(q, k, v, past_k, past_v_host, bias, s, topn, "head", False, softcap, sinks)
 """
 from __future__ import annotations
 
@@ -57,13 +57,13 @@ def kcache(graph_module: torch.fx.GraphModule, context: PassContext) -> list:
             rows.append({"layer": site.layer, "attention": "cached_attention", "V lives on": "device (full_layers)",
                          "topn": "-", "select": "-"})
             continue
-        query, key, value, past_key, past_value, attn_bias, scale = node.args
+        query, key, value, past_key, past_value, attn_bias, scale, softcap, sinks = node.args
         with graph.inserting_before(node):
             topn = topn_node(graph, attn_bias, config.topn)
             replacement = graph.call_function(
                 registry.get("kcache_attention").torch_op,
                 (query, key, value, past_key, past_value, attn_bias, scale, topn, config.select.value,
-                 config.renormalize),
+                 config.renormalize, softcap, sinks),
             )
         replacement.meta.update(node.meta)
         node.replace_all_uses_with(replacement)

@@ -1,6 +1,8 @@
 """The graph I/O layout: the one flat input/output contract every target and runtime reads.
 
-inputs : input_ids [B, T] int64, position_ids [B, T] int64, attn_bias [B, 1, T, P+T] (additive),
+inputs : input_ids [B, T] int64, position_ids [B, T] int64, then one additive bias
+         [B, 1, T, P+T] per distinct window among the layers ("attn_bias" for full attention,
+         "attn_bias.sliding_N" / "attn_bias.chunked_N" for windowed layers),
          then per layer i: past_key.{i} [B, Hkv, P, D] and past_value.{i}
          ([B, Hkv, P, D] on the device, or [B, P, Hkv, D] token-major in host memory for
          layers whose record says V lives on the host)
@@ -16,9 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
-from kvcompile.core.records import LayerRecord, WindowKind
+from kvcompile.core.records import LayerRecord, Window, WindowKind
 
-FIXED_INPUTS = ("input_ids", "position_ids", "attn_bias")
+FIXED_INPUTS = ("input_ids", "position_ids")
+
+
+def bias_name(window: Window) -> str:
+    """The graph input carrying the additive mask of layers with this window."""
+    return "attn_bias" if window.kind is WindowKind.NONE else f"attn_bias.{window.kind.value}_{window.size}"
 # Dynamic axes by name. context = past + tokens.
 BATCH, TOKENS, PAST, CONTEXT = "batch", "tokens", "past", "context"
 DYNAMIC_AXES = (BATCH, TOKENS, PAST, CONTEXT)
@@ -82,9 +89,11 @@ class GraphSpec:
         slots = [
             TensorSlot("input_ids", (BATCH, TOKENS), INDEX_DTYPE, role="new token ids"),
             TensorSlot("position_ids", (BATCH, TOKENS), INDEX_DTYPE, role="their position ids"),
-            TensorSlot("attn_bias", (BATCH, 1, TOKENS, CONTEXT),
-                       role="additive mask (causal + padding + window), built by the runtime"),
         ]
+        for window in self.bias_windows():
+            slots.append(TensorSlot(bias_name(window), (BATCH, 1, TOKENS, CONTEXT),
+                                    role=f"additive mask (causal + padding, window {window.describe()}), "
+                                         "built by the runtime"))
         for record in self.layers:
             i = record.layer
             slots.append(TensorSlot(f"past_key.{i}", self.key_axes(), role="cached keys"))
@@ -110,6 +119,10 @@ class GraphSpec:
         return [slot.name for slot in self.outputs()]
 
     # facts read from the records ---------------------------------------------------------
+    def bias_windows(self) -> List[Window]:
+        """The distinct windows of the layers, in order of first appearance: one bias input each."""
+        return list(dict.fromkeys(record.window for record in self.layers))
+
     @property
     def layer_kinds(self) -> list:
         return [record.kind for record in self.layers]

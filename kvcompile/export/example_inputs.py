@@ -25,7 +25,7 @@ def example_inputs(spec: GraphSpec, device="cpu", batch=EXAMPLE_BATCH, tokens=EX
             inputs.append((torch.arange(tokens, device=device) + past).expand(batch, -1).contiguous())
         elif slot.dtype == INDEX_DTYPE:
             inputs.append(torch.zeros(shape, dtype=torch.int64, device=device))
-        elif slot.name == "attn_bias":
+        elif slot.name.startswith("attn_bias"):
             inputs.append(torch.zeros(shape, dtype=dtype, device=device))
         else:
             inputs.append(torch.randn(shape, dtype=dtype, device=device))

@@ -76,7 +76,8 @@ def node_translation(entry, context: ExportContext):
 
 def translation_table(cache_config: Optional[dict] = None) -> dict:
     context = export_context(cache_config)
-    return {entry.torch_op: node_translation(entry, context) for entry in registry.registered()}
+    return {entry.torch_op: node_translation(entry, context) for entry in registry.registered()
+            if entry.exportable}
 
 
 # I/O contract ----------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def finish_graph(model: onnx.ModelProto, spec: GraphSpec, fixed_tokens: Optional
     for node in model.graph.node:
         del node.metadata_props[:]
     used = sorted({node.op_type for node in model.graph.node if node.domain == onnx_domain.DOMAIN})
-    unknown = [name for name in used if registry.get(name) is None]
+    unknown = [name for name in used if registry.get(name) is None or not registry.get(name).exportable]
     if unknown:
         raise OnnxExportError(f"graph has kvcompile nodes without an ONNX function: {unknown}")
     del model.functions[:]

@@ -1,4 +1,7 @@
-"""load_model: a local Hugging Face checkpoint folder or a bundled model, with SDPA attention."""
+"""load_model: a local Hugging Face checkpoint folder or a bundled model, ready to trace.
+
+Models load with SDPA attention, or eager where transformers allows nothing else; the trace captures
+attention through kvcompile's attention function either way (frontend/attention_capture.py)."""
 from __future__ import annotations
 
 import json
@@ -64,21 +67,31 @@ def check_safetensors_header(shard: Path) -> None:
         raise LoadError(f"weight file {shard} is corrupt: {err}") from None
 
 
+def with_attention_implementation(build):
+    """build(implementation) with SDPA, or eager attention for a model transformers runs only eagerly
+    (soft-capping, sinks). Either way the model stays transformers' own — the reference kvcompile
+    is compared with; tracing switches it to kvcompile's capture function for the trace only."""
+    try:
+        return build("sdpa")
+    except ValueError:
+        return build("eager")
+
+
 def load_model(
     name_or_dir: Union[str, Path] = "reference",
     dtype: Optional[torch.dtype] = None,
     device: Union[str, torch.device, None] = None,
 ):
-    """Load a causal LM with SDPA attention (the attention kvcompile's passes match), in eval mode."""
+    """Load a causal LM with an attention implementation kvcompile can capture, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_dir(name_or_dir)
     check_checkpoint_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, attn_implementation="sdpa", dtype=dtype or "auto", local_files_only=True
-        )
-    except (OSError, ValueError, RuntimeError) as err:
+        model = with_attention_implementation(
+            lambda implementation: AutoModelForCausalLM.from_pretrained(
+                path, attn_implementation=implementation, dtype=dtype or "auto", local_files_only=True))
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoadError(f"cannot load {path}: {first_line}") from None
     if dtype is None and model.dtype == torch.bfloat16 and (device is None or torch.device(device).type == "cpu"):

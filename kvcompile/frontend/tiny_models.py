@@ -55,12 +55,16 @@ TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2",
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A seeded random-weight model of `arch`, SDPA attention, eval mode."""
+    """A seeded random-weight model of `arch`, eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from kvcompile.frontend.loading import with_attention_implementation
+
     config = tiny_config(arch)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+
+    def build(implementation):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=implementation, dtype=dtype)
+    model = with_attention_implementation(build)
     model.config._kvcompile_source = f"tiny-{arch}"
     return model.eval()

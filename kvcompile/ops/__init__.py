@@ -5,7 +5,8 @@ Importing this package registers every op under the `kvcompile` torch namespace
 like `cached_attention/` and one line below (docs/ARCHITECTURE.md, "Adding an op").
 """
 from kvcompile.ops import registry
-from kvcompile.ops import cached_attention, kcache_attention
+from kvcompile.ops import cached_attention, captured_attention, kcache_attention
 
+registry.register(captured_attention.ENTRY)
 registry.register(cached_attention.ENTRY)
 registry.register(kcache_attention.ENTRY)

@@ -13,7 +13,7 @@ attn_bias [B, 1, T, S] additive; out [B, Hq, T, D]. Bodies group query heads as
 """
 from __future__ import annotations
 
-from typing import TypeVar, Union
+from typing import Sequence, TypeVar, Union
 
 import onnx
 from onnxscript import BFLOAT16, FLOAT, FLOAT16
@@ -31,9 +31,18 @@ TFloat = TypeVar("TFloat", bound=Union[FLOAT, FLOAT16, BFLOAT16])
 TBias = TypeVar("TBias", bound=Union[FLOAT, FLOAT16, BFLOAT16])
 
 
+# A layer without sinks carries this one "sink" logit: exp(-inf - max) is exactly 0 (also for a
+# fully hidden row, whose max is the finite mask value), so the
+# extra softmax column changes nothing (and the body needs no branch).
+NO_SINK = float("-inf")
+
+
 @script(kvcompile_opset, default_opset=op)
-def attention_probs(query: TFloat, keys: TFloat, attn_bias: TBias, scale: float) -> TFloat:
-    """softmax(q·keysᵀ·scale + bias), with query heads grouped per KV head.
+def attention_probs(query: TFloat, keys: TFloat, attn_bias: TBias, scale: float, softcap: float,
+                    sinks: Sequence[float]) -> TFloat:
+    """softmax([capped(q·keysᵀ·scale) + bias, sink]) without the sink column, query heads grouped
+    per KV head (kvcompile/ops/attention_math.py). softcap 0 = none; sinks: one logit per query
+    head, or [NO_SINK].
 
     query [B, Hq, T, D], keys [B, Hkv, S, D], attn_bias [B, 1, T, S] -> [B, Hkv, G, T, S]
     """
@@ -43,8 +52,22 @@ def attention_probs(query: TFloat, keys: TFloat, attn_bias: TBias, scale: float)
     keys_t = op.Unsqueeze(op.Transpose(keys, perm=[0, 1, 3, 2]), op.Constant(value_ints=[2]))  # [B, Hkv, 1, D, S]
     scale_value = op.CastLike(op.Constant(value_float=scale), query)
     scores = op.Mul(op.MatMul(grouped_query, keys_t), scale_value)  # [B, Hkv, G, T, S]
+    cap = op.CastLike(op.Constant(value_float=softcap), scores)
+    zero = op.CastLike(op.Constant(value_float=0.0), scores)
+    one = op.CastLike(op.Constant(value_float=1.0), scores)
+    capping = op.Greater(cap, zero)
+    safe_cap = op.Where(capping, cap, one)  # Where evaluates both branches: no division by 0
+    scores = op.Where(capping, op.Mul(op.Tanh(op.Div(scores, safe_cap)), safe_cap), scores)
     bias = op.Unsqueeze(op.CastLike(attn_bias, query), op.Constant(value_ints=[1]))  # [B, 1, 1, T, S]
-    return op.Softmax(op.Add(scores, bias), axis=-1)
+    logits = op.Add(scores, bias)
+    # sink logits [Hq] (or one value for all) -> [B, Hkv, G, T, 1], appended as a last column
+    heads = op.Shape(query, start=1, end=2)
+    sink = op.Expand(op.CastLike(op.Constant(value_floats=sinks), logits), heads)
+    sink = op.Reshape(sink, op.Concat(op.Constant(value_ints=[1]), op.Shape(keys, start=1, end=2),
+                                      op.Constant(value_ints=[-1, 1, 1]), axis=0))
+    sink = op.Expand(sink, op.Concat(op.Shape(logits, start=0, end=4), op.Constant(value_ints=[1]), axis=0))
+    probs = op.Softmax(op.Concat(logits, sink, axis=-1), axis=-1)
+    return op.Slice(probs, op.Constant(value_ints=[0]), op.Constant(value_ints=[-1]), op.Constant(value_ints=[4]))
 
 
 # The exporter inlines every function it knows about when it converts opset versions, so
@@ -52,7 +75,24 @@ def attention_probs(query: TFloat, keys: TFloat, attn_bias: TBias, scale: float)
 # record such a node, they are never registered with onnx) and `function_protos` attaches
 # the bodies afterwards.
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-_ATTRIBUTE_KINDS = {"float": onnx.defs.OpSchema.AttrType.FLOAT, "int": onnx.defs.OpSchema.AttrType.INT}
+_ATTRIBUTE_KINDS = {"float": onnx.defs.OpSchema.AttrType.FLOAT, "int": onnx.defs.OpSchema.AttrType.INT,
+                    "floats": onnx.defs.OpSchema.AttrType.FLOATS}
+
+
+def _attention_attribute_docs():
+    from kvcompile.ops.registry import NodeAttribute
+
+    return (NodeAttribute("softcap", "float", "0 = none, else scores become softcap * tanh(scores / softcap)"),
+            NodeAttribute("sinks", "floats", f"one sink logit per query head, joining the softmax's denominator; "
+                                             f"[{NO_SINK:g}] = no sinks"))
+
+
+ATTENTION_ATTRIBUTES = _attention_attribute_docs()
+
+
+def attention_attributes(softcap: float = 0.0, sinks=None) -> dict:
+    """The softcap / sinks node attributes every attention op carries (see attention_probs)."""
+    return {"softcap": float(softcap), "sinks": [float(x) for x in sinks] if sinks is not None else [NO_SINK]}
 
 
 def node_op(name: str, definition) -> Op:
@@ -96,4 +136,4 @@ def node_attribute_docs() -> dict:
     from kvcompile.ops import registry
 
     return {entry.name: {a.name: f"{a.kind}: {a.doc}" for a in entry.onnx_definition().attributes}
-            for entry in registry.registered()}
+            for entry in registry.registered() if entry.exportable}

@@ -20,7 +20,7 @@ class NodeAttribute:
     """One attribute of the op's ONNX node (plain numbers only: TensorRT has no string tensors)."""
 
     name: str
-    kind: str  # "float" | "int"
+    kind: str  # "float" | "int" | "floats"
     doc: str
 
 
@@ -59,11 +59,18 @@ class OpEntry:
     torch_op: Any  # the OpOverload the passes insert
     # Where its OnnxDefinition comes from, loaded on first export (onnxscript is a heavy import):
     # a module path whose DEFINITION it is, or a function returning one.
-    onnx: Union[str, Callable[[], OnnxDefinition]]
+    # None: a trace-time op that the passes always replace, so no target ever exports it.
+    onnx: Union[str, Callable[[], OnnxDefinition], None]
     kernel_symbols: Tuple[KernelSymbol, ...] = ()
     summary: str = ""
 
+    @property
+    def exportable(self) -> bool:
+        return self.onnx is not None
+
     def onnx_definition(self) -> OnnxDefinition:
+        if not self.exportable:
+            raise ValueError(f"kvcompile::{self.name} is a trace-time op and has no ONNX definition")
         if self.name not in _onnx_cache:
             load = self.onnx
             _onnx_cache[self.name] = import_module(load).DEFINITION if isinstance(load, str) else load()

@@ -58,10 +58,13 @@ class CompiledModel:
         return self
 
     # backend protocol ---------------------------------------------------------------------
-    def step(self, input_ids, position_ids, attn_bias, past_keys, past_values):
+    def step(self, input_ids, position_ids, biases, past_keys, past_values):
+        """One graph call; `biases` is the list of masks (one per spec.bias_windows()), or one tensor."""
         device = self.device
+        biases = [biases] if isinstance(biases, torch.Tensor) else biases
         outputs = self.graph_module(
-            input_ids.to(device), position_ids.to(device), attn_bias.to(device), *interleave(past_keys, past_values)
+            input_ids.to(device), position_ids.to(device), *(b.to(device) for b in biases),
+            *interleave(past_keys, past_values)
         )
         logits, rest = outputs[0], outputs[1:]
         return logits, list(rest[0::2]), list(rest[1::2])

@@ -87,10 +87,10 @@ def prefill_isolated(backend, cache, ids: torch.Tensor, first_position: Optional
     positions = start[:, None].to(ids.device) + torch.arange(tokens, device=ids.device)
     valid = torch.ones_like(ids, dtype=torch.bool)
     hidden_past = torch.zeros_like(cache.valid)  # the chunk sees none of the cached positions
-    from kvcompile.runtime.masks import attention_bias
+    from kvcompile.runtime.masks import step_biases
 
-    bias = attention_bias(hidden_past, cache.positions, valid, positions, cache.dtype, backend.spec.sliding_window)
+    biases = step_biases(backend.spec, hidden_past, cache.positions, valid, positions, cache.dtype)
     past_keys, past_values = cache.past_all()
-    logits, new_keys, new_values = backend.step(ids, positions, bias, past_keys, past_values)
+    logits, new_keys, new_values = backend.step(ids, positions, biases, past_keys, past_values)
     cache.append(new_keys, new_values, valid, positions)
     return logits

@@ -1,9 +1,10 @@
 """The generation loop every backend shares: prefill, then greedy decode steps over a cache manager.
 
 A backend is anything with `spec` (GraphSpec) and
-    step(input_ids, position_ids, attn_bias, past_keys, past_values) -> (logits, new_keys, new_values)
+    step(input_ids, position_ids, biases, past_keys, past_values) -> (logits, new_keys, new_values)
 (the torch GraphModule and the ONNX Runtime session both qualify), so the cache semantics —
 left padding, positions, masks, host-resident V — are written once, here and in cache.py.
+`biases` is one additive mask per distinct window of the layers (masks.step_biases).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 
 from kvcompile.runtime.cache import KVCacheManager
-from kvcompile.runtime.masks import attention_bias
+from kvcompile.runtime.masks import step_biases
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -33,8 +34,8 @@ def run_step(backend, cache: KVCacheManager, input_ids, new_valid, new_positions
             f"{cache.length} cached + {input_ids.shape[1]} new tokens exceed the model's context of {limit} positions"
         )
     past_keys, past_values = cache.past_all()
-    bias = attention_bias(cache.valid, cache.positions, new_valid, new_positions, cache.dtype, backend.spec.sliding_window)
-    logits, new_keys, new_values = backend.step(input_ids, new_positions, bias, past_keys, past_values)
+    biases = step_biases(backend.spec, cache.valid, cache.positions, new_valid, new_positions, cache.dtype)
+    logits, new_keys, new_values = backend.step(input_ids, new_positions, biases, past_keys, past_values)
     cache.append(new_keys, new_values, new_valid, new_positions)
     return logits
 

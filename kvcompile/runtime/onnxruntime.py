@@ -76,12 +76,13 @@ class OnnxRuntimeBackend:
             return ort.OrtValue.ortvalue_from_numpy(array)  # wraps the tensor's memory, no copy
         return ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
 
-    def step(self, input_ids, position_ids, attn_bias, past_keys: List[torch.Tensor],
+    def step(self, input_ids, position_ids, biases, past_keys: List[torch.Tensor],
              past_values: List[torch.Tensor]):
         """-> (logits [B, T, V], new_keys [B, Hkv, T, D] per layer, new_values per layer), CPU tensors."""
         tokens = input_ids.shape[1]
         session = self.session_for(tokens)
-        feeds = [input_ids.long(), position_ids.long(), attn_bias.to(self.dtype)]
+        biases = [biases] if isinstance(biases, torch.Tensor) else biases
+        feeds = [input_ids.long(), position_ids.long(), *(b.to(self.dtype) for b in biases)]
         for key, value in zip(past_keys, past_values):
             feeds += [key, value]
         if len(feeds) != len(self.input_names):

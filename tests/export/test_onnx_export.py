@@ -119,7 +119,7 @@ def test_external_weights_and_selection_variants(tmp_path, select, renormalize):
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in kcache_nodes[0].attribute}
         assert attributes == {"scale": pytest.approx(8 ** -0.5), "topn": TOPN, "topn_numerator": 0,
                               "topn_denominator": 0, "select_layer": int(select == "layer"),
-                              "renormalize": int(renormalize)}
+                              "renormalize": int(renormalize), "softcap": 0.0, "sinks": [float("-inf")]}
     input_ids, attention_mask = prompt()
     expected = torch_runtime(module).generate(input_ids, attention_mask, max_new_tokens=12)
     assert torch.equal(load_onnx_artifact(out).generate(input_ids, attention_mask, max_new_tokens=12), expected)

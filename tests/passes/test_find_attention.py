@@ -12,10 +12,11 @@ from kvcompile.frontend.trace import trace_model
 from kvcompile.passes.context import PassContext
 
 
-def sites_of(arch: str):
+def sites_of(arch: str, capture: bool = False):
+    """The SDPA path by default (capture=False): the repeat_kv walk is what these tests check."""
     model = tiny_model(arch)
     context = pass_context(model, CacheConfig())
-    graph_module = trace_model(model).module()
+    graph_module = trace_model(model, capture=capture).module()
     rows = find_attention(graph_module, context)
     return context.attention_sites, rows
 
@@ -55,7 +56,7 @@ def test_eager_attention_names_layer_and_missing_pattern():
     model.config._attn_implementation = "eager"
     for layer in model.model.layers:
         layer.self_attn.config._attn_implementation = "eager"
-    graph_module = trace_model(model).module()
+    graph_module = trace_model(model, capture=False).module()
     with pytest.raises(AttentionPatternError) as error:
         find_attention(graph_module, pass_context(model, CacheConfig()))
     message = str(error.value)

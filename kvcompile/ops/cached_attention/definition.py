@@ -11,13 +11,21 @@ Shapes:
   key_cache   [B, Hkv, P, D]   past tokens, P may be 0
   value_cache [B, Hkv, P, D]
   attn_bias   [B, 1, T, P + T] additive (0 = visible, dtype-min = hidden); causal + padding
+              + the layer's window
+  softcap     0 = none, else scores become softcap · tanh(scores / softcap) before the bias
+  sinks       None, or one logit per query head that joins the softmax's denominator
   returns     [B, Hq,  T, D]
 GQA: query head h reads KV head h // (Hq // Hkv), as HF's repeat_kv does.
+The arithmetic is kvcompile/ops/attention_math.py's; the kernels below are faster ways to it.
 """
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 from torch import Tensor
+
+from kvcompile.ops import attention_math
 
 
 def expand_kv_heads(x: Tensor, query_heads: int) -> Tensor:
@@ -42,7 +50,8 @@ def _attention_with_lse(query: Tensor, keys: Tensor, values: Tensor, bias, scale
 
 
 def decode_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tensor,
-                     value_cache: Tensor, attn_bias: Tensor, scale: float) -> Tensor:
+                     value_cache: Tensor, attn_bias: Tensor, scale: float,
+                     sinks: Optional[List[float]] = None) -> Tensor:
     """One new token per sequence (T = 1) over past ++ new, without concatenating the cache.
 
     `torch.cat` of past and new would copy every cached key and value each step (what HF's
@@ -51,6 +60,8 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tenso
     of one KV group become the query rows of that KV head, so no kernel needs GQA support and
     no KV head is repeated. Few ops on purpose: at decode this runs once per layer per step
     and each op costs host time (profiled on H100: ~1 ms per call with 30 ops).
+    Sinks need no other kernel: a sink logit z only enlarges the denominator, so the output is
+    the sink-free one times exp(lse) / (exp(lse) + exp(z)) = sigmoid(lse - z).
     """
     B, Hq, _, D = query.shape
     Hkv, P = key.shape[1], key_cache.shape[2]
@@ -71,6 +82,9 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tenso
     weight_past = torch.exp(lse_past - lse).unsqueeze(-1)
     weight_new = torch.exp(logit_new - lse).unsqueeze(-1)
     out = torch.addcmul(out_past.float() * weight_past, value.float(), weight_new)
+    if sinks is not None:
+        sink = torch.tensor(sinks, dtype=torch.float32, device=query.device).reshape(1, Hkv, G)
+        out = out * torch.sigmoid(lse.float() - sink).unsqueeze(-1)
     return out.to(query.dtype).reshape(B, Hq, 1, D)
 
 
@@ -83,11 +97,18 @@ def cached_attention(
     value_cache: Tensor,
     attn_bias: Tensor,
     scale: float,
+    softcap: float = 0.0,
+    sinks: Optional[List[float]] = None,
 ) -> Tensor:
+    if softcap > 0:  # no fused kernel applies a tanh to the scores: the definition itself
+        keys, values = torch.cat([key_cache, key], dim=2), torch.cat([value_cache, value], dim=2)
+        return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)
     if query.shape[2] == 1 and key_cache.shape[2] > 0:
-        return decode_attention(query, key, value, key_cache, value_cache, attn_bias, scale)
+        return decode_attention(query, key, value, key_cache, value_cache, attn_bias, scale, sinks)
     keys = torch.cat([key_cache, key], dim=2)  # [B, Hkv, P+T, D]
     values = torch.cat([value_cache, value], dim=2)
+    if sinks is not None:
+        return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)
     # enable_gqa lets SDPA read each KV head for its query group instead of materialising
     # Hq/Hkv copies of the whole cache every step.
     return torch.nn.functional.scaled_dot_product_attention(
@@ -97,5 +118,5 @@ def cached_attention(
 
 
 @cached_attention.register_fake
-def _(query, key, value, key_cache, value_cache, attn_bias, scale):
+def _(query, key, value, key_cache, value_cache, attn_bias, scale, softcap=0.0, sinks=None):
     return torch.empty_like(query)

@@ -17,7 +17,9 @@ Shapes:
   returns     [B, Hq,  T, D]   compute device, query's dtype
 
 Semantics (this file's torch code is the definition; the CUDA kernels must match it):
-  probs = softmax(q·[key_cache; key]ᵀ·scale + bias) over all P+T positions.
+  probs = softmax(capped(q·[key_cache; key]ᵀ·scale) + bias) over all P+T positions, where
+  capped is softcap · tanh(x / softcap) when softcap > 0, and a layer's sink logits (if any)
+  join the softmax's denominator (kvcompile/ops/attention_math.py).
   P == 0 (prefill): plain attention over the new tokens, no selection. Rows whose every
   position is hidden (padded queries) are unspecified, as in cached_attention.
   P > 0: a score per position — select="head": per (b, KV head) the sum of probs over the
@@ -36,7 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from typing import List, Optional
+
 from kvcompile.core.modes import SelectMode
+from kvcompile.ops import attention_math
 from kvcompile.ops.cached_attention.definition import expand_kv_heads
 
 SELECT_MODES = SelectMode.names()
@@ -104,13 +109,16 @@ def gather_selected_values(value_host: Tensor, value: Tensor, positions: Tensor)
 
 
 def kcache_attention_reference(query, key, value, key_cache, value_host, attn_bias,
-                               scale: float, topn: int, select: str, renormalize: bool) -> Tensor:
+                               scale: float, topn: int, select: str, renormalize: bool,
+                               softcap: float = 0.0, sinks: Optional[List[float]] = None) -> Tensor:
     """The op's definition in plain torch (float32 math); runs on any device."""
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
     P = key_cache.shape[2]
     S = P + T
     groups = Hq // Hkv
+    if P == 0 and (softcap > 0 or sinks is not None):
+        return attention_math.attention(query, key, value, attn_bias, scale, softcap, sinks)
     if P == 0:
         # Prefill: plain attention. The bias is clamped so a fully hidden row never becomes
         # -inf in fp16 (which would turn into NaN); SDPA keeps prefill memory-efficient on GPU.
@@ -119,11 +127,10 @@ def kcache_attention_reference(query, key, value, key_cache, value_host, attn_bi
             query, expand_kv_heads(key, Hq), expand_kv_heads(value, Hq),
             attn_mask=bias, scale=scale).contiguous()
 
-    keys = torch.cat([key_cache, key], dim=2).float()  # [B, Hkv, S, D]
-    q = query.float().reshape(B, Hkv, groups, T, D)
-    scores = torch.einsum("bhgtd,bhsd->bhgts", q, keys) * scale
+    keys = torch.cat([key_cache, key], dim=2)  # [B, Hkv, S, D]
+    scores = attention_math.grouped_scores(query, keys, scale, softcap)  # [B, Hkv, G, T, S]
     scores = scores + attn_bias.float().reshape(B, 1, 1, T, S)
-    probs = torch.softmax(scores, dim=-1)  # [B, Hkv, G, T, S]
+    probs = attention_math.softmax_with_sinks(scores, attention_math.sink_logits(sinks, Hq, Hkv, query.device))
 
     if select == SelectMode.HEAD:
         position_score = probs.sum(dim=(2, 3))  # [B, Hkv, S]
@@ -152,28 +159,32 @@ def kcache_attention(
     topn: int,
     select: str,
     renormalize: bool,
+    softcap: float = 0.0,
+    sinks: Optional[List[float]] = None,
 ) -> Tensor:
     check_kcache_args(query, key, value, key_cache, value_host, attn_bias, topn, select)
     return kcache_attention_reference(query, key, value, key_cache, value_host, attn_bias,
-                                      scale, topn, select, renormalize)
+                                      scale, topn, select, renormalize, softcap, sinks)
 
 
 @kcache_attention.register_kernel("cuda")
 def _kcache_attention_cuda(query, key, value, key_cache, value_host, attn_bias,
-                           scale, topn, select, renormalize):
+                           scale, topn, select, renormalize, softcap=0.0, sinks=None):
     # Any CUDA tensor among the args lands here (value_host usually is a pinned CPU tensor).
     check_kcache_args(query, key, value, key_cache, value_host, attn_bias, topn, select)
     from kvcompile.ops.kcache_attention import kernels
 
-    if kernels.can_use_kernels(query, key, value, key_cache, value_host, attn_bias):
+    # The decode kernels score plain q·k: soft-capped or sink layers run the definition on the GPU.
+    plain = softcap <= 0 and sinks is None
+    if plain and kernels.can_use_kernels(query, key, value, key_cache, value_host, attn_bias):
         return kernels.decode(query, key, value, key_cache, value_host, attn_bias,
                                             scale, topn, select, renormalize)
     return kcache_attention_reference(query, key, value, key_cache, value_host, attn_bias,
-                                      scale, topn, select, renormalize)
+                                      scale, topn, select, renormalize, softcap, sinks)
 
 
 @kcache_attention.register_fake
-def _(query, key, value, key_cache, value_host, attn_bias, scale, topn, select, renormalize):
+def _(query, key, value, key_cache, value_host, attn_bias, scale, topn, select, renormalize, softcap=0.0, sinks=None):
     # Shapes may be symbolic here, so only the argument checks that need no shape guards run.
     if isinstance(topn, bool) or topn <= 0:
         raise ValueError(f"kcache_attention: topn must be an int ≥ 1, got {topn!r}")

@@ -4,23 +4,27 @@ value_host is [B, P, Hkv, D], token-major (one host row per position).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from onnxscript import opset18 as op
 from onnxscript import script
 
 from kvcompile.core.modes import SelectMode
-from kvcompile.ops.onnx_domain import TBias, TFloat, attention_probs, kvcompile_opset
+from kvcompile.ops.onnx_domain import ATTENTION_ATTRIBUTES, TBias, TFloat, attention_attributes, attention_probs, kvcompile_opset
 from kvcompile.ops.registry import NodeAttribute, OnnxDefinition
 
 
 @script(kvcompile_opset, default_opset=op)
 def kcache_attention(query: TFloat, key: TFloat, value: TFloat, key_cache: TFloat, value_host: TFloat,
                      attn_bias: TBias, scale: float, topn: int, topn_numerator: int,
-                     topn_denominator: int, select_layer: int, renormalize: int) -> TFloat:
+                     topn_denominator: int, select_layer: int, renormalize: int, softcap: float = 0.0,
+                     sinks: Sequence[float] = (float("-inf"),)) -> TFloat:
     # The op is defined in float32 math (definition.py): with fp16 inputs the top-N choice
     # would otherwise differ from torch's. A no-op for float32 graphs.
     query_f = op.Cast(query, to=1)  # FLOAT
     keys = op.Cast(op.Concat(key_cache, key, axis=2), to=1)  # [B, Hkv, S, D]
-    probs = attention_probs(query_f, keys, op.Cast(attn_bias, to=1), scale=scale)  # [B, Hkv, G, T, S]
+    probs = attention_probs(query_f, keys, op.Cast(attn_bias, to=1), scale=scale, softcap=softcap,
+                            sinks=sinks)  # [B, Hkv, G, T, S]
 
     # Which positions each KV head (or the whole layer) keeps: the top-N by probability
     # mass summed over its query heads and this call's query rows.
@@ -69,7 +73,8 @@ class TopnError(RuntimeError):
     """A computed topn the cache config does not explain."""
 
 
-def node_attributes(scale: float, topn, select: str, renormalize: bool, context=None) -> dict:
+def node_attributes(scale: float, topn, select: str, renormalize: bool, softcap: float = 0.0, sinks=None,
+                    context=None) -> dict:
     """An absolute topn arrives as an int; a fractional one arrives as a value the kcache pass
     computed from the context length, which an ONNX attribute cannot hold, so the node carries
     the fraction itself (from the export context) and its body redoes that arithmetic."""
@@ -81,7 +86,7 @@ def node_attributes(scale: float, topn, select: str, renormalize: bool, context=
     else:
         raise TopnError("kcache_attention has a computed topn but the cache config has no fractional topn")
     return dict(scale=scale, **topn_attrs, select_layer=SelectMode(select).code,
-                renormalize=int(bool(renormalize)))
+                renormalize=int(bool(renormalize)), **attention_attributes(softcap, sinks))
 
 
 DEFINITION = OnnxDefinition(
@@ -95,6 +100,7 @@ DEFINITION = OnnxDefinition(
         NodeAttribute("select_layer", "int", "SelectMode code: 0 = top-N per KV head, 1 = one top-N "
                                              "shared by the layer"),
         NodeAttribute("renormalize", "int", "1 = divide by the kept probability mass"),
+        *ATTENTION_ATTRIBUTES,
     ),
     node_attributes=node_attributes,
     body=kcache_attention,
