@@ -148,7 +148,7 @@ def make_case(context: int, seed: int = 0):
 
 def run(out_dir: Path, contexts, topns, iters: int) -> dict:
     import kvcompile.ops  # noqa: F401  (registers the op)
-    from kvcompile.plugins import kcache_decode
+    from kvcompile.ops.kcache_attention import kernels as kcache_decode
 
     op = torch.ops.kvcompile.kcache_attention
     scale = D ** -0.5

@@ -3,14 +3,14 @@
 # has torch and transformers but not this package. `pip` there may belong to another Python, so
 # it is always `python3 -m pip`. Checked from /tmp: the repo root would shadow the install.
 install_kvcompile() {
-  if ! (cd /tmp && python3 -c "import kvcompile.plugins.kcache_decode, kvcompile.passes.kcache") 2>/dev/null; then
+  if ! (cd /tmp && python3 -c "import kvcompile.plugins, kvcompile.passes.kcache") 2>/dev/null; then
     python3 -m pip install -e . --no-deps --no-build-isolation -q --root-user-action=ignore 2>&1 | tail -3
   fi
-  if ! (cd /tmp && python3 -c "import kvcompile.plugins.kcache_decode, kvcompile.passes.kcache") 2>/dev/null; then
+  if ! (cd /tmp && python3 -c "import kvcompile.plugins, kvcompile.passes.kcache") 2>/dev/null; then
     echo "editable install failed: falling back to PYTHONPATH and links for kvcompile.passes/plugins"
     ln -sfn ../plugins kvcompile/plugins
     ln -sfn ../passes kvcompile/passes
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   fi
-  (cd /tmp && python3 -c "import kvcompile.plugins.kcache_decode as m; print('kvcompile.plugins from', m.__file__)")
+  (cd /tmp && python3 -c "import kvcompile.plugins as m; print('kvcompile.plugins from', m.__file__)")
 }

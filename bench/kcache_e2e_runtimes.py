@@ -162,12 +162,12 @@ def kvcompile_attention_ms(compiled, cache, args, device):
     uses_kernels = None
     if cache.is_host_layer(0):
         if device.type == "cuda":
-            from kvcompile.plugins import kcache_decode
+            from kvcompile.ops.kcache_attention import kernels as kcache_decode
 
             uses_kernels = kcache_decode.can_use_kernels(query, key, value, past_key, past_value, bias)
         topn = config.topn_for(cache.length + 1)
         fn = lambda: torch.ops.kvcompile.kcache_attention(  # noqa: E731
-            query, key, value, past_key, past_value, bias, scale, topn, config.select, config.renormalize)
+            query, key, value, past_key, past_value, bias, scale, topn, config.select.value, config.renormalize)
     else:
         fn = lambda: torch.ops.kvcompile.cached_attention(query, key, value, past_key, past_value, bias, scale)  # noqa: E731
     return time_calls(fn, device, args.warmup, args.steps), uses_kernels

@@ -42,6 +42,8 @@ def rotation_layout(node: torch.fx.Node) -> Optional[str]:
         if isinstance(source, torch.fx.Node) and source.target == aten.mul.Tensor:
             return "interleaved"  # adjacent (even, odd) pairs as complex numbers (Llama 4)
         return None
+    if node.target == aten.cat.default and len(node.args[0]) == 2 and two_product_sums(node.args[0]):
+        return "half-split"  # cat(x1·cos - x2·sin, x2·cos + x1·sin) (GPT-OSS writes it this way)
     if node.target != aten.add.Tensor:
         return None
     products = [a for a in node.args if isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor]
@@ -60,6 +62,14 @@ def rotation_layout(node: torch.fx.Node) -> Optional[str]:
             ):
                 return "interleaved"
     return "unrecognised rotation"
+
+
+def two_product_sums(halves) -> bool:
+    """Both halves are a difference / sum of two products (a rotation written out per half)."""
+    targets = [h.target if isinstance(h, torch.fx.Node) else None for h in halves]
+    if sorted(map(str, targets)) != sorted(map(str, (aten.sub.Tensor, aten.add.Tensor))):
+        return False
+    return all(sum(isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor for a in h.args) == 2 for h in halves)
 
 
 def rope_layout(key: torch.fx.Node) -> tuple:

@@ -1,6 +1,6 @@
 """Tiny, config-only decoder-LM families for testing kvcompile against many HF architectures.
 
-    from tiny_families import FAMILIES, family_config
+    from model_families import FAMILIES, family_config
     cfg = family_config("gemma2")
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
 
@@ -146,6 +146,9 @@ OVERRIDES: dict[str, dict] = {
     "llama4_text": dict(num_hidden_layers=4, attention_chunk_size=WINDOW, no_rope_layer_interval=2,
                         layer_types=[C, F, C, F], interleave_moe_layer_step=2,
                         intermediate_size_mlp=128),  # full layers are NoPE (+ temperature tuning)
+    "llama4_text_no_tuning": dict(num_hidden_layers=4, attention_chunk_size=WINDOW, no_rope_layer_interval=2,
+                                  layer_types=[C, F, C, F], interleave_moe_layer_step=2, intermediate_size_mlp=128,
+                                  attn_temperature_tuning=False),  # chunked + NoPE, without the tuning
     "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=2),  # NoPE every 2nd layer
     # --- MoE variants of the above (attention identical to the dense parent) ------------------
     "qwen2_moe": dict(shared_expert_intermediate_size=32),
@@ -182,7 +185,8 @@ OVERRIDES: dict[str, dict] = {
 }
 
 FAMILY_MODEL_TYPE = {name: name for name in OVERRIDES}
-FAMILY_MODEL_TYPE.update(falcon_mqa="falcon", falcon_alibi="falcon", mpt_noalibi="mpt")
+FAMILY_MODEL_TYPE.update(falcon_mqa="falcon", falcon_alibi="falcon", mpt_noalibi="mpt",
+                         llama4_text_no_tuning="llama4_text")
 
 FAMILIES: tuple[str, ...] = tuple(OVERRIDES)
 
@@ -191,6 +195,8 @@ def family_config(name: str):
     """A tiny config object for family `name` (see FAMILIES)."""
     if name not in OVERRIDES:
         raise KeyError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    if FAMILY_MODEL_TYPE[name] not in CONFIG_MAPPING:
+        raise LookupError(f"transformers here has no model type {FAMILY_MODEL_TYPE[name]!r}")
     cls = CONFIG_MAPPING[FAMILY_MODEL_TYPE[name]]
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     amap = getattr(cls, "attribute_map", {}) or {}

@@ -90,3 +90,23 @@ def test_cpu_trace_moves_to_cuda():
     expected = compiled.generate(input_ids, max_new_tokens=8)
     compiled.to("cuda")
     assert torch.equal(compiled.generate(input_ids.cuda(), max_new_tokens=8).cpu(), expected)
+
+
+@pytest.mark.parametrize("family, kind", [
+    ("gemma2", "full"),  # soft-capping: the definition's math path on CUDA
+    ("gpt_oss", "full"),  # sinks: the decode path's log-sum-exp rescale on CUDA
+    ("qwen2", "full"),  # sliding + full layers: two masks
+    ("cohere2", "full"),  # sliding + NoPE full layers
+    ("gemma2", "kcache"),  # soft-capped kcache runs its definition on the GPU
+    ("gpt_oss", "kcache"),
+])
+def test_fp32_cuda_hybrid_families_match_hf(family, kind):
+    from family_checks import TOLERANCE, build, check_compiled
+
+    try:
+        model = build(family).cuda()
+    except LookupError as error:
+        pytest.skip(str(error))
+    config = kvcompile.CacheConfig(kind="kcache", topn=10**6) if kind == "kcache" else kvcompile.CacheConfig()
+    compiled = kvcompile.compile(model, config)
+    assert check_compiled(model, compiled) <= TOLERANCE

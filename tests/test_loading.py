@@ -65,3 +65,11 @@ def test_config_only_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_model("llama").config.to_dict()))
     with pytest.raises(LoadError, match="no weight files"):
         load_model(tmp_path)
+
+
+def test_bundled_reference_model_loads_by_name():
+    from kvcompile.frontend.loading import bundled_model_dir, load_model
+
+    assert (bundled_model_dir("reference") / "config.json").is_file()
+    model = load_model("reference")
+    assert model.config._kvcompile_source == "reference" and not model.training

@@ -216,14 +216,15 @@ def known_errors() -> tuple:
     from kvcompile.core.config import ConfigError
     from kvcompile.export import TargetError
     from kvcompile.export.manifest import ArtifactError
+    from kvcompile.frontend.attention_capture import UnsupportedAttentionError
     from kvcompile.frontend.loading import LoadError
     from kvcompile.passes.find_attention import AttentionPatternError
     from kvcompile.runtime.cache import HostMemoryError
     from kvcompile.runtime.generate import ContextLengthError
     from kvcompile.frontend.trace import TraceError
 
-    return (ConfigError, TargetError, ArtifactError, LoadError, AttentionPatternError, HostMemoryError, TraceError,
-            ContextLengthError)
+    return (ConfigError, TargetError, ArtifactError, LoadError, AttentionPatternError, UnsupportedAttentionError,
+            HostMemoryError, TraceError, ContextLengthError)
 
 
 def quiet_third_party_logs() -> None:

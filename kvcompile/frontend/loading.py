@@ -19,7 +19,9 @@ class LoadError(RuntimeError):
 
 def bundled_model_dir(name: str) -> Path:
     if name == "reference":
-        return Path(__file__).parent / "reference" / "weights"
+        from kvcompile.reference import WEIGHTS_DIR
+
+        return Path(WEIGHTS_DIR)
     raise LoadError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
 
 

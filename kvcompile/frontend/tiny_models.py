@@ -44,6 +44,13 @@ def tiny_config(arch: str):
         return tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=512,
                                 bos_token_id=256, eos_token_id=257)
+    hybrid = dict(llama_like, num_hidden_layers=4, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention"] * 2)
+    if arch == "gemma2":  # alternating sliding/full layers, attention logit soft-capping
+        return tf.Gemma2Config(**hybrid, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=50.0)
+    if arch == "gpt_oss":  # alternating sliding/full layers, attention sinks, MoE
+        return tf.GptOssConfig(**{**hybrid, "intermediate_size": 64}, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2)
     if arch == "gpt2":  # learned absolute positions, fused c_attn with bias, MHA
         return tf.GPT2Config(vocab_size=VOCAB, n_positions=512, n_embd=64, n_layer=2, n_head=4,
                              bos_token_id=256, eos_token_id=257)
@@ -51,7 +58,7 @@ def tiny_config(arch: str):
 
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2",
-              "llama3", "cohere", "granite", "olmo2", "starcoder2", "gpt_neox")
+              "llama3", "cohere", "granite", "olmo2", "starcoder2", "gpt_neox", "gemma2", "gpt_oss")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
