@@ -13,7 +13,7 @@ import threading
 
 from kvcompile.plugins.build import BuildError, library_path
 
-ABI_VERSION = 1  # must equal KVC_ABI_VERSION in csrc/kvcompile_kernels.h
+ABI_VERSION = 2  # must equal KVC_ABI_VERSION in csrc/kvcompile_kernels.h
 
 
 class KernelLibraryError(RuntimeError):

@@ -26,6 +26,7 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
     return fail(KVC_ERR_ARGUMENT, "kcache_decode: query_heads must be a multiple of kv_heads");
   if (a->past_len < 1) return fail(KVC_ERR_ARGUMENT, "kcache_decode: past_len must be >= 1 (prefill has no selection)");
   if (a->topn < 1) return fail(KVC_ERR_ARGUMENT, "kcache_decode: topn must be >= 1");
+  if (!(a->softcap >= 0.f) || isinf(a->softcap)) return fail(KVC_ERR_ARGUMENT, "kcache_decode: softcap must be finite and >= 0");
   if (a->select != KVC_SELECT_HEAD && a->select != KVC_SELECT_LAYER)
     return fail(KVC_ERR_ARGUMENT, "kcache_decode: select must be KVC_SELECT_HEAD or KVC_SELECT_LAYER");
   if (a->dtype != KVC_DTYPE_F32 && a->dtype != KVC_DTYPE_F16 && a->dtype != KVC_DTYPE_BF16)
@@ -129,7 +130,7 @@ int kvc_kcache_decode(const kvc_kcache_decode_args* args, void* workspace, size_
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
 
   if ((err = launch_scores(*args, p, logits, tile_stats, stream))) return cuda_fail(err, "scores");
-  if ((err = launch_softmax_stats(p, tile_stats, stats, stream))) return cuda_fail(err, "softmax stats");
+  if ((err = launch_softmax_stats(p, tile_stats, args->sinks, stats, stream))) return cuda_fail(err, "softmax stats");
   if ((err = launch_selection_scores(p, logits, stats, select, stream))) return cuda_fail(err, "selection scores");
   if ((err = launch_topn_select(p, select, index, stream))) return cuda_fail(err, "top-n select");
   if ((err = launch_gather(*args, p, attr.devicePointer, logits, stats, index, partial, mass, stream)))

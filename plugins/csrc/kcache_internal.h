@@ -81,12 +81,12 @@ template <> __device__ inline __half from_float(float x) { return __float2half_r
 template <> __device__ inline __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 
 // Stage launchers, in the order kvc_kcache_decode enqueues them.
-// logits [B, Hq, S] = q·k·scale + bias; tile_stats [B, Hq, score_tiles] per score CTA.
+// logits [B, Hq, S] = capped(q·k·scale) + bias; tile_stats [B, Hq, score_tiles] per score CTA.
 cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
                           MaxSum* tile_stats, cudaStream_t stream);
-// stats [B, Hq] = (max, 1 / sum) over all positions.
-cudaError_t launch_softmax_stats(const KCachePlan& p, const MaxSum* tile_stats, MaxSum* stats,
-                                 cudaStream_t stream);
+// stats [B, Hq] = (max, 1 / sum) over all positions and the head's sink (sinks may be NULL).
+cudaError_t launch_softmax_stats(const KCachePlan& p, const MaxSum* tile_stats, const float* sinks,
+                                 MaxSum* stats, cudaStream_t stream);
 // select [B, select_rows, S] = Σ over the row's query heads of softmax probabilities.
 cudaError_t launch_selection_scores(const KCachePlan& p, const float* logits, const MaxSum* stats,
                                     float* select, cudaStream_t stream);

@@ -105,7 +105,11 @@ score_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ logits,
       if (sub == 0 && r < tile_len) {
         const float bias_r = bias[tile_start + r];
 #pragma unroll
-        for (int g = 0; g < GT; ++g) tile_logits[g * p.score_tile + r] = acc[u][g] * a.scale + bias_r;
+        for (int g = 0; g < GT; ++g) {
+          float x = acc[u][g] * a.scale;
+          if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);  // soft-capping precedes the mask
+          tile_logits[g * p.score_tile + r] = x + bias_r;
+        }
       }
     }
   }
@@ -133,9 +137,10 @@ score_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ logits,
   }
 }
 
-// One warp per (b, query head): fold the per-tile statistics; store (max, 1 / sum).
+// One warp per (b, query head): fold the per-tile statistics and the head's sink logit (a
+// softmax column with no value: it only enlarges the denominator); store (max, 1 / sum).
 __global__ void softmax_stats_kernel(KCachePlan p, const MaxSum* __restrict__ tile_stats,
-                                     MaxSum* __restrict__ stats) {
+                                     const float* __restrict__ sinks, MaxSum* __restrict__ stats) {
   const int head = blockIdx.x;  // b * Hq + hq
   const MaxSum* t = tile_stats + (int64_t)head * p.score_tiles;
   MaxSum acc{-INFINITY, 0.f};
@@ -144,6 +149,7 @@ __global__ void softmax_stats_kernel(KCachePlan p, const MaxSum* __restrict__ ti
     MaxSum other{__shfl_xor_sync(0xffffffffu, acc.max, off), __shfl_xor_sync(0xffffffffu, acc.sum, off)};
     acc = combine(acc, other);
   }
+  if (sinks != nullptr) acc = combine(acc, MaxSum{sinks[head % p.Hq], 1.f});
   if (threadIdx.x == 0) stats[head] = MaxSum{acc.max, 1.f / acc.sum};
 }
 
@@ -178,9 +184,9 @@ cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, 
   }
 }
 
-cudaError_t launch_softmax_stats(const KCachePlan& p, const MaxSum* tile_stats, MaxSum* stats,
-                                 cudaStream_t stream) {
-  softmax_stats_kernel<<<p.B * p.Hq, 32, 0, stream>>>(p, tile_stats, stats);
+cudaError_t launch_softmax_stats(const KCachePlan& p, const MaxSum* tile_stats, const float* sinks,
+                                 MaxSum* stats, cudaStream_t stream) {
+  softmax_stats_kernel<<<p.B * p.Hq, 32, 0, stream>>>(p, tile_stats, sinks, stats);
   return cudaGetLastError();
 }
 

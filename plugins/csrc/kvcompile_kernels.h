@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-#define KVC_ABI_VERSION 1
+#define KVC_ABI_VERSION 2  /* 2: softcap and sinks */
 
 enum { KVC_OK = 0, KVC_ERR_ARGUMENT = 1, KVC_ERR_CUDA = 2, KVC_ERR_WORKSPACE = 3 };
 enum { KVC_DTYPE_F32 = 0, KVC_DTYPE_F16 = 1, KVC_DTYPE_BF16 = 2 };
@@ -27,6 +27,8 @@ typedef struct {
   int32_t renormalize; /* divide by the kept probability mass */
   int32_t dtype;       /* KVC_DTYPE_* of query/key/value/key_cache/value_host/out */
   float scale;
+  float softcap;       /* 0 = none, else each logit q·k·scale becomes softcap * tanh(logit / softcap) */
+  const float* sinks;  /* NULL, or [Hq] fp32 device logits that join each head's softmax denominator */
   const void* query;     int64_t query_stride_b, query_stride_h;           /* [B, Hq, 1, D] */
   const void* key;       int64_t key_stride_b, key_stride_h;               /* [B, Hkv, 1, D] */
   const void* value;     int64_t value_stride_b, value_stride_h;           /* [B, Hkv, 1, D] */

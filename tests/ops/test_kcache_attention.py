@@ -291,3 +291,24 @@ def test_cuda_all_equal_scores_keep_exactly_topn_rows():
         want = kcache_attention_reference(*args, 0.125, 300, select, False)
         got = op(*to_cuda_args(args), 0.125, 300, select, False)
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("select", ["head", "layer"])
+def test_cuda_decode_with_softcap_and_sinks_matches_reference(dtype, select):
+    from kvcompile.ops.kcache_attention import kernels as kcache_decode
+
+    B, Hq, Hkv, P, D = 3, 8, 2, 1500, 64
+    args = make_inputs(B, Hq, Hkv, 1, P, D, [0, 7, 300], dtype=dtype, seed=11, spread=3.0)
+    gpu_args = to_cuda_args(args)
+    assert kcache_decode.can_use_kernels(*gpu_args)
+    sinks = [float(x) for x in torch.linspace(-2.0, 3.0, Hq)]
+    tol = dict(float32=2e-4, bfloat16=3e-2)[str(dtype).split(".")[1]]
+    for softcap, sink in ((5.0, None), (0.0, sinks), (5.0, sinks)):
+        for topn in (7, P + 1):
+            want = kcache_attention_reference(*args, D ** -0.5, topn, select, False, softcap, sink)
+            got = op(*gpu_args, D ** -0.5, topn, select, False, softcap, sink)
+            torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol,
+                                       msg=lambda m: f"softcap={softcap} sinks={sink is not None} topn={topn}: {m}")

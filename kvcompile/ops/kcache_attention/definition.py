@@ -28,8 +28,9 @@ Semantics (this file's torch code is the definition; the CUDA kernels must match
   when renormalize. With topn ≥ P+T this is exact attention (equals cached_attention).
 GQA: query head h reads KV head h // (Hq // Hkv).
 
-CUDA: decode (T == 1, P > 0) runs the plugins library kernels (scores, softmax statistics,
-radix top-N select, zero-copy gather of the chosen rows from pinned host memory). Other CUDA
+CUDA: decode (T == 1, P > 0) runs the plugins library kernels (scores with soft-capping,
+softmax statistics with sinks, radix top-N select, zero-copy gather of the chosen rows from
+pinned host memory). Other CUDA
 cases run the torch code below on the GPU; it gathers only the chosen host rows.
 """
 from __future__ import annotations
@@ -174,11 +175,9 @@ def _kcache_attention_cuda(query, key, value, key_cache, value_host, attn_bias,
     check_kcache_args(query, key, value, key_cache, value_host, attn_bias, topn, select)
     from kvcompile.ops.kcache_attention import kernels
 
-    # The decode kernels score plain q·k: soft-capped or sink layers run the definition on the GPU.
-    plain = softcap <= 0 and sinks is None
-    if plain and kernels.can_use_kernels(query, key, value, key_cache, value_host, attn_bias):
+    if kernels.can_use_kernels(query, key, value, key_cache, value_host, attn_bias):
         return kernels.decode(query, key, value, key_cache, value_host, attn_bias,
-                                            scale, topn, select, renormalize)
+                              scale, topn, select, renormalize, softcap, sinks)
     return kcache_attention_reference(query, key, value, key_cache, value_host, attn_bias,
                                       scale, topn, select, renormalize, softcap, sinks)
 

@@ -32,7 +32,7 @@ class DecodeArgs(ctypes.Structure):
     _fields_ = [
         ("batch", _int), ("query_heads", _int), ("kv_heads", _int), ("past_len", _int),
         ("head_dim", _int), ("topn", _int), ("select", _int), ("renormalize", _int),
-        ("dtype", _int), ("scale", ctypes.c_float),
+        ("dtype", _int), ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("sinks", _ptr),
         ("query", _ptr), ("query_stride_b", _i64), ("query_stride_h", _i64),
         ("key", _ptr), ("key_stride_b", _i64), ("key_stride_h", _i64),
         ("value", _ptr), ("value_stride_b", _i64), ("value_stride_h", _i64),
@@ -91,7 +91,21 @@ def can_use_kernels(query, key, value, key_cache, value_host, attn_bias) -> bool
     return kernels_available()
 
 
-def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, select, renormalize):
+_sink_tensors: dict = {}
+
+
+def sink_tensor(sinks, device):
+    """The sink logits as a [Hq] fp32 device tensor, uploaded once per (values, device)."""
+    if sinks is None:
+        return None
+    key = (tuple(sinks), str(device))
+    if key not in _sink_tensors:
+        _sink_tensors[key] = torch.tensor(sinks, dtype=torch.float32, device=device)
+    return _sink_tensors[key]
+
+
+def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, select, renormalize,
+           softcap=0.0, sinks=None):
     """out [B, Hq, 1, D] on query's device, enqueued on the current stream."""
     lib = load_kernels()
     B, Hq, _, D = query.shape
@@ -104,11 +118,13 @@ def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, sel
     if bias.dtype != torch.float32 or bias.stride(1) != 1:
         bias = bias.float().contiguous()
     out = torch.empty((B, Hq, 1, D), dtype=query.dtype, device=query.device)
+    sink_device = sink_tensor(sinks, query.device)
 
     args = DecodeArgs(
         batch=B, query_heads=Hq, kv_heads=Hkv, past_len=P, head_dim=D, topn=topn,
         select=SelectMode(select).code, renormalize=int(renormalize),
-        dtype=DTYPE_CODES[query.dtype], scale=scale,
+        dtype=DTYPE_CODES[query.dtype], scale=scale, softcap=float(softcap or 0.0),
+        sinks=sink_device.data_ptr() if sink_device is not None else None,
         query=query.data_ptr(), query_stride_b=_stride(query, 0), query_stride_h=_stride(query, 1),
         key=key.data_ptr(), key_stride_b=_stride(key, 0), key_stride_h=_stride(key, 1),
         value=value.data_ptr(), value_stride_b=_stride(value, 0), value_stride_h=_stride(value, 1),
