@@ -5,12 +5,22 @@
     compiled = kvcompile.compile(model, config)
     tokens = compiled.generate(input_ids, max_new_tokens=32)
     kvcompile.export(model, target="onnx", out_dir="exported/reference-kcache", cache=config)
+
+Importing the package is light (no torch) so `kvcompile --help` starts fast; the functions
+below import what they need when called. Errors: kvcompile.errors (one typed family).
 """
 __version__ = "0.1.0"
 
-from kvcompile.core.config import CacheConfig, ConfigError, KCacheOptions  # noqa: F401,E402
+from kvcompile.core.config import CacheConfig, KCacheOptions  # noqa: F401,E402
 from kvcompile.core.modes import CacheKind, SelectMode  # noqa: F401,E402
-from kvcompile.frontend.loading import LoadError, load_model  # noqa: F401,E402
+from kvcompile.errors import ConfigError, KvcompileError, LoadError  # noqa: F401,E402
+
+
+def load_model(name_or_dir="reference", dtype=None, device=None):
+    """A local Hugging Face checkpoint folder or a bundled model ("reference"), in eval mode."""
+    from kvcompile.frontend.loading import load_model as load
+
+    return load(name_or_dir, dtype=dtype, device=device)
 
 
 def compile(model, config=None):  # noqa: A001

@@ -12,12 +12,11 @@ import os
 import threading
 
 from kvcompile.plugins.build import BuildError, library_path
+from kvcompile.errors import KernelLibraryError  # noqa: F401  (raised here)
 
 ABI_VERSION = 2  # must equal KVC_ABI_VERSION in csrc/kvcompile_kernels.h
 
 
-class KernelLibraryError(RuntimeError):
-    """The kernel library could not be built or loaded."""
 
 
 _lock = threading.Lock()

@@ -10,7 +10,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from kvcompile.core.modes import CacheKind, SelectMode
+from kvcompile.cli.options import (add_cache_options, cache_config_from, check_against_model, non_negative_int,
+                                   positive_int)
+from kvcompile.errors import InternalError, KvcompileError, UsageError
+from kvcompile.export import TARGETS
 
 console = Console(stderr=True)
 # Tables stay readable when piped to a file or CI log (rich assumes 80 columns there).
@@ -26,91 +29,46 @@ def stage(text: str):
     console.print(f"[green]✓[/green] {text} ({time.perf_counter() - start:.1f} s)")
 
 
-def cache_config_from(args):
-    from kvcompile.core.config import CacheConfig
-
-    topn = args.topn
-    if topn is not None and "." in str(topn):
-        topn = float(topn)
-    elif topn is not None:
-        topn = int(topn)
-    fields = {"kind": args.cache}
-    if topn is not None:
-        fields["topn"] = topn
-    if args.select:
-        fields["select"] = args.select
-    if args.full_layers is not None:
-        fields["full_layers"] = args.full_layers
-    return CacheConfig(**fields)
-
-
 def load_for_cli(name: str, dtype: str = None):
     import torch
 
     from kvcompile.frontend.loading import load_model
     from kvcompile.frontend.tiny_models import TINY_ARCHS, tiny_model
 
-    if name.startswith("tiny-") and name[5:] in TINY_ARCHS:
+    if name.startswith("tiny-"):
+        if name[5:] not in TINY_ARCHS:
+            raise UsageError(f"unknown tiny model {name!r}; known: {', '.join('tiny-' + a for a in TINY_ARCHS)}")
         return tiny_model(name[5:])
     return load_model(name, dtype=getattr(torch, dtype) if dtype else None)
 
 
+def default_output(args, config) -> Path:
+    """exported/NAME-CACHE-TARGET: another target or cache never overwrites an artifact silently."""
+    return Path("exported") / f"{Path(args.model).name}-{config.kind.value}-{args.target}"
+
+
 def cmd_export(args) -> int:
     from kvcompile.core.pipeline import compile as compile_model
-    from kvcompile.export import check_target, export
-    from kvcompile.export.manifest import check_writable_parent
+    from kvcompile.export import check_output_dir, export
 
-    check_target(args.target)
     config = cache_config_from(args)
-    out_dir = Path(args.output or Path("exported") / f"{Path(args.model).name}-{config.kind}")
-    check_writable_parent(out_dir)
+    out_dir = Path(args.output) if args.output else default_output(args, config)
+    check_output_dir(out_dir)  # before minutes of work, not after
     with stage(f"loading {args.model}"):
         model = load_for_cli(args.model, args.dtype)
+    check_against_model(config, model)
     with stage("tracing with torch.export and running passes"):
         compiled = compile_model(model, config)
     with stage(f"writing {args.target} artifact"):
         final = export(compiled, target=args.target, out_dir=out_dir)
-    out.print(f"exported {args.model} ({config.kind} cache, {compiled.spec.num_layers} layers) to {final}")
+    out.print(f"exported {args.model} ({config.kind.value} cache, {compiled.spec.num_layers} layers) to {final}")
     return 0
-
-
-def load_artifact(folder: str, backend: str):
-    from kvcompile.export.manifest import load_manifest
-
-    # Only to pick the loader: each loader validates the manifest and every checksum itself.
-    manifest = load_manifest(folder, verify_checksums=False)
-    if backend == "torch":
-        if manifest.get("target") != "torch":
-            raise SystemExit(f"error: {folder} is a {manifest.get('target')!r} artifact; use --backend onnxruntime")
-        from kvcompile.export.torch_target import load_torch_artifact
-
-        return load_torch_artifact(folder), manifest
-    from kvcompile.runtime.onnxruntime import load_onnx_artifact
-
-    return load_onnx_artifact(folder), manifest
 
 
 def cmd_run(args) -> int:
-    import torch
+    from kvcompile.cli.run_command import cmd_run as run
 
-    from kvcompile.frontend.text_tokenizer import load_text_tokenizer
-
-    backend = args.backend or "torch"
-    with stage(f"loading {args.artifact} ({backend})"):
-        model, manifest = load_artifact(args.artifact, backend)
-    tokenizer_dir = Path(args.artifact) / manifest["tokenizer"] if manifest.get("tokenizer") else None
-    tokenizer = load_text_tokenizer(tokenizer_dir)
-    prompt = tokenizer.encode(args.prompt)
-    if not prompt:
-        raise SystemExit("error: the prompt is empty")
-    input_ids = torch.tensor([prompt])
-    start = time.perf_counter()
-    output = model.generate(input_ids, max_new_tokens=args.max_new_tokens)
-    elapsed = time.perf_counter() - start
-    new_tokens = output[0, len(prompt):].tolist()
-    out.print(args.prompt + tokenizer.decode(new_tokens), markup=False, highlight=False)
-    console.print(f"[dim]{len(new_tokens)} tokens in {elapsed:.2f} s ({len(new_tokens) / elapsed:.1f} tok/s, {backend})[/dim]")
-    return 0
+    return run(args, stage, console)
 
 
 def cmd_inspect(args) -> int:
@@ -133,6 +91,7 @@ def cmd_inspect(args) -> int:
     config = cache_config_from(args)
     with stage(f"loading {args.target}"):
         model = load_for_cli(args.target)
+    check_against_model(config, model)
     with stage("tracing and running passes"):
         compiled = compile_model(model, config)
     print_report(out, compiled.report, title=f"{args.target} → {config.kind} cache", spec=compiled.spec)
@@ -145,109 +104,160 @@ def cmd_eval(args) -> int:
     return run_eval_command(args, load_for_cli, cache_config_from, out)
 
 
+BENCH_DIR = Path(__file__).resolve().parent.parent.parent / "bench"
+
+
+def bench_names() -> list:
+    return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_")) if BENCH_DIR.is_dir() else []
+
+
 def cmd_bench(args) -> int:
     import runpy
 
-    bench_dir = Path(__file__).resolve().parent.parent / "bench"
-    script = bench_dir / f"{args.name}.py"
+    script = BENCH_DIR / f"{args.name}.py"
     if not script.is_file():
-        available = sorted(p.stem for p in bench_dir.glob("bench_*.py")) if bench_dir.is_dir() else []
-        raise SystemExit(f"error: no benchmark {args.name!r}; available: {', '.join(available) or 'none (bench/ ships with the source checkout)'}")
+        available = ", ".join(bench_names()) or "none (bench/ ships with the source checkout)"
+        raise UsageError(f"no benchmark {args.name!r}; available: {available}")
     sys.argv = [str(script), *args.rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
 
-def add_cache_options(parser):
-    parser.add_argument("--cache", choices=CacheKind.names(), default=CacheKind.FULL.value, help="KV-cache scheme")
-    parser.add_argument("--topn", help="kcache: positions kept (int) or fraction of context (float)")
-    parser.add_argument("--select", choices=SelectMode.names(), help="kcache: selection per KV head or per layer")
-    parser.add_argument("--full-layers", type=int, help="kcache: first layers keeping V on the device")
+def cmd_clean(args) -> int:
+    from kvcompile.export.manifest import clean
+
+    removed = clean(Path(args.folder))
+    for path in removed:
+        out.print(f"removed {path}")
+    out.print(f"{len(removed)} stale folder(s) removed under {args.folder}")
+    return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2 (UsageError's code)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def sub_parser(sub, name, help_text, **kwargs):
+    return sub.add_parser(name, help=help_text, description=help_text,
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvcompile", description="Compile the KV cache of a decoder LLM.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from kvcompile import __version__
+    from kvcompile.errors import EXIT_CODES
 
-    export = sub.add_parser("export", help="trace, rewrite and write an artifact folder")
+    codes = "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
+    parser = Parser(prog="kvcompile", description="Compile the KV cache of a decoder LLM.",
+                    epilog=f"exit codes: {codes}")
+    parser.add_argument("--version", action="version", version=f"kvcompile {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show third-party logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    export = sub_parser(sub, "export", "trace, rewrite and write an artifact folder")
     export.add_argument("model", help="'reference', 'tiny-<arch>', or a local HF checkpoint folder")
     add_cache_options(export)
-    export.add_argument("--target", default="torch", help="torch | onnx")
-    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    export.add_argument("-o", "--output", help="artifact folder (default exported/NAME-CACHE)")
+    export.add_argument("--target", choices=TARGETS, default="torch", help="artifact kind")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: "
+                        "the checkpoint's; float32 on CPU)")
+    export.add_argument("-o", "--output", help="artifact folder (default exported/NAME-CACHE-TARGET)")
     export.set_defaults(func=cmd_export)
 
-    run = sub.add_parser("run", help="generate text with an exported artifact")
-    run.add_argument("artifact")
-    run.add_argument("--prompt", required=True)
-    run.add_argument("--max-new-tokens", type=int, default=32)
-    run.add_argument("--backend", choices=("torch", "onnxruntime"))
+    run = sub_parser(sub, "run", "generate text with an exported artifact (streams the text)")
+    run.add_argument("artifact", help="an artifact folder written by `kvcompile export`")
+    run.add_argument("--prompt", required=True, help="the text to continue")
+    run.add_argument("--max-new-tokens", type=non_negative_int, default=32, help="tokens to generate")
+    run.add_argument("--backend", choices=("torch", "onnxruntime"), help="default: the one the artifact's target needs")
+    sampling = run.add_argument_group("sampling (greedy unless one of these is given; transformers' semantics)")
+    sampling.add_argument("--temperature", type=float, help="divide logits by this (> 0); default 1")
+    sampling.add_argument("--top-k", type=non_negative_int, help="keep the k most likely tokens (0 = off); default 50")
+    sampling.add_argument("--top-p", type=float, help="keep the smallest set reaching this probability; default 1")
+    sampling.add_argument("--seed", type=int, help="seed of the sampler (same seed, same text)")
     run.set_defaults(func=cmd_run)
 
-    inspect = sub.add_parser("inspect", help="what each pass matched and rewrote, per layer")
+    inspect = sub_parser(sub, "inspect", "what each pass matched and rewrote, per layer")
     inspect.add_argument("target", help="a model name/folder, or an artifact folder")
     add_cache_options(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
-    evaluate = sub.add_parser("eval", help="quality tasks on the reference model")
+    evaluate = sub_parser(sub, "eval", "quality tasks on the reference model")
     evaluate.add_argument("model", nargs="?", default="reference")
     add_cache_options(evaluate)
-    evaluate.add_argument("--tasks", default="perplexity,retrieval,cross_chunk")
-    evaluate.add_argument("--samples", type=int, default=20, help="examples per task and length")
+    evaluate.add_argument("--tasks", type=parse_tasks, default=",".join(EVAL_TASKS),
+                          help=f"comma-separated, from: {', '.join(EVAL_TASKS)}")
+    evaluate.add_argument("--samples", type=positive_int, default=20, help="examples per task and length")
     evaluate.add_argument("--json", help="also write the results as JSON here")
-    evaluate.add_argument("--decode-tail", type=int, help="feed each prompt's last N tokens as decode steps "
-                          "(default 16 for kcache, so the question reads the compressed cache)")
+    evaluate.add_argument("--decode-tail", type=non_negative_int, help="feed each prompt's last N tokens as decode "
+                          "steps (default 16 for kcache, so the question reads the compressed cache)")
     evaluate.add_argument("--runner", choices=("compiled", "hf"), default="compiled",
                           help="score kvcompile's compiled model, or transformers itself (the reference)")
-    evaluate.add_argument("--ppl-windows", type=int, default=8, help="held-out windows for perplexity")
+    evaluate.add_argument("--ppl-windows", type=positive_int, default=8, help="held-out windows for perplexity")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument("--device", help="e.g. cuda (default: where the model loads, the CPU)")
     evaluate.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="run a benchmark from bench/ (JSON + plot)")
-    bench.add_argument("name", help="e.g. bench_kcache_op")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench = sub_parser(sub, "bench", "run a benchmark from bench/ (JSON + plot)")
+    bench.add_argument("name", help=f"one of: {', '.join(bench_names()) or 'none here'}")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bench.set_defaults(func=cmd_bench)
+
+    clean = sub_parser(sub, "clean", "remove what interrupted exports left behind")
+    clean.add_argument("folder", nargs="?", default="exported", help="folder holding artifacts")
+    clean.set_defaults(func=cmd_clean)
     return parser
 
 
-def known_errors() -> tuple:
-    from kvcompile.core.config import ConfigError
-    from kvcompile.export import TargetError
-    from kvcompile.export.manifest import ArtifactError
-    from kvcompile.frontend.attention_capture import UnsupportedAttentionError
-    from kvcompile.frontend.loading import LoadError
-    from kvcompile.passes.find_attention import AttentionPatternError
-    from kvcompile.runtime.cache import HostMemoryError
-    from kvcompile.runtime.generate import ContextLengthError
-    from kvcompile.frontend.trace import TraceError
+EVAL_TASKS = ("perplexity", "retrieval", "cross_chunk")  # kvcompile.eval.TASKS (a test holds them equal)
 
-    return (ConfigError, TargetError, ArtifactError, LoadError, AttentionPatternError, UnsupportedAttentionError,
-            HostMemoryError, TraceError, ContextLengthError)
+
+def parse_tasks(text: str) -> tuple:
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in EVAL_TASKS]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {', '.join(EVAL_TASKS)}")
+    return tasks
 
 
 def quiet_third_party_logs() -> None:
-    """The exporters' chatter (e.g. 'torchvision is not installed') buries the one line that matters."""
+    """The exporters' and transformers' chatter buries the one line that matters (--verbose keeps it)."""
     import logging
+    import os
     import warnings
 
-    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript"):
+    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "transformers", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_third_party_logs()
+    if not args.verbose:
+        quiet_third_party_logs()
     try:
         return args.func(args)
-    except known_errors() as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        return 2
+    except KvcompileError as err:
+        return report(err, err.exit_code, args.verbose)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         return 130
+    except Exception as err:  # a bug: one line, the traceback only on request
+        return report(err, InternalError.exit_code, args.verbose, internal=True)
+
+
+def report(err: Exception, code: int, verbose: bool, internal: bool = False) -> int:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if internal:
+        first = f"internal error ({type(err).__name__}): {first} — rerun with --verbose for the traceback and report it"
+    if verbose:
+        console.print_exception()
+    console.print(f"[red]error:[/red] {escape(first)}", highlight=False, soft_wrap=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ from dataclasses import dataclass, field, fields
 from typing import Union
 
 from kvcompile.core.modes import CacheKind, SelectMode
+from kvcompile.errors import ConfigError  # noqa: F401  (raised here)
 
 CACHE_KINDS = CacheKind.names()
 SELECT_MODES = SelectMode.names()
 
 
-class ConfigError(ValueError):
-    """A CacheConfig value that kvcompile cannot honour."""
 
 
 def topn_for_context(topn: Union[int, float], context_length: int) -> int:

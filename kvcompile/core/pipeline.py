@@ -7,6 +7,7 @@ import torch
 
 from kvcompile.core.config import CacheConfig
 from kvcompile.core.modes import CacheKind
+from kvcompile.errors import InputError
 from kvcompile.frontend.trace import max_context, trace_model
 from kvcompile.passes.context import PassContext
 from kvcompile.passes.find_attention import find_attention
@@ -33,9 +34,20 @@ def pass_context(model: torch.nn.Module, config: CacheConfig) -> PassContext:
                        max_context=max_context(model), cache_config=config)
 
 
+def check_model(model) -> None:
+    """A Hugging Face causal LM, or one clear line saying what was given instead."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or config is None or not hasattr(config, "vocab_size"):
+        raise InputError(f"compile() needs a Hugging Face causal LM (a PreTrainedModel with a config), got "
+                         f"{type(model).__name__}; load one with kvcompile.load_model or transformers")
+    if not any(True for _ in model.parameters()):
+        raise InputError(f"{type(model).__name__} has no parameters to compile")
+
+
 def compile(model: torch.nn.Module, config: Optional[CacheConfig] = None) -> CompiledModel:  # noqa: A001
     """Trace `model` with torch.export, rewrite its attention for `config`, return a CompiledModel."""
     config = config or CacheConfig()
+    check_model(model)
     model = model.eval()
     graph_module = trace_model(model).module()
     context = pass_context(model, config)

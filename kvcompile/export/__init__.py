@@ -5,12 +5,11 @@ from pathlib import Path
 from typing import Optional
 
 from kvcompile.core.config import CacheConfig
+from kvcompile.errors import TargetError  # noqa: F401  (raised here)
 
 TARGETS = ("torch", "onnx")
 
 
-class TargetError(ValueError):
-    """An export target kvcompile does not know."""
 
 
 def check_target(target: str) -> None:
@@ -18,16 +17,33 @@ def check_target(target: str) -> None:
         raise TargetError(f"unknown target {target!r}; expected one of: {', '.join(TARGETS)}")
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """Fail in one line, before expensive work, if an artifact cannot be written at `out_dir`:
+    the parent must exist and accept a new folder (tried, not guessed: /proc looks writable)."""
+    import tempfile
+
+    from kvcompile.export.manifest import check_writable_parent
+
+    check_writable_parent(out_dir)
+    parent = Path(out_dir).resolve().parent
+    try:
+        Path(tempfile.mkdtemp(prefix=".kvcompile-probe-", dir=parent)).rmdir()
+    except OSError as error:
+        from kvcompile.errors import ArtifactError
+
+        raise ArtifactError(f"cannot write artifact {out_dir}: {parent} does not accept new folders "
+                            f"({error.strerror or error})") from None
+
+
 def export(model, target: str = "torch", out_dir="exported/model", cache: Optional[CacheConfig] = None,
            source_dir: Optional[Path] = None) -> Path:
     """Compile `model` (a HF model or a CompiledModel) for `cache` and write a `target` artifact."""
     from kvcompile.core.pipeline import compile as compile_model
-    from kvcompile.export.manifest import check_writable_parent
     from kvcompile.runtime.compiled import CompiledModel
 
     check_target(target)
     out_dir = Path(out_dir)
-    check_writable_parent(out_dir)  # before the expensive trace
+    check_output_dir(out_dir)  # before the expensive trace
     compiled = model if isinstance(model, CompiledModel) else compile_model(model, cache or CacheConfig())
     if source_dir is None and compiled.model_config is not None:
         source = getattr(compiled.model_config, "_kvcompile_source", None)

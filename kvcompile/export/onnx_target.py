@@ -34,6 +34,7 @@ from kvcompile.export.example_inputs import example_inputs
 from kvcompile.export.manifest import check_writable_parent, compiled_fields, write_artifact
 from kvcompile.ops import onnx_domain, registry
 from kvcompile.frontend.text_tokenizer import copy_tokenizer_files
+from kvcompile.errors import OnnxExportError  # noqa: F401  (raised here)
 
 PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE = "prefill.onnx", "decode.onnx", "weights.data"
 # Above this many bytes of weights the graphs reference one shared external file. Protobuf
@@ -43,8 +44,6 @@ EXTERNAL_DATA_THRESHOLD = 256 << 20
 _PROTOBUF_SAFE_BYTES = 1 << 30  # embedding more than this risks protobuf's 2 GB ceiling
 
 
-class OnnxExportError(RuntimeError):
-    """The compiled graph could not be exported to ONNX."""
 
 
 # torch op -> kvcompile node --------------------------------------------------------------------

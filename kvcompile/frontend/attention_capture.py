@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 import kvcompile.ops  # noqa: F401  (registers torch.ops.kvcompile.captured_attention)
+from kvcompile.errors import UnsupportedAttentionError  # noqa: F401  (raised here)
 
 IMPLEMENTATION = "kvcompile"
 
@@ -35,8 +36,6 @@ INERT = {"position_ids", "cache_position", "use_cache", "output_attentions", "ou
          "output_hidden_states", "position_embeddings", "past_key_values", "return_dict", "cache"}
 
 
-class UnsupportedAttentionError(RuntimeError):
-    """A layer's attention uses a feature kvcompile cannot represent exactly; names layer and feature."""
 
 
 def layer_name(module) -> str:

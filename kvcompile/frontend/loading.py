@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from kvcompile.errors import LoadError  # noqa: F401  (raised here)
 
 BUNDLED_MODELS = ("reference",)
 
 
-class LoadError(RuntimeError):
-    """A checkpoint that cannot be loaded; the message is one line naming the problem."""
 
 
 def bundled_model_dir(name: str) -> Path:

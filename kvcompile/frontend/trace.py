@@ -15,6 +15,7 @@ from torch import nn
 from torch.export import Dim
 
 from kvcompile.frontend.attention_capture import UnsupportedAttentionError, captured
+from kvcompile.errors import TraceError  # noqa: F401  (raised here)
 
 # Trace with sizes that no symbolic dimension can be confused with (0/1 would specialise).
 EXAMPLE_BATCH, EXAMPLE_TOKENS = 2, 7
@@ -31,8 +32,6 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
-class TraceError(RuntimeError):
-    """torch.export could not trace the model; the message names the model and the cause."""
 
 
 def max_context(model: nn.Module) -> int:

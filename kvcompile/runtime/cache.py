@@ -15,10 +15,9 @@ from typing import List, Optional
 import torch
 
 from kvcompile.core.layout import GraphSpec
+from kvcompile.errors import HostMemoryError  # noqa: F401  (raised here)
 
 
-class HostMemoryError(RuntimeError):
-    """Pinned host memory for the V cache could not be allocated."""
 
 
 def allocate_host_values(shape, dtype, pin: bool) -> torch.Tensor:

@@ -8,6 +8,8 @@ import torch
 from kvcompile.core.config import CacheConfig
 from kvcompile.runtime import generate as gen
 from kvcompile.runtime.cache import KVCacheManager
+from kvcompile.runtime.inputs import check_attention_mask, check_token_ids
+from kvcompile.runtime.sampling import Sampling
 from kvcompile.core.layout import GraphSpec
 
 
@@ -77,6 +79,8 @@ class CompiledModel:
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCacheManager] = None):
         """Run the prompt; returns (logits [B, T, V], cache)."""
+        check_token_ids(input_ids, self.spec.vocab_size)
+        check_attention_mask(attention_mask, input_ids)
         input_ids = input_ids.to(self.device)
         cache = cache or self.new_cache(input_ids.shape[0], input_ids.shape[1])
         return gen.prefill(self, cache, input_ids, attention_mask), cache
@@ -84,18 +88,20 @@ class CompiledModel:
     @torch.no_grad()
     def decode_step(self, next_ids: torch.Tensor, cache: KVCacheManager) -> torch.Tensor:
         """One token per sequence; returns logits [B, 1, V]."""
+        check_token_ids(next_ids.reshape(cache.batch, -1) if isinstance(next_ids, torch.Tensor) else next_ids,
+                        self.spec.vocab_size, "next_ids")
         return gen.decode_step(self, cache, next_ids.to(self.device))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None) -> torch.Tensor:
-        """Greedy generation, batched with left padding; returns prompt + new tokens."""
-        config = self.model_config
-        if eos_token_id is None and config is not None:
-            eos_token_id = getattr(config, "eos_token_id", None)
-            if isinstance(eos_token_id, (list, tuple)):
-                eos_token_id = eos_token_id[0]
-        if pad_token_id is None and config is not None:
-            pad_token_id = getattr(config, "pad_token_id", None)
-        return gen.greedy_generate(self, self.new_cache, input_ids.to(self.device), attention_mask,
-                                   max_new_tokens, eos_token_id, pad_token_id)
+                 pad_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = 50, top_p: Optional[float] = 1.0, seed: Optional[int] = None,
+                 on_tokens=None) -> torch.Tensor:
+        """Greedy (or, with do_sample, sampled: transformers' semantics) generation, batched with
+        left padding; returns prompt + new tokens. on_tokens([B] ids) streams each step."""
+        check_token_ids(input_ids, self.spec.vocab_size)
+        eos_token_id, pad_token_id = gen.special_ids(self.model_config, eos_token_id, pad_token_id)
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        return gen.generate(self, self.new_cache, input_ids.to(self.device),
+                            attention_mask.to(self.device) if attention_mask is not None else None,
+                            max_new_tokens, eos_token_id, pad_token_id, sampling, on_tokens)

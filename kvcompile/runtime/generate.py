@@ -8,12 +8,15 @@ left padding, positions, masks, host-resident V — are written once, here and i
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from kvcompile.runtime.cache import KVCacheManager
+from kvcompile.runtime.inputs import check_generation
 from kvcompile.runtime.masks import step_biases
+from kvcompile.runtime.sampling import Sampling, next_tokens
+from kvcompile.errors import ContextLengthError  # noqa: F401  (raised here)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -22,8 +25,6 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-class ContextLengthError(ValueError):
-    """More tokens than the model's positions allow."""
 
 
 def run_step(backend, cache: KVCacheManager, input_ids, new_valid, new_positions) -> torch.Tensor:
@@ -65,8 +66,20 @@ def decode_step(backend, cache: KVCacheManager, next_ids: torch.Tensor) -> torch
     return run_step(backend, cache, next_ids, valid, positions)
 
 
+def special_ids(config, eos_token_id=None, pad_token_id=None) -> tuple:
+    """(eos, pad) from the arguments, else from the model config (a HF config or its dict)."""
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    if eos_token_id is None and config is not None:
+        eos_token_id = get("eos_token_id")
+        if isinstance(eos_token_id, (list, tuple)):
+            eos_token_id = eos_token_id[0]
+    if pad_token_id is None and config is not None:
+        pad_token_id = get("pad_token_id")
+    return eos_token_id, pad_token_id
+
+
 @torch.no_grad()
-def greedy_generate(
+def generate(
     backend,
     make_cache,
     input_ids: torch.Tensor,
@@ -74,20 +87,29 @@ def greedy_generate(
     max_new_tokens: int = 32,
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
+    sampling: Optional[Sampling] = None,
+    on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> torch.Tensor:
-    """Greedy decoding. Returns prompt + new tokens [B, L + n] like HF generate: sequences that
-    hit EOS are filled with `pad_token_id` (EOS when none) and the loop stops when all did."""
+    """Greedy decoding, or sampling (`sampling`). Returns prompt + new tokens [B, L + n] like HF
+    generate: sequences that hit EOS are filled with `pad_token_id` (EOS when none) and the loop
+    stops when all did. `on_tokens([B] ids)` is called as each step's tokens are chosen (streaming).
+    Inputs are checked first, and a prompt that cannot fit max_new_tokens is refused up front."""
+    spec = backend.spec
+    check_generation(input_ids, attention_mask, spec.vocab_size, spec.max_context, max_new_tokens)
     batch, prompt_length = input_ids.shape
     cache = make_cache(batch, prompt_length + max_new_tokens)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    generator = sampling.generator(input_ids.device) if sampling is not None else None
     generated = []
-    logits = prefill(backend, cache, input_ids, attention_mask)
+    logits = prefill(backend, cache, input_ids, attention_mask) if max_new_tokens else None
     for step in range(max_new_tokens):
-        next_ids = logits[:, -1].argmax(dim=-1).to(input_ids.device)
+        next_ids = next_tokens(logits[:, -1], sampling, generator).to(input_ids.device)
         if pad is not None:
             next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
         generated.append(next_ids)
+        if on_tokens is not None:
+            on_tokens(next_ids)
         if eos_token_id is not None:
             finished |= next_ids == eos_token_id
             if bool(finished.all()):
@@ -95,3 +117,6 @@ def greedy_generate(
         if step + 1 < max_new_tokens:
             logits = decode_step(backend, cache, next_ids)
     return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1) if generated else input_ids
+
+
+greedy_generate = generate  # the name the loop had when it was greedy only

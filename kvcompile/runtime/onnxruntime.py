@@ -109,19 +109,18 @@ class OnnxRuntimeBackend:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None) -> torch.Tensor:
-        """Greedy generation with the same loop and cache manager as CompiledModel.generate."""
+                 pad_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = 50, top_p: Optional[float] = 1.0, seed: Optional[int] = None,
+                 on_tokens=None) -> torch.Tensor:
+        """The same loop, checks and options as CompiledModel.generate."""
         from kvcompile.runtime import generate as gen
+        from kvcompile.runtime.sampling import Sampling
 
-        config = self.manifest.get("model_config") or {}
-        if eos_token_id is None:
-            eos_token_id = config.get("eos_token_id")
-            if isinstance(eos_token_id, (list, tuple)):
-                eos_token_id = eos_token_id[0]
-        if pad_token_id is None:
-            pad_token_id = config.get("pad_token_id")
-        return gen.greedy_generate(self, self.new_cache, input_ids.to("cpu"), attention_mask,
-                                   max_new_tokens, eos_token_id, pad_token_id)
+        eos_token_id, pad_token_id = gen.special_ids(self.manifest.get("model_config") or {}, eos_token_id,
+                                                     pad_token_id)
+        return gen.generate(self, self.new_cache, input_ids.to("cpu") if isinstance(input_ids, torch.Tensor)
+                            else input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                            Sampling(do_sample, temperature, top_k, top_p, seed), on_tokens)
 
 
 def load_onnx_artifact(artifact_dir, providers: Optional[Sequence[str]] = None,
