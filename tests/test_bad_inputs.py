@@ -155,7 +155,7 @@ def api_case(name: str, compiled):
         "one_d_ids": lambda: compiled.generate(ids[0]),
         "empty_ids": lambda: compiled.generate(ids[:, :0]),
         "big_id": lambda: compiled.generate(ids.clone().index_fill_(1, torch.tensor([2]), 5000)),
-        "negative_id": lambda: compiled.prefill(ids - 10),
+        "negative_id": lambda: compiled.prefill(ids.clone().index_fill_(1, torch.tensor([0]), -1)),
         "mask_shape": lambda: compiled.generate(ids, mask[:, :3]),
         "mask_empty_row": lambda: compiled.generate(ids, mask.index_fill(0, torch.tensor([1]), 0)),
         "mask_right_pad": lambda: compiled.generate(ids, mask.index_fill(1, torch.tensor([5]), 0)),

@@ -25,17 +25,20 @@ def make_runner(args, model, config):
     return CompiledRunner(compiled, decode_tail=tail)
 
 
-def run_eval_command(args, load_model, cache_config_from, console) -> int:
+def run_eval_command(args, load_model, cache_config_from, console, stage) -> int:
     from kvcompile.eval import TASKS, evaluate, format_report
 
     config = cache_config_from(args)
     tasks = args.tasks  # parsed and checked against the known tasks by the CLI
     assert set(tasks) <= set(TASKS)
-    model = load_model(args.model, args.dtype)
-    if args.device:
-        model = model.to(args.device)
-    runner = make_runner(args, model, config)
-    report = evaluate(runner, tasks=tasks, count=args.samples, seed=args.seed, ppl_windows=args.ppl_windows)
+    with stage(f"loading {args.model}"):
+        model = load_model(args.model, args.dtype)
+        if args.device:
+            model = model.to(args.device)
+    with stage(f"compiling ({args.runner} runner)"):
+        runner = make_runner(args, model, config)
+    with stage(f"scoring {', '.join(tasks)} ({args.samples} samples each)"):
+        report = evaluate(runner, tasks=tasks, count=args.samples, seed=args.seed, ppl_windows=args.ppl_windows)
     report.update(model=args.model, runner=args.runner,
                   cache_config=config.to_dict() if args.runner == "compiled" else None)
     console.print(format_report(report), markup=False, highlight=False)

@@ -101,7 +101,7 @@ def cmd_inspect(args) -> int:
 def cmd_eval(args) -> int:
     from kvcompile.cli.eval_command import run_eval_command
 
-    return run_eval_command(args, load_for_cli, cache_config_from, out)
+    return run_eval_command(args, load_for_cli, cache_config_from, out, stage)
 
 
 BENCH_DIR = Path(__file__).resolve().parent.parent.parent / "bench"
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub_parser(sub, "run", "generate text with an exported artifact (streams the text)")
     run.add_argument("artifact", help="an artifact folder written by `kvcompile export`")
-    run.add_argument("--prompt", required=True, help="the text to continue")
+    run.add_argument("--prompt", required=True, help="the text to continue ('-' reads it from standard input)")
     run.add_argument("--max-new-tokens", type=non_negative_int, default=32, help="tokens to generate")
     run.add_argument("--backend", choices=("torch", "onnxruntime"), help="default: the one the artifact's target needs")
     sampling = run.add_argument_group("sampling (greedy unless one of these is given; transformers' semantics)")

@@ -74,6 +74,8 @@ def cmd_run(args, stage, console) -> int:
         model, manifest, backend = load_artifact(args.artifact, args.backend)
     tokenizer_dir = Path(args.artifact) / manifest["tokenizer"] if manifest.get("tokenizer") else None
     tokenizer = load_text_tokenizer(tokenizer_dir)
+    if args.prompt == "-":  # the prompt from standard input (pipes, files, heredocs)
+        args.prompt = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
     prompt = encode_prompt(tokenizer, args.prompt)
     check_fits(len(prompt), args.max_new_tokens, model.spec.max_context)
     sys.stdout.write(args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import kvcompile
+from kvcompile.errors import ArtifactError  # noqa: F401  (raised here)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "kvcompile-artifact"
@@ -59,8 +60,6 @@ _HASH_CHUNK = 8 << 20
 _log = logging.getLogger(__name__)
 
 
-class ArtifactError(RuntimeError):
-    """An artifact folder that cannot be written or must not be loaded."""
 
 
 def sha256_file(path: Path) -> str:
