@@ -2,8 +2,9 @@
 
     python -m kvcompile.reference.export_weights --ckpt .ckpt/run2 [--out kvcompile/reference/weights]
 
-Writes config.json, generation_config.json, model.safetensors (sharded above 16 MB) and
-tokenizer.json (the byte vocabulary), and refuses a result over 25 MB.
+Writes config.json, generation_config.json, model.safetensors (sharded above 16 MB) and the
+byte vocabulary's standard tokenizer files (tokenizer.json, tokenizer_config.json, written by
+make_tokenizer.py), and refuses a result over 25 MB.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from kvcompile.reference import WEIGHTS_DIR
 from kvcompile.reference.architecture import reference_config
 from kvcompile.reference.checkpoint import load_checkpoint
-from kvcompile.frontend.tokenizer import ByteTokenizer
+from kvcompile.reference.make_tokenizer import write as write_tokenizer
 
 MAX_TOTAL_BYTES = 25_000_000
 MAX_SHARD = "16MB"  # one file of ~15.5 MB; a larger model would be split
@@ -35,7 +36,7 @@ def export(ckpt: str, out: str = WEIGHTS_DIR, size: str = "base") -> int:
             os.remove(old)
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, max_shard_size=MAX_SHARD, safe_serialization=True)
-    ByteTokenizer().save(out)
+    write_tokenizer(out)
     total = sum(os.path.getsize(p) for p in glob.glob(os.path.join(out, "*")))
     if total > MAX_TOTAL_BYTES:
         shutil.rmtree(out)
