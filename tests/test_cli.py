@@ -112,3 +112,13 @@ def test_clean_removes_what_a_killed_export_left(tmp_path, capsys):
     (stale / "weights.data").write_bytes(b"x" * 1000)
     assert main(["clean", str(tmp_path)]) == 0
     assert not stale.exists() and "1 stale folder(s) removed" in capsys.readouterr().out
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys, time; t = time.perf_counter(); from kvcompile.cli.main import build_parser; "
+            "build_parser(); print('torch' in sys.modules, time.perf_counter() - t)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    imported, seconds = result.stdout.split()
+    assert imported == "False" and float(seconds) < 0.5
+    version = subprocess.run([sys.executable, "-m", "kvcompile.cli.main", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("kvcompile ")
