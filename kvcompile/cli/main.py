@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=non_negative_int, help="keep the k most likely tokens (0 = off); default 50")
     sampling.add_argument("--top-p", type=float, help="keep the smallest set reaching this probability; default 1")
     sampling.add_argument("--seed", type=int, help="seed of the sampler (same seed, same text)")
+    fusion = run.add_argument_group("KV fusion (torch artifacts): the prompt follows these chunks")
+    fusion.add_argument("--chunks", nargs="+", metavar="FILE", help="text files, each a chunk whose KV cache is "
+                        "computed alone and reused (re-rotated to its place)")
+    fusion.add_argument("--recompute-ratio", type=ratio_in_unit, default=0.15,
+                        help="share of the chunk tokens recomputed")
+    fusion.add_argument("--selector", choices=("deviation", "chunk_head", "query_attention"), default="deviation",
+                        help="which tokens are recomputed")
     run.set_defaults(func=cmd_run)
 
     inspect = sub_parser(sub, "inspect", "what each pass matched and rewrote, per layer")
@@ -208,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("folder", nargs="?", default="exported", help="folder holding artifacts")
     clean.set_defaults(func=cmd_clean)
     return parser
+
+
+def ratio_in_unit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"invalid value {text}: must lie in [0, 1]")
+    return value
 
 
 EVAL_TASKS = ("perplexity", "retrieval", "cross_chunk")  # kvcompile.eval.TASKS (a test holds them equal)

@@ -77,6 +77,8 @@ def cmd_run(args, stage, console) -> int:
     if args.prompt == "-":  # the prompt from standard input (pipes, files, heredocs)
         args.prompt = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
     prompt = encode_prompt(tokenizer, args.prompt)
+    if args.chunks:
+        return run_fused(args, model, backend, tokenizer, prompt, console)
     check_fits(len(prompt), args.max_new_tokens, model.spec.max_context)
     sys.stdout.write(args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     stream = TextStream(tokenizer, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -92,4 +94,28 @@ def cmd_run(args, stage, console) -> int:
     sys.stdout.write("\n")
     count = output.shape[1] - len(prompt)
     console.print(f"[dim]{count} tokens in {elapsed:.2f} s ({count / max(elapsed, 1e-9):.1f} tok/s, {backend})[/dim]")
+    return 0
+
+
+def run_fused(args, model, backend, tokenizer, prompt, console) -> int:
+    """--chunks: each file is a chunk whose KV is computed alone, then fused with the prompt."""
+    import torch
+
+    if backend != "torch":
+        raise UsageError("--chunks (KV fusion) runs on torch artifacts; export with --target torch")
+    chunks = []
+    for path in args.chunks:
+        try:
+            text = Path(path).read_bytes().decode("utf-8", "surrogateescape")
+        except OSError as error:
+            raise InputValidationError(f"cannot read chunk {path}: {error.strerror or error}") from None
+        chunks.append(model.precompute_chunk(torch.tensor(encode_prompt(tokenizer, text))))
+    start = time.perf_counter()
+    new = model.generate_fused(chunks, torch.tensor(prompt), recompute_ratio=args.recompute_ratio,
+                               max_new_tokens=args.max_new_tokens, selector=args.selector)
+    elapsed = time.perf_counter() - start
+    sys.stdout.write(args.prompt + tokenizer.decode(new[0].tolist()) + "\n")
+    count = new.shape[1]
+    console.print(f"[dim]{len(chunks)} chunks fused ({args.recompute_ratio:.0%} recomputed, {args.selector}); "
+                  f"{count} tokens in {elapsed:.2f} s[/dim]")
     return 0

@@ -109,6 +109,19 @@ class KVCacheManager:
         self.positions = torch.cat([self.positions, new_positions.to(self.device)], dim=1)
         self.length = end
 
+    def write_rows(self, rows: torch.Tensor, new_keys, new_values) -> None:
+        """Overwrite cached positions `rows` ([k] row indices, same for every sequence) with
+        [B, Hkv, k, D] K/V per layer: fusion writes recomputed tokens into a reused cache."""
+        self.wait_for_host_copies()
+        rows = rows.to(self.device)
+        for layer in range(self.spec.num_layers):
+            self.keys[layer][:, :, rows] = new_keys[layer].to(self.keys[layer].dtype)
+            if self.is_host_layer(layer):
+                self.values[layer][:, rows.cpu()] = new_values[layer].transpose(1, 2).to(
+                    device=self.values[layer].device, dtype=self.values[layer].dtype)
+            else:
+                self.values[layer][:, :, rows] = new_values[layer].to(self.values[layer].dtype)
+
     def copy_values_to_host(self, new_values, start: int, end: int) -> None:
         """Move kcache layers' new V to host memory; on CUDA on a side stream, so the next
         step's early layers run while the copy is in flight (it waits only before reading)."""

@@ -71,6 +71,30 @@ class CompiledModel:
         logits, rest = outputs[0], outputs[1:]
         return logits, list(rest[0::2]), list(rest[1::2])
 
+    # KV fusion (kvcompile/fusion) -----------------------------------------------------------
+    @property
+    def fusion(self):
+        if getattr(self, "_fusion", None) is None:
+            from kvcompile.fusion.blend import Fusion
+
+            self._fusion = Fusion(self)
+        return self._fusion
+
+    def precompute_chunk(self, token_ids):
+        """A chunk's KV cache, computed alone from position 0 (kvcompile.fusion.ChunkCache)."""
+        check_token_ids(torch.as_tensor(token_ids).reshape(1, -1), self.spec.vocab_size, "chunk token ids")
+        return self.fusion.precompute_chunk(token_ids)
+
+    def generate_fused(self, chunks, query_ids, recompute_ratio: float = 0.15, max_new_tokens: int = 32,
+                       selector: str = "deviation", check_layer: int = 1, eos_token_id: Optional[int] = None):
+        """Greedy new tokens [1, n] for `chunks` (precomputed ChunkCaches) + `query_ids`, recomputing
+        `recompute_ratio` of the chunk tokens chosen by `selector` (kvcompile.fusion.blend)."""
+        from kvcompile.fusion.blend import generate_fused
+
+        check_token_ids(torch.as_tensor(query_ids).reshape(1, -1), self.spec.vocab_size, "query_ids")
+        return generate_fused(self, chunks, query_ids, recompute_ratio, max_new_tokens, selector, check_layer,
+                              eos_token_id)
+
     # cache API ----------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int = 256) -> KVCacheManager:
         return KVCacheManager(self.spec, batch, capacity, self.device, self.dtype)

@@ -32,7 +32,9 @@ def attention_bias(
         window = Window(WindowKind.SLIDING, sliding_window)
     tokens = new_valid.shape[1]
     causal = torch.ones(tokens, tokens, dtype=torch.bool, device=new_valid.device).tril()
-    visible_past = past_valid[:, None, :].expand(-1, tokens, -1)  # [B, T, P]
+    # A cached position is visible when it holds a real token at or before the query's position
+    # (always the case in plain decoding; fusion recomputes tokens in the middle of a cache).
+    visible_past = past_valid[:, None, :] & (past_positions[:, None, :] <= new_positions[:, :, None])  # [B, T, P]
     visible_new = new_valid[:, None, :] & causal[None]  # [B, T, T]
     visible = torch.cat([visible_past, visible_new], dim=2)
     if window is not None and window.kind is not WindowKind.NONE:

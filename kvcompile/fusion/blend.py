@@ -1,0 +1,222 @@
+"""The fused prefill: chunk caches placed in a new prompt, the tokens that matter recomputed.
+
+For a prompt `chunk_1 … chunk_k query` whose chunks were each precomputed alone from position 0:
+  1. place: each chunk's keys are re-rotated from 0.. to their offset in the prompt (per layer,
+     from its record: any RoPE layout, partial rotary, scaling; NoPE layers keep theirs) and
+     appended with their values to the cache — this alone is "full reuse";
+  2. select (recompute_ratio r of the chunk tokens): the check graph (passes/check_layer_graph.py)
+     recomputes layers 0..L for every token with attention across chunks; the selector ranks the
+     tokens (KV deviation at layer L, the question's attention, or chunk heads) and the check
+     pass's K/V of layers 0..L replace the reused ones;
+  3. recompute: the chosen tokens and the query run through every layer as one step of the
+     compiled graph, at their own positions, attending over the fused cache (the chosen tokens'
+     stale rows hidden); their new K/V are written into their rows, the query's appended.
+Decoding then continues from the fused cache with the model's cache kind (full or kcache).
+r = 1 recomputes everything (= full prefill); r = 0 recomputes only the query (= full reuse).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from kvcompile.core.records import WindowKind
+from kvcompile.errors import ConfigError, UnsupportedAttentionError
+from kvcompile.fusion.chunks import ChunkCache, model_fingerprint
+from kvcompile.fusion.selectors import TokenSelector, chunk_heads, kv_deviation, query_attention, top_tokens
+from kvcompile.runtime.masks import step_biases
+
+
+def uses_learned_positions(graph_module) -> bool:
+    """Whether position ids feed an embedding table (GPT-2 style absolute positions): then every
+    layer's K/V depends on the absolute position and a chunk cache cannot move."""
+    position_ids = next((n for n in graph_module.graph.nodes if n.op == "placeholder" and n.name == "position_ids"),
+                        None)
+    frontier, seen = [position_ids] if position_ids is not None else [], set()
+    while frontier and len(seen) < 50:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user.op == "call_function" and user.target == torch.ops.aten.embedding.default and user.args[1] is node:
+                return True
+            if user.op == "call_function" and user.target in (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor,
+                                                              torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                                                              torch.ops.aten.to.dtype, torch.ops.aten.unsqueeze.default,
+                                                              torch.ops.aten.clone.default):
+                frontier.append(user)
+    return False
+
+
+class Fusion:
+    """The fused prefill over one CompiledModel (its check graphs are built once and kept)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.spec = compiled.spec
+        self.fingerprint = model_fingerprint(compiled.spec, compiled.model_config)
+        self._check_graphs: dict = {}
+        self._learned_positions: Optional[bool] = None
+
+    # chunk caches -------------------------------------------------------------------------
+    @torch.no_grad()
+    def precompute_chunk(self, token_ids) -> ChunkCache:
+        from kvcompile.runtime import generate as gen
+
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(1, -1).to(self.compiled.device)
+        cache = self.compiled.new_cache(1, ids.shape[1])
+        gen.prefill(self.compiled, cache, ids)
+        keys, values = cache.past_all()
+        values = [v.transpose(1, 2) if self.spec.layers[i].host_values else v for i, v in enumerate(values)]
+        return ChunkCache(ids[0].cpu(), [k.clone() for k in keys], [v.contiguous().clone() for v in values],
+                          self.fingerprint, self.spec.dtype, self.compiled.cache_config.kind.value)
+
+    def check_graph(self, layer: int):
+        if layer not in self._check_graphs:
+            from kvcompile.passes.check_layer_graph import check_layer_graph
+
+            self._check_graphs[layer] = check_layer_graph(self.compiled.graph_module, layer)
+        return self._check_graphs[layer]
+
+    # the fused prefill --------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, cache, chunks: Sequence[ChunkCache], query_ids, recompute_ratio: float = 0.15,
+                selector=TokenSelector.DEVIATION, check_layer: int = 1) -> torch.Tensor:
+        """Fill the empty `cache` (batch 1) with chunks + query; returns the query's logits [1, Tq, V]."""
+        selector = TokenSelector.parse(selector, "token selector")
+        if not 0.0 <= recompute_ratio <= 1.0:
+            raise ConfigError(f"recompute_ratio must lie in [0, 1], got {recompute_ratio}")
+        if not chunks:
+            raise ConfigError("generate_fused needs at least one chunk cache")
+        query = torch.as_tensor(query_ids, dtype=torch.long).reshape(1, -1).to(self.compiled.device)
+        if query.shape[1] == 0:
+            raise ConfigError("the query is empty: fusion needs at least one query token")
+        lengths = [chunk.length for chunk in chunks]
+        self.place(cache, chunks)
+        total = sum(lengths)
+        count = total if recompute_ratio >= 1.0 else int(round(recompute_ratio * total))
+        selected = torch.zeros(0, dtype=torch.long)
+        if 0 < count < total:
+            selected = self.select(cache, chunks, query, lengths, count, selector, check_layer)
+        elif count >= total:
+            selected = torch.arange(total)
+        chunk_ids = torch.cat([chunk.token_ids for chunk in chunks]).to(self.compiled.device)
+        return self.recompute(cache, chunk_ids, selected, query)
+
+    def place(self, cache, chunks: Sequence[ChunkCache]) -> None:
+        """Each chunk's K/V at its offset: keys re-rotated per layer, values as they are."""
+        from kvcompile.ops.rerotate_keys.reposition import reposition_keys
+
+        if cache.length:
+            raise ConfigError("the fused prefill starts from an empty cache")
+        offset = 0
+        for index, chunk in enumerate(chunks):
+            chunk.check_usable(self.fingerprint, self.spec.dtype, self.compiled.cache_config.kind.value, offset,
+                               self.spec.max_context, name=f"chunk {index}")
+            if offset and self.learned_positions():
+                raise UnsupportedAttentionError("the model adds learned absolute position embeddings to its input: a "
+                                                f"chunk cache cannot move to another position (chunk {index} at {offset})")
+            for record in self.spec.layers:
+                # Chunked attention sees positions in blocks of N: a chunk moved by other than a
+                # multiple of N would have seen other tokens (sliding windows are relative: fine).
+                if record.window.kind is WindowKind.CHUNKED and offset % record.window.size:
+                    raise UnsupportedAttentionError(
+                        f"layer {record.layer}: chunked attention ({record.window.size}) — a chunk cache can only move "
+                        f"by multiples of {record.window.size} positions (chunk {index} would start at {offset})")
+            keys = [reposition_keys(key.to(self.compiled.device), record, self.compiled.model_config, offset)
+                    for key, record in zip(chunk.keys, self.spec.layers)]
+            values = [value.to(self.compiled.device) for value in chunk.values]
+            positions = torch.arange(offset, offset + chunk.length, device=self.compiled.device)[None]
+            cache.reserve(cache.length + chunk.length)
+            cache.append(keys, values, torch.ones_like(positions, dtype=torch.bool), positions)
+            offset += chunk.length
+
+    def learned_positions(self) -> bool:
+        if self._learned_positions is None:
+            self._learned_positions = uses_learned_positions(self.compiled.graph_module)
+        return self._learned_positions
+
+    def select(self, cache, chunks, query, lengths: List[int], count: int, selector: TokenSelector,
+               check_layer: int) -> torch.Tensor:
+        if not selector.needs_check_layer:
+            return chunk_heads(lengths, count)
+        total = sum(lengths)
+        ids = torch.cat([torch.cat([c.token_ids for c in chunks]).to(query.device)[None], query], dim=1)
+        positions = torch.arange(ids.shape[1], device=query.device)[None]
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        empty = torch.zeros(1, 0, dtype=torch.long, device=query.device)
+        biases = step_biases(self.spec, empty.bool(), empty, valid, positions, cache.dtype)
+        past = [torch.zeros(1, self.spec.kv_heads, 0, self.spec.head_dim, dtype=cache.dtype, device=query.device)]
+        host_past = torch.zeros(1, 0, self.spec.kv_heads, self.spec.head_dim, dtype=cache.dtype)
+        pasts = []
+        for record in self.spec.layers:
+            pasts += [past[0], host_past if record.host_values else past[0]]
+        outputs = self.check_graph(check_layer)(ids, positions, *biases, *pasts)
+        new_keys, new_values, check_query = list(outputs[0:-1:2]), list(outputs[1:-1:2]), outputs[-1]
+        rows = torch.arange(total)
+        if selector is TokenSelector.DEVIATION:
+            old_key, old_value = cache.past(check_layer)
+            old_value = old_value.transpose(1, 2) if self.spec.layers[check_layer].host_values else old_value
+            score = kv_deviation(new_keys[check_layer][:, :, :total], new_values[check_layer][:, :, :total],
+                                 old_key[:, :, :total], old_value[:, :, :total].to(old_key.device))
+        else:
+            score = query_attention(check_query, new_keys[check_layer], self.spec.layers[check_layer].scale, total)
+        # Layers 0..L were recomputed for every token with attention across chunks: keep that.
+        written = check_layer + 1
+        layers_k = [new_keys[i][:, :, :total] if i < written else cache.past(i)[0][:, :, :total].clone()
+                    for i in range(self.spec.num_layers)]
+        layers_v = []
+        for i in range(self.spec.num_layers):
+            if i < written:
+                layers_v.append(new_values[i][:, :, :total])
+            else:
+                value = cache.past(i)[1][:, :total] if self.spec.layers[i].host_values else cache.past(i)[1][:, :, :total]
+                layers_v.append(value.transpose(1, 2).clone() if self.spec.layers[i].host_values else value.clone())
+        cache.write_rows(rows, layers_k, layers_v)
+        return top_tokens(score.cpu(), count, exclude_first=lengths[0])
+
+    def recompute(self, cache, chunk_ids, selected: torch.Tensor, query) -> torch.Tensor:
+        """The chosen rows and the query through every layer, over the fused cache."""
+        device = self.compiled.device
+        selected = selected.to(device)
+        keep = cache.valid.clone()
+        cache.valid[:, selected] = False  # their stale reused K/V must not be attended
+        total = chunk_ids.shape[0]
+        ids = torch.cat([chunk_ids[selected][None], query], dim=1)
+        positions = torch.cat([selected, torch.arange(total, total + query.shape[1], device=device)])[None]
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        biases = step_biases(self.spec, cache.valid, cache.positions, valid, positions, cache.dtype)
+        past_keys, past_values = cache.past_all()
+        logits, new_keys, new_values = self.compiled.step(ids, positions, biases, past_keys, past_values)
+        chosen = selected.shape[0]
+        if chosen:
+            cache.write_rows(selected, [k[:, :, :chosen] for k in new_keys], [v[:, :, :chosen] for v in new_values])
+        cache.valid = keep
+        cache.reserve(cache.length + query.shape[1])
+        cache.append([k[:, :, chosen:] for k in new_keys], [v[:, :, chosen:] for v in new_values],
+                     valid[:, chosen:], positions[:, chosen:])
+        return logits[:, chosen:]
+
+
+@torch.no_grad()
+def generate_fused(compiled, chunks, query_ids, recompute_ratio: float = 0.15, max_new_tokens: int = 32,
+                   selector=TokenSelector.DEVIATION, check_layer: int = 1, eos_token_id: Optional[int] = None):
+    """Greedy tokens [1, n] after the fused prefill of `chunks` + `query_ids`."""
+    from kvcompile.runtime import generate as gen
+    from kvcompile.runtime.inputs import check_fits
+
+    fusion = compiled.fusion
+    total = sum(chunk.length for chunk in chunks) + int(torch.as_tensor(query_ids).numel())
+    check_fits(total, max_new_tokens, compiled.spec.max_context)
+    cache = compiled.new_cache(1, total + max_new_tokens)
+    logits = fusion.prefill(cache, chunks, query_ids, recompute_ratio, selector, check_layer)
+    tokens = []
+    for step in range(max_new_tokens):
+        next_ids = logits[:, -1].argmax(dim=-1)
+        tokens.append(next_ids)
+        if eos_token_id is not None and bool((next_ids == eos_token_id).all()):
+            break
+        if step + 1 < max_new_tokens:
+            logits = gen.decode_step(compiled, cache, next_ids)
+    return torch.stack(tokens, dim=1) if tokens else torch.zeros(1, 0, dtype=torch.long)

@@ -1,0 +1,104 @@
+"""ChunkCache: one chunk's KV cache, computed alone from position 0, and what makes reuse safe.
+
+A chunk cache is only valid for the model, dtype and cache kind that computed it, and for
+positions the model has: `check_usable` refuses anything else with one line, before any of
+its tensors are used. Files are safetensors (no pickle): the tensors `key.i` / `value.i`
+([1, Hkv, L, D] per layer) and `token_ids`, and a JSON header in the metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import torch
+
+from kvcompile.errors import InputError
+
+FORMAT = "kvcompile-chunk-cache"
+VERSION = 1
+
+
+class ChunkMismatchError(InputError):
+    """A chunk cache that does not belong to this model, dtype, cache kind or context."""
+
+
+def model_fingerprint(spec, model_config) -> str:
+    """A hash of what a chunk's K/V depend on: the model's config and every layer's record.
+
+    Weights are not hashed (gigabytes); the config names the checkpoint (`_name_or_path`,
+    `_kvcompile_source`) and its shape, and a chunk from another checkpoint of the very same
+    config is the caller's responsibility.
+    """
+    config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config or {})
+    config = {k: v for k, v in config.items() if k not in ("transformers_version", "_attn_implementation",
+                                                             "dtype", "torch_dtype")}
+    source = getattr(model_config, "_kvcompile_source", None)
+    # How a layer is cached (kind, where V lives) is checked on its own, with its own message.
+    layers = [{k: v for k, v in r.to_dict().items() if k not in ("kind", "value_home")} for r in spec.layers]
+    payload = json.dumps({"config": config, "source": source, "layers": layers}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class ChunkCache:
+    token_ids: torch.Tensor  # [L] int64
+    keys: List[torch.Tensor]  # per layer [1, Hkv, L, D], keys as computed at positions 0..L-1
+    values: List[torch.Tensor]  # per layer [1, Hkv, L, D]
+    fingerprint: str
+    dtype: str
+    cache_kind: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def check_usable(self, fingerprint: str, dtype: str, cache_kind: str, offset: int, max_context: int,
+                     name: str = "chunk") -> None:
+        if self.fingerprint != fingerprint:
+            raise ChunkMismatchError(f"{name} was computed by another model (fingerprint {self.fingerprint}, "
+                                     f"this model {fingerprint})")
+        if self.dtype != dtype:
+            raise ChunkMismatchError(f"{name} holds {self.dtype} K/V, this model runs in {dtype}")
+        if self.cache_kind != cache_kind:
+            raise ChunkMismatchError(f"{name} was computed with a {self.cache_kind} cache, this model uses {cache_kind}")
+        if offset + self.length > max_context:
+            raise ChunkMismatchError(f"{name} would sit at positions {offset}..{offset + self.length - 1}, beyond the "
+                                     f"model's context of {max_context} positions")
+
+    # files --------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {"token_ids": self.token_ids.cpu().contiguous()}
+        for i, (key, value) in enumerate(zip(self.keys, self.values)):
+            tensors[f"key.{i}"] = key.cpu().contiguous()
+            tensors[f"value.{i}"] = value.cpu().contiguous()
+        header = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "dtype": self.dtype,
+                  "cache_kind": self.cache_kind, "layers": len(self.keys), "meta": self.meta}
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.writing")
+        save_file(tensors, str(temporary), metadata={"kvcompile": json.dumps(header)})
+        temporary.replace(path)  # a half-written file never takes the name
+        return path
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "ChunkCache":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {}).get("kvcompile", "{}"))
+            tensors = load_file(str(path), device=str(device))
+        except (OSError, SafetensorError, json.JSONDecodeError) as error:
+            raise ChunkMismatchError(f"cannot read chunk cache {path}: {str(error).splitlines()[0]}") from None
+        if header.get("format") != FORMAT or header.get("version") != VERSION:
+            raise ChunkMismatchError(f"{path} is not a kvcompile chunk cache of version {VERSION}")
+        layers = int(header["layers"])
+        return cls(tensors["token_ids"], [tensors[f"key.{i}"] for i in range(layers)],
+                   [tensors[f"value.{i}"] for i in range(layers)], header["fingerprint"], header["dtype"],
+                   header["cache_kind"], header.get("meta", {}))

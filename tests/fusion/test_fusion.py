@@ -1,0 +1,122 @@
+"""KV fusion: recompute_ratio 1 is full prefill, 0 is full reuse (on every RoPE variant, NoPE and
+hybrid-window models); chunk caches save/load and refuse what is not theirs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcompile
+from family_checks import build
+from kvcompile.fusion import ChunkCache, ChunkMismatchError
+from kvcompile.runtime.eval_runner import prefill_isolated
+
+TOLERANCE = 1e-4
+# Chunked attention (Llama 4) sees blocks of 8 positions: chunks may move by multiples of 8 only.
+ALIGNED = {"llama4_text_no_tuning": (8, 16, 8)}
+# RoPE variants (default, llama3, yarn, partial, interleaved, complex), NoPE layers, hybrid windows
+FAMILIES = ("llama", "apertus", "ministral3", "phi", "cohere", "llama4_text_no_tuning", "cohere2", "qwen2", "gemma2",
+            "gpt_oss")
+
+
+def documents(vocab=250, lengths=(11, 7, 13), query=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(3, vocab, (n,), generator=generator) for n in lengths]
+    return docs, torch.randint(3, vocab, (query,), generator=generator)
+
+
+def compiled_family(family, cache=None):
+    try:
+        model = build(family)
+    except LookupError as error:
+        pytest.skip(str(error))
+    return model, kvcompile.compile(model, cache or kvcompile.CacheConfig())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recompute_everything_equals_full_prefill(family):
+    _, compiled = compiled_family(family)
+    docs, query = documents(lengths=ALIGNED.get(family, (11, 7, 13)))
+    chunks = [compiled.precompute_chunk(d) for d in docs]
+    full = torch.cat(docs + [query])[None]
+    expected_logits, _ = compiled.prefill(full)
+    logits = compiled.fusion.prefill(compiled.new_cache(1, 64), chunks, query, recompute_ratio=1.0)
+    assert (logits - expected_logits[:, -query.shape[0]:]).abs().max().item() <= TOLERANCE
+    expected = compiled.generate(full, max_new_tokens=16)[:, full.shape[1]:]
+    assert torch.equal(compiled.generate_fused(chunks, query, recompute_ratio=1.0, max_new_tokens=16), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recompute_nothing_equals_full_reuse(family):
+    """Full reuse = each chunk prefilled alone at its final positions; fusion re-rotates instead."""
+    _, compiled = compiled_family(family)
+    docs, query = documents(seed=1, lengths=ALIGNED.get(family, (11, 7, 13)))
+    cache = compiled.new_cache(1, 64)
+    offset = 0
+    for doc in docs:
+        prefill_isolated(compiled, cache, doc[None], first_position=offset)
+        offset += doc.shape[0]
+    from kvcompile.runtime import generate as gen
+
+    expected = gen.prefill(compiled, cache, query[None])
+    chunks = [compiled.precompute_chunk(d) for d in docs]
+    logits = compiled.fusion.prefill(compiled.new_cache(1, 64), chunks, query, recompute_ratio=0.0)
+    assert (logits - expected).abs().max().item() <= TOLERANCE
+
+
+def test_kcache_model_fuses_too():
+    _, compiled = compiled_family("qwen2", kvcompile.CacheConfig(kind="kcache", topn=10**6))
+    docs, query = documents(seed=2)
+    chunks = [compiled.precompute_chunk(d) for d in docs]
+    full = torch.cat(docs + [query])[None]
+    expected = compiled.generate(full, max_new_tokens=12)[:, full.shape[1]:]
+    assert torch.equal(compiled.generate_fused(chunks, query, recompute_ratio=1.0, max_new_tokens=12), expected)
+
+
+@pytest.mark.parametrize("selector", ["deviation", "chunk_head", "query_attention"])
+def test_partial_recompute_runs_for_every_selector(selector):
+    _, compiled = compiled_family("llama")
+    docs, query = documents(seed=3)
+    chunks = [compiled.precompute_chunk(d) for d in docs]
+    out = compiled.generate_fused(chunks, query, recompute_ratio=0.3, max_new_tokens=6, selector=selector)
+    assert out.shape == (1, 6)
+
+
+def test_chunk_cache_round_trips_and_refuses_what_is_not_its_own(tmp_path):
+    model, compiled = compiled_family("llama")
+    docs, query = documents(seed=4)
+    chunk = compiled.precompute_chunk(docs[0])
+    path = chunk.save(tmp_path / "chunk.safetensors")
+    loaded = ChunkCache.load(path)
+    assert loaded.fingerprint == chunk.fingerprint and torch.equal(loaded.keys[1], chunk.keys[1])
+    assert torch.equal(compiled.generate_fused([loaded], query, 0.0, 4), compiled.generate_fused([chunk], query, 0.0, 4))
+    _, other = compiled_family("qwen3")
+    with pytest.raises(ChunkMismatchError, match="another model"):
+        other.generate_fused([chunk], query, 0.0, 4)
+    kcache = kvcompile.compile(model, kvcompile.CacheConfig(kind="kcache", topn=64))
+    with pytest.raises(ChunkMismatchError, match="with a full cache"):
+        kcache.generate_fused([chunk], query, 0.0, 4)
+    bf16 = kvcompile.compile(build("llama").to(torch.bfloat16))
+    with pytest.raises(ChunkMismatchError, match="float32"):
+        bf16.generate_fused([chunk], query, 0.0, 4)
+    many = [chunk] * 60  # 60 × 11 tokens: past the tiny model's 512 positions
+    with pytest.raises(kvcompile.errors.KvcompileError, match="positions"):
+        compiled.generate_fused(many, query, 0.0, 4)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ChunkMismatchError, match="cannot read chunk cache"):
+        ChunkCache.load(tmp_path / "junk.safetensors")
+
+
+def test_learned_absolute_positions_cannot_move_a_chunk():
+    _, compiled = compiled_family("gpt2")
+    docs, query = documents(seed=5)
+    chunks = [compiled.precompute_chunk(d) for d in docs]
+    with pytest.raises(kvcompile.errors.UnsupportedAttentionError, match="learned absolute position"):
+        compiled.generate_fused(chunks, query, 0.0, 4)
+
+
+def test_chunked_attention_refuses_a_misaligned_move():
+    _, compiled = compiled_family("llama4_text_no_tuning")
+    docs, query = documents(seed=6, lengths=(11, 8))
+    chunks = [compiled.precompute_chunk(d) for d in docs]
+    with pytest.raises(kvcompile.errors.UnsupportedAttentionError, match="multiples of 8"):
+        compiled.generate_fused(chunks, query, 0.0, 4)
