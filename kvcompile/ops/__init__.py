@@ -10,3 +10,4 @@ from kvcompile.ops import cached_attention, captured_attention, kcache_attention
 registry.register(captured_attention.ENTRY)
 registry.register(cached_attention.ENTRY)
 registry.register(kcache_attention.ENTRY)
+from kvcompile.ops import rerotate_keys; registry.register(rerotate_keys.ENTRY)  # noqa: E402,E702

@@ -52,6 +52,24 @@ int kvc_kcache_decode_workspace_size(const kvc_kcache_decode_args* args, size_t*
 int kvc_kcache_decode(const kvc_kcache_decode_args* args, void* workspace, size_t workspace_bytes,
                       void* stream);
 
+/* rerotate_keys: cached RoPE keys moved from position p to p + delta (KV fusion). Each rotated
+ * pair (x1, x2) becomes (x1 cos a - x2 sin a, x2 cos a + x1 sin a), a = delta * inv_freq[i]
+ * formed and its cos / sin taken in double; pairs are (x[i], x[i + R/2]) (half-split) or
+ * (x[2i], x[2i+1]) (interleaved); dims R.. are copied. Strides are in elements. */
+typedef struct {
+  int32_t batch, kv_heads, tokens, head_dim;
+  int32_t rotary_dims;  /* R: even, <= head_dim; the first R dims rotate */
+  int32_t interleaved;  /* 0 = half-split pairs, 1 = adjacent pairs */
+  int32_t dtype;        /* KVC_DTYPE_* of keys and out */
+  const void* keys; int64_t keys_stride_b, keys_stride_h, keys_stride_t;   /* [B, Hkv, T, D], last dim contiguous */
+  const int64_t* delta; int64_t delta_stride_b, delta_stride_t;            /* [B, T] position shifts */
+  const float* inv_freq;                                                   /* [R/2] contiguous */
+  void* out;                                                               /* [B, Hkv, T, D] contiguous, not aliasing keys */
+} kvc_rerotate_args;
+
+/* Enqueued on `stream` (a cudaStream_t; NULL = default). */
+int kvc_rerotate_keys(const kvc_rerotate_args* args, void* stream);
+
 #ifdef __cplusplus
 }
 #endif
