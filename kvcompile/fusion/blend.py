@@ -58,6 +58,7 @@ class Fusion:
         self.fingerprint = model_fingerprint(compiled.spec, compiled.model_config)
         self._check_graphs: dict = {}
         self._learned_positions: Optional[bool] = None
+        self._inverse_frequencies: dict = {}
 
     # chunk caches -------------------------------------------------------------------------
     @torch.no_grad()
@@ -105,12 +106,12 @@ class Fusion:
         return self.recompute(cache, chunk_ids, selected, query)
 
     def place(self, cache, chunks: Sequence[ChunkCache]) -> None:
-        """Each chunk's K/V at its offset: keys re-rotated per layer, values as they are."""
-        from kvcompile.ops.rerotate_keys.reposition import reposition_keys
-
+        """Every chunk's K/V at its offset: keys re-rotated per layer (all chunks in one call per
+        layer, each token moved by its chunk's offset), values as they are; one append."""
         if cache.length:
             raise ConfigError("the fused prefill starts from an empty cache")
-        offset = 0
+        device = self.compiled.device
+        offsets, offset = [], 0
         for index, chunk in enumerate(chunks):
             chunk.check_usable(self.fingerprint, self.spec.dtype, self.compiled.cache_config.kind.value, offset,
                                self.spec.max_context, name=f"chunk {index}")
@@ -124,13 +125,31 @@ class Fusion:
                     raise UnsupportedAttentionError(
                         f"layer {record.layer}: chunked attention ({record.window.size}) — a chunk cache can only move "
                         f"by multiples of {record.window.size} positions (chunk {index} would start at {offset})")
-            keys = [reposition_keys(key.to(self.compiled.device), record, self.compiled.model_config, offset)
-                    for key, record in zip(chunk.keys, self.spec.layers)]
-            values = [value.to(self.compiled.device) for value in chunk.values]
-            positions = torch.arange(offset, offset + chunk.length, device=self.compiled.device)[None]
-            cache.reserve(cache.length + chunk.length)
-            cache.append(keys, values, torch.ones_like(positions, dtype=torch.bool), positions)
+            offsets.append(offset)
             offset += chunk.length
+        delta = torch.cat([torch.full((c.length,), o, dtype=torch.long) for c, o in zip(chunks, offsets)])
+        delta = delta.to(device)[None]
+        keys, values = [], []
+        for layer, record in enumerate(self.spec.layers):
+            # pinned host tensors copy asynchronously; the rotation waits for them on the stream
+            key = torch.cat([c.keys[layer].to(device, non_blocking=True) for c in chunks], dim=2)
+            keys.append(self.reposition(key, layer, delta))
+            values.append(torch.cat([c.values[layer].to(device, non_blocking=True) for c in chunks], dim=2))
+        positions = torch.arange(offset, device=device)[None]
+        cache.reserve(offset)
+        cache.append(keys, values, torch.ones_like(positions, dtype=torch.bool), positions)
+
+    def reposition(self, keys, layer: int, delta):
+        from kvcompile.ops.rerotate_keys.reposition import reposition_keys, rope_inverse_frequencies
+
+        if layer not in self._inverse_frequencies:  # per layer, once: the rope functions are slow-ish
+            self._inverse_frequencies[layer] = rope_inverse_frequencies(self.spec.layers[layer],
+                                                                        self.compiled.model_config)
+        inv_freq = self._inverse_frequencies[layer]
+        if inv_freq is None:
+            return keys
+        return reposition_keys(keys, self.spec.layers[layer], self.compiled.model_config, delta,
+                               inv_freq=inv_freq.to(keys.device))
 
     def learned_positions(self) -> bool:
         if self._learned_positions is None:
@@ -163,17 +182,9 @@ class Fusion:
         else:
             score = query_attention(check_query, new_keys[check_layer], self.spec.layers[check_layer].scale, total)
         # Layers 0..L were recomputed for every token with attention across chunks: keep that.
-        written = check_layer + 1
-        layers_k = [new_keys[i][:, :, :total] if i < written else cache.past(i)[0][:, :, :total].clone()
-                    for i in range(self.spec.num_layers)]
-        layers_v = []
-        for i in range(self.spec.num_layers):
-            if i < written:
-                layers_v.append(new_values[i][:, :, :total])
-            else:
-                value = cache.past(i)[1][:, :total] if self.spec.layers[i].host_values else cache.past(i)[1][:, :, :total]
-                layers_v.append(value.transpose(1, 2).clone() if self.spec.layers[i].host_values else value.clone())
-        cache.write_rows(rows, layers_k, layers_v)
+        layers = range(check_layer + 1)
+        cache.write_rows(rows, {i: new_keys[i][:, :, :total] for i in layers},
+                         {i: new_values[i][:, :, :total] for i in layers})
         return top_tokens(score.cpu(), count, exclude_first=lengths[0])
 
     def recompute(self, cache, chunk_ids, selected: torch.Tensor, query) -> torch.Tensor:
@@ -191,7 +202,8 @@ class Fusion:
         logits, new_keys, new_values = self.compiled.step(ids, positions, biases, past_keys, past_values)
         chosen = selected.shape[0]
         if chosen:
-            cache.write_rows(selected, [k[:, :, :chosen] for k in new_keys], [v[:, :, :chosen] for v in new_values])
+            cache.write_rows(selected, {i: k[:, :, :chosen] for i, k in enumerate(new_keys)},
+                             {i: v[:, :, :chosen] for i, v in enumerate(new_values)})
         cache.valid = keep
         cache.reserve(cache.length + query.shape[1])
         cache.append([k[:, :, chosen:] for k in new_keys], [v[:, :, chosen:] for v in new_values],

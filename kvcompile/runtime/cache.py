@@ -109,12 +109,13 @@ class KVCacheManager:
         self.positions = torch.cat([self.positions, new_positions.to(self.device)], dim=1)
         self.length = end
 
-    def write_rows(self, rows: torch.Tensor, new_keys, new_values) -> None:
+    def write_rows(self, rows: torch.Tensor, new_keys: dict, new_values: dict) -> None:
         """Overwrite cached positions `rows` ([k] row indices, same for every sequence) with
-        [B, Hkv, k, D] K/V per layer: fusion writes recomputed tokens into a reused cache."""
+        [B, Hkv, k, D] K/V of the layers given ({layer: tensor}): fusion writes recomputed
+        tokens into a reused cache."""
         self.wait_for_host_copies()
         rows = rows.to(self.device)
-        for layer in range(self.spec.num_layers):
+        for layer in new_keys:
             self.keys[layer][:, :, rows] = new_keys[layer].to(self.keys[layer].dtype)
             if self.is_host_layer(layer):
                 self.values[layer][:, rows.cpu()] = new_values[layer].transpose(1, 2).to(

@@ -80,8 +80,9 @@ class CompiledRunner:
 
 
 def prefill_isolated(backend, cache, ids: torch.Tensor, first_position: Optional[int] = None) -> torch.Tensor:
-    """Prefill `ids` after the cache at its true positions but attending only to itself:
-    exactly the KV a chunk gets when precomputed alone and re-rotated into place (full reuse)."""
+    """Prefill `ids` after the cache at its true positions but attending only to itself: full
+    reuse, the KV a chunk gets when precomputed alone and re-rotated into place (the same, but for
+    models whose layers see absolute positions otherwise: chunked attention, position-scaled queries)."""
     batch, tokens = ids.shape
     start = gen.next_positions(cache) if first_position is None else torch.full((batch,), first_position)
     positions = start[:, None].to(ids.device) + torch.arange(tokens, device=ids.device)
