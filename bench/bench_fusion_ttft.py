@@ -42,13 +42,9 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--chunks", type=int, default=6)
-    parser.add_argument("--chunk-tokens", type=int, default=512)
-    parser.add_argument("--query-tokens", type=int, default=64)
-    parser.add_argument("--ratio", type=float, default=0.15)
-    parser.add_argument("--repeats", type=int, default=5)
+    defaults = dict(out=".", layers=32, chunks=6, chunk_tokens=512, query_tokens=64, ratio=0.15, repeats=5)
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     args = parser.parse_args()
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,

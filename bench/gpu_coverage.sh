@@ -5,13 +5,10 @@
 #   OUT=/tmp/out bash bench/gpu_coverage.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/.gpu_out/coverage}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/gpu_coverage.log") 2>&1
+source bench/gpu_install.sh
+gpu_log coverage
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-source bench/gpu_install.sh
 install_kvcompile || exit 1
 python3 -c "from kvcompile.plugins import load_kernels; load_kernels(); print('kernels loaded')"
 echo "== gpu tests"

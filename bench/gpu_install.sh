@@ -14,3 +14,14 @@ install_kvcompile() {
   fi
   (cd /tmp && python3 -c "import kvcompile.plugins as m; print('kvcompile.plugins from', m.__file__)")
 }
+
+# Every GPU script starts the same way: `gpu_log NAME` makes $OUT (default .gpu_out/NAME),
+# makes Python's output unbuffered, reuses a kernel library built before from the same sources
+# (plugins/build.py) and copies everything printed into $OUT/gpu_NAME.log.
+gpu_log() {
+  OUT=${OUT:-$PWD/.gpu_out/$1}
+  mkdir -p "$OUT"
+  export PYTHONUNBUFFERED=1
+  export KVCOMPILE_CACHE_DIR=${KVCOMPILE_CACHE_DIR:-$PWD/build/kvc_cache}
+  exec > >(tee "$OUT/gpu_$1.log") 2>&1
+}

@@ -5,19 +5,13 @@
 #   OUT=/tmp/out bash bench/gpu_kcache.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/.gpu_out/kcache}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-# A library built here beforehand (same sources, same nvcc) is reused: see plugins/build.py.
-export KVCOMPILE_CACHE_DIR=${KVCOMPILE_CACHE_DIR:-$PWD/build/kvc_cache}
-LOG="$OUT/gpu_kcache.log"
-exec > >(tee "$LOG") 2>&1
+source bench/gpu_install.sh
+gpu_log kcache
 
 echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
 echo "== install"
-source bench/gpu_install.sh
 install_kvcompile || exit 1
 
 echo "== build"

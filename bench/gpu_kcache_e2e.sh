@@ -5,12 +5,8 @@
 #   OUT=/tmp/out bash bench/gpu_kcache_e2e.sh [extra bench args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/.gpu_out/kcache_e2e}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-# A library built beforehand from the same sources with the same nvcc is reused (plugins/build.py).
-export KVCOMPILE_CACHE_DIR=${KVCOMPILE_CACHE_DIR:-$PWD/build/kvc_cache}
-exec > >(tee "$OUT/gpu_kcache_e2e.log") 2>&1
+source bench/gpu_install.sh
+gpu_log kcache_e2e
 
 echo "== device"; date -u
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -19,7 +15,6 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 python3 -c "import matplotlib" 2>/dev/null || echo "matplotlib missing: JSON only, plot later with --plot"
 
 echo "== install"
-source bench/gpu_install.sh
 install_kvcompile || exit 1
 
 echo "== kernel library (\$KVCOMPILE_KERNELS_LIB pins a prebuilt one, e.g. of committed sources)"

@@ -4,12 +4,9 @@
 #   OUT=/tmp/out bash bench/gpu_runtime.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/.gpu_out/runtime}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/gpu_runtime.log") 2>&1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 source bench/gpu_install.sh
+gpu_log runtime
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 install_kvcompile || exit 1
 python3 -c "from kvcompile.plugins import load_kernels; load_kernels(); print('kernels loaded')"
 echo "== gpu runtime tests"

@@ -59,3 +59,21 @@ def load_kernels() -> ctypes.CDLL:
             raise KernelLibraryError(f"{path} has ABI {lib.kvc_abi_version()}, expected {ABI_VERSION}")
         _handle = lib
         return lib
+
+
+_warned_unavailable: set = set()
+
+
+def kernels_available(op_name: str) -> bool:
+    """True when the library loads; otherwise warns once per op (which then runs its torch
+    definition on CUDA) and returns False."""
+    try:
+        load_kernels()
+        return True
+    except KernelLibraryError as error:
+        if op_name not in _warned_unavailable:
+            import warnings
+
+            warnings.warn(f"{op_name} runs its torch reference on CUDA: {error}")
+            _warned_unavailable.add(op_name)
+        return False

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from kvcompile.cli.options import (add_cache_options, cache_config_from, check_against_model, non_negative_int,
-                                   positive_int)
+                                   positive_int, ratio_in_unit)
 from kvcompile.errors import InternalError, KvcompileError, UsageError
 from kvcompile.export import TARGETS
 
@@ -215,16 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("folder", nargs="?", default="exported", help="folder holding artifacts")
     clean.set_defaults(func=cmd_clean)
     return parser
-
-
-def ratio_in_unit(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number in [0, 1]") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"invalid value {text}: must lie in [0, 1]")
-    return value
 
 
 EVAL_TASKS = ("perplexity", "retrieval", "cross_chunk")  # kvcompile.eval.TASKS (a test holds them equal)

@@ -26,21 +26,27 @@ def parse_topn(text: str):
     return value
 
 
-def non_negative_int(text: str) -> int:
+def number(text: str, convert, allowed, rule: str, kind: str = "an int"):
+    """argparse type helper: `convert(text)` when `allowed(value)`, else one clear line."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected an int ≥ 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text}: must be ≥ 0")
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {kind} {rule}") from None
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(f"invalid value {text}: must be {rule}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    return number(text, int, lambda v: v >= 0, "≥ 0")
 
 
 def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text}: must be ≥ 1")
-    return value
+    return number(text, int, lambda v: v >= 1, "≥ 1")
+
+
+def ratio_in_unit(text: str) -> float:
+    return number(text, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]", kind="a number")
 
 
 def add_cache_options(parser) -> None:

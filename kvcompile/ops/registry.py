@@ -68,6 +68,18 @@ class OpEntry:
     def exportable(self) -> bool:
         return self.onnx is not None
 
+    @classmethod
+    def of_folder(cls, package: str, summary: str, kernels: bool = False, exportable: bool = True) -> "OpEntry":
+        """The entry of the op in folder `package` (kvcompile/ops/<name>/), by convention: the op is
+        torch.ops.kvcompile.<name>, its ONNX definition `<package>.onnx_function.DEFINITION`, its
+        kernel symbols `<package>.kernels.SYMBOLS` (when `kernels`)."""
+        import torch
+
+        name = package.rsplit(".", 1)[-1]
+        symbols = tuple(import_module(f"{package}.kernels").SYMBOLS) if kernels else ()
+        return cls(name=name, torch_op=getattr(torch.ops.kvcompile, name).default,
+                   onnx=f"{package}.onnx_function" if exportable else None, kernel_symbols=symbols, summary=summary)
+
     def onnx_definition(self) -> OnnxDefinition:
         if not self.exportable:
             raise ValueError(f"kvcompile::{self.name} is a trace-time op and has no ONNX definition")

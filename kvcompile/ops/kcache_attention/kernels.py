@@ -8,14 +8,14 @@ declares the C functions this op needs (the kernel loader reads them from the re
 from __future__ import annotations
 
 import ctypes
-import warnings
 
 import torch
 from torch import Tensor
 
 from kvcompile.core.modes import SelectMode
 from kvcompile.ops.registry import KernelSymbol
-from kvcompile.plugins import KernelLibraryError, load_kernels
+from kvcompile.plugins import load_kernels
+from kvcompile.plugins import kernels_available as plugin_kernels_available
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _int, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
@@ -44,20 +44,8 @@ class DecodeArgs(ctypes.Structure):
     ]
 
 
-_warned_unavailable = False
-
-
 def kernels_available() -> bool:
-    """True when the library loads; warns once (and the op falls back to torch) otherwise."""
-    global _warned_unavailable
-    try:
-        load_kernels()
-        return True
-    except KernelLibraryError as error:
-        if not _warned_unavailable:
-            warnings.warn(f"kcache_attention runs its torch reference on CUDA: {error}")
-            _warned_unavailable = True
-        return False
+    return plugin_kernels_available("kcache_attention")
 
 
 def _stride(t: Tensor, dim: int) -> int:

@@ -12,13 +12,13 @@ contiguous [B, Hkv, T, D] tensor.
 from __future__ import annotations
 
 import ctypes
-import warnings
 
 import torch
 from torch import Tensor
 
 from kvcompile.ops.registry import KernelSymbol
-from kvcompile.plugins import KernelLibraryError, load_kernels
+from kvcompile.plugins import load_kernels
+from kvcompile.plugins import kernels_available as plugin_kernels_available
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # KVC_DTYPE_*
 _int, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
@@ -43,20 +43,8 @@ class RerotateArgs(ctypes.Structure):
     ]
 
 
-_warned_unavailable = False
-
-
 def kernels_available() -> bool:
-    """True when the library loads; warns once (and the op falls back to torch) otherwise."""
-    global _warned_unavailable
-    try:
-        load_kernels()
-        return True
-    except KernelLibraryError as error:
-        if not _warned_unavailable:
-            warnings.warn(f"rerotate_keys runs its torch reference on CUDA: {error}")
-            _warned_unavailable = True
-        return False
+    return plugin_kernels_available("rerotate_keys")
 
 
 def can_use_kernels(keys: Tensor, delta: Tensor, inv_freq: Tensor) -> bool:
