@@ -40,7 +40,9 @@ def check_layer_graph(graph_module: torch.fx.GraphModule, check_layer: int) -> t
     query = attentions[check_layer].args[0]
     new_outputs = tuple(mapping[node] for node in outputs) + (mapping[query],)
     graph.output(new_outputs)  # graph_copy copies everything but the output node
-    graph._codegen = graph_module.graph._codegen  # the flat signature insert_kv_cache set
+    # A flat signature (positional inputs, a plain tuple out): a program loaded from an artifact
+    # carries pytree specs for the full graph's outputs, which the cut graph no longer has.
+    graph._codegen = torch.fx.graph.CodeGen()
     cut = torch.fx.GraphModule(graph_module, graph)  # attributes are shared with graph_module
     cut.graph.eliminate_dead_code()
     cut.graph.lint()

@@ -122,3 +122,12 @@ def test_help_and_version_do_not_import_torch():
     assert imported == "False" and float(seconds) < 0.5
     version = subprocess.run([sys.executable, "-m", "kvcompile.cli.main", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("kvcompile ")
+
+
+def test_run_with_chunks_fuses_them(torch_artifact, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("x = 41\n")
+    (tmp_path / "b.txt").write_text("y = x + 1\n")
+    assert main(["run", str(torch_artifact), "--chunks", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"),
+                 "--prompt", "print(y)", "--max-new-tokens", "4", "--recompute-ratio", "0.5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("print(y)") and "2 chunks fused (50% recomputed" in captured.err
