@@ -52,6 +52,8 @@ def cmd_export(args) -> int:
     from kvcompile.export import check_output_dir, export
 
     config = cache_config_from(args)
+    if args.fuse and args.target != "onnx":
+        raise UsageError("--fuse applies to --target onnx (a torch artifact fuses with its own program)")
     out_dir = Path(args.output) if args.output else default_output(args, config)
     check_output_dir(out_dir)  # before minutes of work, not after
     with stage(f"loading {args.model}"):
@@ -60,7 +62,8 @@ def cmd_export(args) -> int:
     with stage("tracing with torch.export and running passes"):
         compiled = compile_model(model, config)
     with stage(f"writing {args.target} artifact"):
-        final = export(compiled, target=args.target, out_dir=out_dir)
+        final = export(compiled, target=args.target, out_dir=out_dir,
+                       fuse_check_layer=args.check_layer if args.fuse else None)
     out.print(f"exported {args.model} ({config.kind.value} cache, {compiled.spec.num_layers} layers) to {final}")
     return 0
 
@@ -163,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: "
                         "the checkpoint's; float32 on CPU)")
     export.add_argument("-o", "--output", help="artifact folder (default exported/NAME-CACHE-TARGET)")
+    export.add_argument("--fuse", action="store_true", help="onnx: also write check.onnx, the graph KV fusion's "
+                        "check pass runs (`kvcompile run --chunks` on the artifact)")
+    export.add_argument("--check-layer", type=non_negative_int, default=1, help="with --fuse: the check layer")
     export.set_defaults(func=cmd_export)
 
     run = sub_parser(sub, "run", "generate text with an exported artifact (streams the text)")
@@ -175,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=non_negative_int, help="keep the k most likely tokens (0 = off); default 50")
     sampling.add_argument("--top-p", type=float, help="keep the smallest set reaching this probability; default 1")
     sampling.add_argument("--seed", type=int, help="seed of the sampler (same seed, same text)")
-    fusion = run.add_argument_group("KV fusion (torch artifacts): the prompt follows these chunks")
+    fusion = run.add_argument_group("KV fusion: the prompt follows these chunks (ONNX artifacts: exported --fuse)")
     fusion.add_argument("--chunks", nargs="+", metavar="FILE", help="text files, each a chunk whose KV cache is "
                         "computed alone and reused (re-rotated to its place)")
     fusion.add_argument("--recompute-ratio", type=ratio_in_unit, default=0.15,

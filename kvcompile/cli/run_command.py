@@ -98,11 +98,10 @@ def cmd_run(args, stage, console) -> int:
 
 
 def run_fused(args, model, backend, tokenizer, prompt, console) -> int:
-    """--chunks: each file is a chunk whose KV is computed alone, then fused with the prompt."""
+    """--chunks: each file is a chunk whose KV is computed alone, then fused with the prompt
+    (on an ONNX artifact, the check pass runs the check.onnx written by `export --fuse`)."""
     import torch
 
-    if backend != "torch":
-        raise UsageError("--chunks (KV fusion) runs on torch artifacts; export with --target torch")
     chunks = []
     for path in args.chunks:
         try:
@@ -111,8 +110,9 @@ def run_fused(args, model, backend, tokenizer, prompt, console) -> int:
             raise InputValidationError(f"cannot read chunk {path}: {error.strerror or error}") from None
         chunks.append(model.precompute_chunk(torch.tensor(encode_prompt(tokenizer, text))))
     start = time.perf_counter()
+    check_layer = (model.manifest["graphs"].get("check") or {}).get("layer", 1) if backend == "onnxruntime" else 1
     new = model.generate_fused(chunks, torch.tensor(prompt), recompute_ratio=args.recompute_ratio,
-                               max_new_tokens=args.max_new_tokens, selector=args.selector)
+                               max_new_tokens=args.max_new_tokens, selector=args.selector, check_layer=check_layer)
     elapsed = time.perf_counter() - start
     sys.stdout.write(args.prompt + tokenizer.decode(new[0].tolist()) + "\n")
     count = new.shape[1]

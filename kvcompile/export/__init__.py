@@ -36,7 +36,7 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 def export(model, target: str = "torch", out_dir="exported/model", cache: Optional[CacheConfig] = None,
-           source_dir: Optional[Path] = None) -> Path:
+           source_dir: Optional[Path] = None, fuse_check_layer: Optional[int] = None) -> Path:
     """Compile `model` (a HF model or a CompiledModel) for `cache` and write a `target` artifact."""
     from kvcompile.core.pipeline import compile as compile_model
     from kvcompile.runtime.compiled import CompiledModel
@@ -53,9 +53,11 @@ def export(model, target: str = "torch", out_dir="exported/model", cache: Option
             candidate = resolve_model_dir(source)
             source_dir = candidate if candidate.is_dir() else None
     if target == "torch":
+        if fuse_check_layer is not None:
+            raise TargetError("--fuse applies to --target onnx: a torch artifact fuses with its own program")
         from kvcompile.export.torch_target import export_torch
 
         return export_torch(compiled, out_dir, source_dir)
     from kvcompile.export.onnx_target import export_onnx
 
-    return export_onnx(compiled, out_dir, source_dir=source_dir)
+    return export_onnx(compiled, out_dir, source_dir=source_dir, fuse_check_layer=fuse_check_layer)

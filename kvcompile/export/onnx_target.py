@@ -37,6 +37,7 @@ from kvcompile.frontend.text_tokenizer import copy_tokenizer_files
 from kvcompile.errors import OnnxExportError  # noqa: F401  (raised here)
 
 PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE = "prefill.onnx", "decode.onnx", "weights.data"
+CHECK_FILE, CHECK_WEIGHTS_FILE = "check.onnx", "check.data"  # fusion's check graph (export --fuse)
 # Above this many bytes of weights the graphs reference one shared external file. Protobuf
 # cannot hold more than 2 GB, so anything near that must be external; below it a single
 # self-contained file is handier.
@@ -118,10 +119,21 @@ def _set_axes(value_info: onnx.ValueInfoProto, axes: list) -> None:
             dim.dim_value = axis
 
 
-def finish_graph(model: onnx.ModelProto, spec: GraphSpec, fixed_tokens: Optional[int]) -> onnx.ModelProto:
+def check_outputs(spec: GraphSpec, layer: int) -> dict:
+    """Output axes of the check graph: K/V of layers 0..layer and that layer's queries."""
+    _, out_axes = io_axes(spec)
+    outputs = {name: axes for name, axes in out_axes.items()
+               if name.startswith("new_") and int(name.rsplit(".", 1)[1]) <= layer}
+    outputs["check_query"] = ["batch", spec.query_heads, "tokens", spec.head_dim]
+    return outputs
+
+
+def finish_graph(model: onnx.ModelProto, spec: GraphSpec, fixed_tokens: Optional[int],
+                 out_axes: Optional[dict] = None) -> onnx.ModelProto:
     """Name the I/O axes, attach kvcompile function bodies, re-run strict shape inference."""
     model = onnx.ModelProto.FromString(model.SerializeToString())  # a copy: called once per graph
-    in_axes, out_axes = io_axes(spec)
+    in_axes, spec_out_axes = io_axes(spec)
+    out_axes = out_axes or spec_out_axes
     fix = (lambda axes: [fixed_tokens if a == "tokens" else a for a in axes]) if fixed_tokens else (lambda a: a)
     for value_info in model.graph.input:
         _set_axes(value_info, fix(in_axes[value_info.name]))
@@ -144,13 +156,13 @@ def finish_graph(model: onnx.ModelProto, spec: GraphSpec, fixed_tokens: Optional
     return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
 
 
-def _externalise(model: onnx.ModelProto) -> None:
+def _externalise(model: onnx.ModelProto, weights_file: str = WEIGHTS_FILE) -> None:
     """Point every initializer at the shared weights file (its data was written beside it)."""
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             for entry in tensor.external_data:
                 if entry.key == "location":
-                    entry.value = WEIGHTS_FILE
+                    entry.value = weights_file
 
 
 def _summary(err: Exception) -> str:
@@ -163,7 +175,8 @@ def _summary(err: Exception) -> str:
 
 
 def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, work_dir: Path,
-                  cache_config: Optional[dict] = None) -> tuple[onnx.ModelProto, int]:
+                  cache_config: Optional[dict] = None, output_names=None,
+                  weights_file: str = WEIGHTS_FILE) -> tuple[onnx.ModelProto, int]:
     """torch.onnx (dynamo) export of the flat graph; returns (model without weight data, weight bytes)."""
     try:
         # ExportedProgram.module() comes back in training mode and refuses .eval(); its graph
@@ -174,7 +187,7 @@ def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, work_dir: Path,
                 module, example_inputs(spec), dynamo=True, optimize=False,
                 opset_version=onnx_domain.STANDARD_OPSET,
                 dynamic_shapes=dynamic_shapes(module, spec),
-                input_names=spec.input_names, output_names=spec.output_names,
+                input_names=spec.input_names, output_names=output_names or spec.output_names,
                 custom_translation_table=translation_table(cache_config), verbose=False)
     except Exception as err:  # torch.onnx raises many types; one line for the user, cause chained
         raise OnnxExportError(f"torch.onnx could not export the compiled graph: {_summary(err)}") from err
@@ -186,8 +199,8 @@ def trace_to_onnx(module: torch.nn.Module, spec: GraphSpec, work_dir: Path,
     model = onnx.load(str(traced), load_external_data=False)
     data_file = work_dir / "traced.onnx.data"
     if data_file.exists():
-        data_file.rename(work_dir / WEIGHTS_FILE)
-        _externalise(model)
+        data_file.rename(work_dir / weights_file)
+        _externalise(model, weights_file)
     traced.unlink()
     return model, weight_bytes
 
@@ -212,11 +225,13 @@ def export_onnx(
     source_dir: Optional[Path] = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     check: bool = True,
+    fuse_check_layer: Optional[int] = None,
 ) -> Path:
     """Export a CompiledModel (anything with `.graph_module` and `.spec`) as an ONNX artifact.
 
     Writes DIR/prefill.onnx, DIR/decode.onnx, [DIR/weights.data], [DIR/tokenizer/] and
-    DIR/manifest.json atomically; returns DIR. model_config / cache_config default to the
+    DIR/manifest.json atomically; returns DIR. With `fuse_check_layer` L also DIR/check.onnx
+    [+ check.data]: the graph cut after layer L that KV fusion's check pass runs. model_config / cache_config default to the
     compiled model's own; tokenizer files are copied from `source_dir` when it has them.
     """
     out_dir = Path(out_dir)
@@ -239,12 +254,35 @@ def export_onnx(
         if check:
             for name in graphs:
                 check_graph(folder / name)
+        fields = onnx_fields(graphs[PREFILL_FILE], weights=None if embed else WEIGHTS_FILE,
+                             export_seconds=round(time.perf_counter() - started, 2))
+        if fuse_check_layer is not None:
+            fields["graphs"]["check"] = export_check_graph(module, spec, folder, cache_config, fuse_check_layer,
+                                                           external_data_threshold, check)
         has_tokenizer = copy_tokenizer_files(source_dir, folder / "tokenizer")
-        return {**shared, **onnx_fields(graphs[PREFILL_FILE], weights=None if embed else WEIGHTS_FILE,
-                                         export_seconds=round(time.perf_counter() - started, 2)),
-                "tokenizer": "tokenizer" if has_tokenizer else None}
+        return {**shared, **fields, "tokenizer": "tokenizer" if has_tokenizer else None}
 
     return write_artifact(out_dir, fill)
+
+
+def export_check_graph(module, spec: GraphSpec, folder: Path, cache_config, layer: int,
+                       external_data_threshold: int, check: bool) -> dict:
+    """check.onnx: the compiled graph cut after `layer` (passes/check_layer_graph.py)."""
+    from kvcompile.fusion.blend import uses_learned_positions
+    from kvcompile.passes.check_layer_graph import check_layer_graph
+
+    outputs = check_outputs(spec, layer)
+    cut = check_layer_graph(module, layer)
+    traced, weight_bytes = trace_to_onnx(cut, spec, folder, cache_config, output_names=list(outputs),
+                                         weights_file=CHECK_WEIGHTS_FILE)
+    embed = weight_bytes <= min(external_data_threshold, _PROTOBUF_SAFE_BYTES)
+    _save(finish_graph(traced, spec, fixed_tokens=None, out_axes=outputs), folder / CHECK_FILE, embed)
+    if embed and (folder / CHECK_WEIGHTS_FILE).exists():
+        (folder / CHECK_WEIGHTS_FILE).unlink()
+    if check:
+        check_graph(folder / CHECK_FILE)
+    return {"file": CHECK_FILE, "layer": layer, "outputs": list(outputs),
+            "learned_positions": uses_learned_positions(module)}
 
 
 def onnx_fields(model: onnx.ModelProto, weights: Optional[str], export_seconds: float) -> dict:

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from kvcompile.core.records import WindowKind
-from kvcompile.errors import ConfigError, UnsupportedAttentionError
+from kvcompile.errors import ConfigError, UnsupportedAttentionError, UsageError
 from kvcompile.fusion.chunks import ChunkCache, model_fingerprint
 from kvcompile.fusion.selectors import TokenSelector, chunk_heads, kv_deviation, query_attention, top_tokens
 from kvcompile.runtime.masks import step_biases
@@ -74,10 +74,14 @@ class Fusion:
                           self.fingerprint, self.spec.dtype, self.compiled.cache_config.kind.value)
 
     def check_graph(self, layer: int):
+        """The graph cut after `layer`: cut from the torch graph, or an artifact's check.onnx."""
         if layer not in self._check_graphs:
-            from kvcompile.passes.check_layer_graph import check_layer_graph
+            if hasattr(self.compiled, "check_graph_for"):
+                self._check_graphs[layer] = self.compiled.check_graph_for(layer)
+            else:
+                from kvcompile.passes.check_layer_graph import check_layer_graph
 
-            self._check_graphs[layer] = check_layer_graph(self.compiled.graph_module, layer)
+                self._check_graphs[layer] = check_layer_graph(self.compiled.graph_module, layer)
         return self._check_graphs[layer]
 
     # the fused prefill --------------------------------------------------------------------
@@ -153,7 +157,12 @@ class Fusion:
 
     def learned_positions(self) -> bool:
         if self._learned_positions is None:
-            self._learned_positions = uses_learned_positions(self.compiled.graph_module)
+            recorded = getattr(self.compiled, "learned_positions", None)  # an ONNX artifact records it
+            if recorded is None and not hasattr(self.compiled, "graph_module"):
+                raise UsageError("this ONNX artifact was exported without --fuse: re-export it with "
+                                 "`kvcompile export MODEL --target onnx --fuse` to fuse chunk caches")
+            self._learned_positions = (recorded if recorded is not None
+                                       else uses_learned_positions(self.compiled.graph_module))
         return self._learned_positions
 
     def select(self, cache, chunks, query, lengths: List[int], count: int, selector: TokenSelector,

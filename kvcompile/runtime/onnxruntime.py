@@ -43,11 +43,13 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        self.options = options
         self.sessions = {
             role: ort.InferenceSession(str(self.artifact_dir / graph["file"]), sess_options=options,
                                        providers=self.providers)
-            for role, graph in manifest["graphs"].items()
+            for role, graph in manifest["graphs"].items() if role in ("prefill", "decode")
         }
+        self._check_session = None
         self.input_names = self.spec.input_names
         self.output_names = self.spec.output_names
         for role, session in self.sessions.items():
@@ -99,6 +101,60 @@ class OnnxRuntimeBackend:
         outputs = [torch.from_numpy(value.numpy()) for value in binding.get_outputs()]
         logits, rest = outputs[0], outputs[1:]
         return logits, list(rest[0::2]), list(rest[1::2])
+
+    # KV fusion (kvcompile/fusion): the same Fusion as the torch runtime's ------------------------
+    @property
+    def model_config(self) -> dict:
+        return self.manifest.get("model_config") or {}
+
+    @property
+    def cache_config(self):
+        from kvcompile.core.config import CacheConfig
+
+        return CacheConfig.from_dict(self.manifest["cache_config"])
+
+    @property
+    def learned_positions(self) -> Optional[bool]:
+        return (self.manifest["graphs"].get("check") or {}).get("learned_positions")
+
+    def check_graph_for(self, layer: int):
+        """check.onnx (export --fuse) as a callable with the torch check graph's protocol."""
+        from kvcompile.errors import UsageError
+
+        graph = self.manifest["graphs"].get("check")
+        if graph is None or graph["layer"] != layer:
+            have = f"check layer {graph['layer']}" if graph else "no check graph"
+            raise UsageError(f"artifact {self.artifact_dir} has {have}; fusion with check layer {layer} needs "
+                             f"`kvcompile export --target onnx --fuse --check-layer {layer}`")
+        if self._check_session is None:
+            self._check_session = ort.InferenceSession(str(self.artifact_dir / graph["file"]),
+                                                       sess_options=self.options, providers=self.providers)
+        session = self._check_session
+        wanted = {i.name for i in session.get_inputs()}  # torch.onnx drops inputs the cut graph never reads
+
+        def run(*tensors):
+            feeds = {name: t.detach().cpu().contiguous().numpy()
+                     for name, t in zip(self.input_names, tensors) if name in wanted}
+            return tuple(torch.from_numpy(x) for x in session.run(None, feeds))
+        return run
+
+    @property
+    def fusion(self):
+        if getattr(self, "_fusion", None) is None:
+            from kvcompile.fusion.blend import Fusion
+
+            self._fusion = Fusion(self)
+        return self._fusion
+
+    def precompute_chunk(self, token_ids):
+        return self.fusion.precompute_chunk(token_ids)
+
+    def generate_fused(self, chunks, query_ids, recompute_ratio: float = 0.15, max_new_tokens: int = 32,
+                       selector: str = "deviation", check_layer: int = 1, eos_token_id: Optional[int] = None):
+        from kvcompile.fusion.blend import generate_fused
+
+        return generate_fused(self, chunks, query_ids, recompute_ratio, max_new_tokens, selector, check_layer,
+                              eos_token_id)
 
     # the torch runtime's conveniences, through the shared loop --------------------------------
     def new_cache(self, batch: int, capacity: int = 256):
