@@ -12,3 +12,4 @@ blend.py      the fused prefill: place and re-rotate the chunks, check layer, se
 """
 from kvcompile.fusion.chunks import ChunkCache, ChunkMismatchError, model_fingerprint  # noqa: F401
 from kvcompile.fusion.selectors import TokenSelector  # noqa: F401
+from kvcompile.fusion.api import FusionMethods  # noqa: F401

@@ -7,6 +7,7 @@ import torch
 
 from kvcompile.core.config import CacheConfig
 from kvcompile.runtime import generate as gen
+from kvcompile.fusion.api import FusionMethods
 from kvcompile.runtime.cache import KVCacheManager
 from kvcompile.runtime.inputs import check_attention_mask, check_token_ids
 from kvcompile.runtime.sampling import Sampling
@@ -20,7 +21,7 @@ def interleave(keys: List[torch.Tensor], values: List[torch.Tensor]) -> list:
     return flat
 
 
-class CompiledModel:
+class CompiledModel(FusionMethods):
     """A traced model whose attention runs over a cache this object manages.
 
     prefill / decode_step work on an explicit cache (from `new_cache`); generate owns one.
@@ -71,29 +72,7 @@ class CompiledModel:
         logits, rest = outputs[0], outputs[1:]
         return logits, list(rest[0::2]), list(rest[1::2])
 
-    # KV fusion (kvcompile/fusion) -----------------------------------------------------------
-    @property
-    def fusion(self):
-        if getattr(self, "_fusion", None) is None:
-            from kvcompile.fusion.blend import Fusion
-
-            self._fusion = Fusion(self)
-        return self._fusion
-
-    def precompute_chunk(self, token_ids):
-        """A chunk's KV cache, computed alone from position 0 (kvcompile.fusion.ChunkCache)."""
-        check_token_ids(torch.as_tensor(token_ids).reshape(1, -1), self.spec.vocab_size, "chunk token ids")
-        return self.fusion.precompute_chunk(token_ids)
-
-    def generate_fused(self, chunks, query_ids, recompute_ratio: float = 0.15, max_new_tokens: int = 32,
-                       selector: str = "deviation", check_layer: int = 1, eos_token_id: Optional[int] = None):
-        """Greedy new tokens [1, n] for `chunks` (precomputed ChunkCaches) + `query_ids`, recomputing
-        `recompute_ratio` of the chunk tokens chosen by `selector` (kvcompile.fusion.blend)."""
-        from kvcompile.fusion.blend import generate_fused
-
-        check_token_ids(torch.as_tensor(query_ids).reshape(1, -1), self.spec.vocab_size, "query_ids")
-        return generate_fused(self, chunks, query_ids, recompute_ratio, max_new_tokens, selector, check_layer,
-                              eos_token_id)
+    # KV fusion: precompute_chunk / generate_fused / fusion come from FusionMethods ----------
 
     # cache API ----------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int = 256) -> KVCacheManager:

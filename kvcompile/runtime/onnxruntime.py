@@ -27,10 +27,11 @@ import onnxruntime as ort
 import torch
 
 from kvcompile.export.manifest import ArtifactError, load_manifest
+from kvcompile.fusion.api import FusionMethods
 from kvcompile.core.layout import GraphSpec
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(FusionMethods):
     """Two ORT sessions (prefill, decode) over one artifact, with the backend `step` protocol."""
 
     def __init__(self, artifact_dir, manifest: dict, providers: Optional[Sequence[str]] = None,
@@ -138,23 +139,6 @@ class OnnxRuntimeBackend:
             return tuple(torch.from_numpy(x) for x in session.run(None, feeds))
         return run
 
-    @property
-    def fusion(self):
-        if getattr(self, "_fusion", None) is None:
-            from kvcompile.fusion.blend import Fusion
-
-            self._fusion = Fusion(self)
-        return self._fusion
-
-    def precompute_chunk(self, token_ids):
-        return self.fusion.precompute_chunk(token_ids)
-
-    def generate_fused(self, chunks, query_ids, recompute_ratio: float = 0.15, max_new_tokens: int = 32,
-                       selector: str = "deviation", check_layer: int = 1, eos_token_id: Optional[int] = None):
-        from kvcompile.fusion.blend import generate_fused
-
-        return generate_fused(self, chunks, query_ids, recompute_ratio, max_new_tokens, selector, check_layer,
-                              eos_token_id)
 
     # the torch runtime's conveniences, through the shared loop --------------------------------
     def new_cache(self, batch: int, capacity: int = 256):

@@ -1,0 +1,37 @@
+"""The fusion methods every runtime offers (CompiledModel, the ONNX Runtime backend): one copy."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class FusionMethods:
+    """Mixed into a runtime with `spec`, `step`, `new_cache`, `device`, `cache_config` and
+    `model_config` (and either `graph_module` or `check_graph_for`)."""
+
+    @property
+    def fusion(self):
+        if getattr(self, "_fusion", None) is None:
+            from kvcompile.fusion.blend import Fusion
+
+            self._fusion = Fusion(self)
+        return self._fusion
+
+    def precompute_chunk(self, token_ids):
+        """A chunk's KV cache, computed alone from position 0 (kvcompile.fusion.ChunkCache)."""
+        from kvcompile.runtime.inputs import check_token_ids
+
+        check_token_ids(torch.as_tensor(token_ids).reshape(1, -1), self.spec.vocab_size, "chunk token ids")
+        return self.fusion.precompute_chunk(token_ids)
+
+    def generate_fused(self, chunks, query_ids, recompute_ratio: float = 0.15, max_new_tokens: int = 32,
+                       selector: str = "deviation", check_layer: int = 1, eos_token_id: Optional[int] = None):
+        """Greedy new tokens [1, n] for `chunks` (precomputed ChunkCaches) + `query_ids`, recomputing
+        `recompute_ratio` of the chunk tokens chosen by `selector` (kvcompile.fusion.blend)."""
+        from kvcompile.fusion.blend import generate_fused
+        from kvcompile.runtime.inputs import check_token_ids
+
+        check_token_ids(torch.as_tensor(query_ids).reshape(1, -1), self.spec.vocab_size, "query_ids")
+        return generate_fused(self, chunks, query_ids, recompute_ratio, max_new_tokens, selector, check_layer,
+                              eos_token_id)
