@@ -32,10 +32,12 @@ def model_fingerprint(spec, model_config) -> str:
     `_kvcompile_source`) and its shape, and a chunk from another checkpoint of the very same
     config is the caller's responsibility.
     """
+    # The same dict whether the runtime holds the HF config (torch) or the manifest's copy of it
+    # (ONNX Runtime), so a chunk cache serves both.
     config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config or {})
+    source = getattr(model_config, "_kvcompile_source", None) or config.get("_kvcompile_source")
     config = {k: v for k, v in config.items() if k not in ("transformers_version", "_attn_implementation",
-                                                             "dtype", "torch_dtype")}
-    source = getattr(model_config, "_kvcompile_source", None)
+                                                             "dtype", "torch_dtype", "_kvcompile_source")}
     # How a layer is cached (kind, where V lives) is checked on its own, with its own message.
     layers = [{k: v for k, v in r.to_dict().items() if k not in ("kind", "value_home")} for r in spec.layers]
     payload = json.dumps({"config": config, "source": source, "layers": layers}, sort_keys=True, default=str)

@@ -28,5 +28,8 @@ def test_fused_prefill_on_onnx_runtime_matches_torch(tmp_path):
         assert (got - expected).abs().max().item() <= 1e-4, (ratio, selector)
     assert torch.equal(backend.generate_fused(ort_chunks, query, 0.3, 12),
                        compiled.generate_fused(torch_chunks, query, 0.3, 12))
+    # a chunk cache computed by one runtime serves the other
+    assert torch.equal(backend.generate_fused(torch_chunks, query, 0.3, 12),
+                       compiled.generate_fused(ort_chunks, query, 0.3, 12))
     with pytest.raises(UsageError, match="check layer 2"):
         backend.generate_fused(ort_chunks, query, 0.3, 4, check_layer=2)
