@@ -16,7 +16,7 @@ decode cost depends on the cache's shape, not its contents (top-N selection read
 whatever they are), and a 16K prefill of ~100 sequences would take far longer than the decode.
 Each runtime: `--warmup` decode steps, then `--steps` timed steps (CUDA events);
 tokens/s = batch × steps / time. The attention share of a step is timed separately: the attention
-op of one layer on the same cache, × layers; it is compared with its floor (docs/ARCHITECTURE.md "Floors"):
+op of one layer on the same cache, × layers; it is compared with its floor, the rates measured on the running GPU (bench/floors.py):
   full / HF:  (K + V bytes) / HBM bandwidth
   kcache:     K bytes / HBM bandwidth + fetched V bytes / host-link rate for the row size
   offloaded:  (K + V bytes) / pinned host→device bandwidth
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kcache_e2e_runtimes import (  # noqa: E402
-    GIB, HBM_BYTES_PER_S, HOST_TO_DEVICE_BYTES_PER_S, Shape, attention_floor_ms, build_model, cache_classes,
+    GIB, Shape, hbm_bytes_per_s, host_to_device_bytes_per_s, attention_floor_ms, build_model, cache_classes,
     free_memory,
     gpu_kv_bytes_per_token, host_kv_bytes_per_token, llama_config, run_hf, run_kvcompile)
 
@@ -105,7 +105,7 @@ def run(args) -> dict:
                    kv_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate=config.intermediate_size,
                    vocab=config.vocab_size, dtype=str(dtype), weight_gib=weight_bytes / GIB),
         context=args.context, budget_gib=args.budget_gib, topn=args.topn, warmup=args.warmup, steps=args.steps,
-        floors=dict(hbm_bytes_per_s=HBM_BYTES_PER_S, host_to_device_bytes_per_s=HOST_TO_DEVICE_BYTES_PER_S),
+        floors=dict(hbm_bytes_per_s=hbm_bytes_per_s(), host_to_device_bytes_per_s=host_to_device_bytes_per_s()),
         transformers_caches=cache_classes(), kernels_library=kernels_library(device), rows=[], errors={},
     )
     print(f"device {result['device']}, model {result['model']}", flush=True)

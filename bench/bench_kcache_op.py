@@ -4,9 +4,9 @@ One decode step of one layer, B=8, 32 query / 8 KV heads, d=128, bf16, contexts 
   kcache: torch.ops.kvcompile.kcache_attention with K on the GPU and V in pinned host memory,
           a few topn, both selection modes.
   peer:   F.scaled_dot_product_attention over K and V both on the GPU (GQA, no copy).
-Floors (docs: docs/ARCHITECTURE.md "Floors", H100):
-  kcache = K bytes / 2975 GB/s + fetched V bytes / host-link rate for that row size
-  SDPA   = (K + V bytes) / 2975 GB/s
+Floors (HBM rate measured on the running GPU by bench/floors.py):
+  kcache = K bytes / HBM copy rate + fetched V bytes / host-link rate for that row size
+  SDPA   = (K + V bytes) / HBM copy rate
 Each configuration is timed eagerly (what a Python caller sees, launch overhead included) and
 replayed from a CUDA graph (device time). Writes kcache_op.json and kcache_op.png to --out.
 
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-HBM_BYTES_PER_S = 2975e9
+from floors import hbm_bytes_per_s  # noqa: E402  (bench/ is the script's folder)
+
 # zero-copy gather of random rows from pinned host memory (row bytes, bytes/s), measured (docs/ARCHITECTURE.md "Floors")
 LINK_RATES = [(64, 3e9), (256, 11e9), (512, 20e9), (2048, 51e9)]
 B, HQ, HKV, D = 8, 32, 8, 128
@@ -48,11 +49,11 @@ def kcache_floor_s(context: int, topn: int, select: str, elem: int = 2) -> float
     kept = min(topn, context)
     row_bytes = D * elem if select == "head" else HKV * D * elem
     rows = B * HKV * kept if select == "head" else B * kept
-    return k_bytes / HBM_BYTES_PER_S + rows * row_bytes / link_rate(row_bytes)
+    return k_bytes / hbm_bytes_per_s() + rows * row_bytes / link_rate(row_bytes)
 
 
 def sdpa_floor_s(context: int, elem: int = 2) -> float:
-    return 2 * B * HKV * context * D * elem / HBM_BYTES_PER_S
+    return 2 * B * HKV * context * D * elem / hbm_bytes_per_s()
 
 
 def time_calls(fn, device: torch.device, warmup: int, iters: int) -> float:
@@ -215,7 +216,7 @@ def run(out_dir: Path, contexts, topns, iters: int) -> dict:
         device=torch.cuda.get_device_name(), torch=torch.__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         shape=dict(batch=B, query_heads=HQ, kv_heads=HKV, head_dim=D, dtype=str(DTYPE)),
-        floors=dict(hbm_bytes_per_s=HBM_BYTES_PER_S, link_rates=LINK_RATES),
+        floors=dict(hbm_bytes_per_s=hbm_bytes_per_s(), link_rates=LINK_RATES),
         exactness_max_abs_diff=checks, rows=rows, kernel_breakdown_us=breakdowns,
         gather_link_rate=link,
         note="best_ms = graph replay when capture worked, else eager; vs_sdpa is against the "

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kcache_op import HBM_BYTES_PER_S, link_rate, time_calls  # noqa: E402  (shared floors, timing)
+from bench_kcache_op import link_rate, time_calls  # noqa: E402  (shared floors, timing)
+from floors import hbm_bytes_per_s, host_to_device_bytes_per_s  # noqa: E402  (measured on the running device)
 
-HOST_TO_DEVICE_BYTES_PER_S = 55e9  # pinned host → device copy, 1 GiB (docs/ARCHITECTURE.md "Floors")
 GIB = 2**30
 
 
@@ -112,16 +112,16 @@ def attention_floor_ms(name: str, shape: Shape, batch: int, context: int, topn: 
     """Per decode step, all layers: the bytes the attention must move / the rate they move at."""
     kv_bytes = batch * context * shape.kv_row_bytes()  # one layer's K (or V)
     if name in ("kvc_full", "hf_dynamic"):
-        per_layer = 2 * kv_bytes / HBM_BYTES_PER_S
+        per_layer = 2 * kv_bytes / hbm_bytes_per_s()
     elif name == "hf_offloaded":
-        per_layer = 2 * kv_bytes / HOST_TO_DEVICE_BYTES_PER_S
+        per_layer = 2 * kv_bytes / host_to_device_bytes_per_s()
     else:
         kept = min(topn, context)
         if name.endswith("layer"):
             row_bytes, rows = shape.kv_row_bytes(), batch * kept
         else:
             row_bytes, rows = shape.head_dim * shape.element, batch * shape.kv_heads * kept
-        per_layer = kv_bytes / HBM_BYTES_PER_S + rows * row_bytes / link_rate(row_bytes)
+        per_layer = kv_bytes / hbm_bytes_per_s() + rows * row_bytes / link_rate(row_bytes)
     return per_layer * shape.layers * 1e3
 
 
