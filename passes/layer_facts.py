@@ -22,8 +22,6 @@ class AttentionPatternError(UnsupportedAttentionError):
     """A layer whose graph and config disagree, or whose attention kvcompile cannot represent exactly."""
 
 
-LayerFactsError = AttentionPatternError
-
 
 def shape_of(node) -> Optional[tuple]:
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
@@ -141,7 +139,7 @@ def config_window(config, layer: int) -> Optional[Window]:
     kind = layer_type(config, layer)
     if kind is not None:
         if kind not in LAYER_TYPE_WINDOWS:
-            raise LayerFactsError(f"layer {layer}: layer type {kind!r} is not attention kvcompile can cache")
+            raise AttentionPatternError(f"layer {layer}: layer type {kind!r} is not attention kvcompile can cache")
         window = LAYER_TYPE_WINDOWS[kind]
         if window is WindowKind.SLIDING:
             return Window(window, int(config.sliding_window))
@@ -161,7 +159,7 @@ def checked_window(graph_window: Optional[Window], config, layer: int, where: st
     if graph_window is None:
         return stated or Window()
     if stated is not None and stated != graph_window:
-        raise LayerFactsError(f"{where}: the traced attention's window ({graph_window.describe()}) disagrees with "
+        raise AttentionPatternError(f"{where}: the traced attention's window ({graph_window.describe()}) disagrees with "
                               f"the model config's ({stated.describe()})")
     return graph_window
 
@@ -178,9 +176,9 @@ def checked_positions(key: torch.fx.Node, config, layer: int, head_dim: int, whe
     positions = positions_of(key, config, layer, head_dim)
     says_rope = config_says_rope(config, layer)
     if says_rope is not None and says_rope != (positions.kind is PositionKind.ROPE):
-        raise LayerFactsError(f"{where}: the config says {'RoPE' if says_rope else 'NoPE'} but the traced keys are "
+        raise AttentionPatternError(f"{where}: the config says {'RoPE' if says_rope else 'NoPE'} but the traced keys are "
                               f"{'rotated' if positions.kind is PositionKind.ROPE else 'not rotated'}")
     if positions.kind is PositionKind.NONE and getattr(config, "attn_temperature_tuning", False):
-        raise LayerFactsError(f"{where}: query temperature tuning from cache positions (attn_temperature_tuning) "
+        raise AttentionPatternError(f"{where}: query temperature tuning from cache positions (attn_temperature_tuning) "
                               "is not supported")
     return positions

@@ -7,7 +7,6 @@ from typing import Union
 from kvcompile.core.modes import CacheKind, SelectMode
 from kvcompile.errors import ConfigError  # noqa: F401  (raised here)
 
-CACHE_KINDS = CacheKind.names()
 SELECT_MODES = SelectMode.names()
 
 

@@ -20,19 +20,17 @@ from typing import List, Optional, Tuple, Union
 
 from kvcompile.core.records import LayerRecord, Window, WindowKind
 
-FIXED_INPUTS = ("input_ids", "position_ids")
+# Dynamic axes by name. context = past + tokens.
+BATCH, TOKENS, PAST, CONTEXT = "batch", "tokens", "past", "context"
+INDEX_DTYPE = "int64"
+ACTIVATION = "activation"  # the graph's dtype (GraphSpec.dtype)
+
+Axis = Union[str, int]
 
 
 def bias_name(window: Window) -> str:
     """The graph input carrying the additive mask of layers with this window."""
     return "attn_bias" if window.kind is WindowKind.NONE else f"attn_bias.{window.kind.value}_{window.size}"
-# Dynamic axes by name. context = past + tokens.
-BATCH, TOKENS, PAST, CONTEXT = "batch", "tokens", "past", "context"
-DYNAMIC_AXES = (BATCH, TOKENS, PAST, CONTEXT)
-INDEX_DTYPE = "int64"
-ACTIVATION = "activation"  # the graph's dtype (GraphSpec.dtype)
-
-Axis = Union[str, int]
 
 
 @dataclass(frozen=True)
@@ -74,11 +72,8 @@ class GraphSpec:
         return self.key_axes()
 
     def value_layout(self, layer: int) -> str:
-        """Axis order of past_value.{layer} in letters, e.g. "B,P,Hkv,D"."""
-        letters = {BATCH: "B", PAST: "P", self.kv_heads: "Hkv", self.head_dim: "D"}
-        if self.kv_heads == self.head_dim:  # the two fixed sizes cannot tell themselves apart
-            return "B,P,Hkv,D" if self.layers[layer].host_values else "B,Hkv,P,D"
-        return ",".join(letters[a] for a in self.value_axes(layer))
+        """Axis order of past_value.{layer} in letters (value_axes, named)."""
+        return "B,P,Hkv,D" if self.layers[layer].host_values else "B,Hkv,P,D"
 
     def check(self) -> None:
         if len(self.layers) != self.num_layers:
@@ -126,10 +121,6 @@ class GraphSpec:
     @property
     def layer_kinds(self) -> list:
         return [record.kind for record in self.layers]
-
-    @property
-    def host_value_layers(self) -> List[int]:
-        return [record.layer for record in self.layers if record.host_values]
 
     @property
     def sliding_window(self) -> Optional[int]:

@@ -48,7 +48,6 @@ class Positions:
     head_dim: Optional[int] = None
     theta: Optional[float] = None
     scaling: Optional[dict] = None  # rope_type and its parameters, from the model config
-    learned_absolute: bool = False  # the model adds learned position embeddings at its input
 
     def __post_init__(self):
         object.__setattr__(self, "kind", PositionKind.parse(self.kind, "position kind"))
@@ -64,7 +63,7 @@ class Positions:
 
     def describe_scaling(self) -> str:
         if self.kind is PositionKind.NONE:
-            return "learned absolute (input)" if self.learned_absolute else "-"
+            return "-"
         rope_type = (self.scaling or {}).get("rope_type", "default")
         theta = f"θ={self.theta:g}" if self.theta else ""
         return ", ".join(t for t in (theta, rope_type if rope_type != "default" else "") if t) or "-"
@@ -99,10 +98,6 @@ class LayerRecord:
     @property
     def host_values(self) -> bool:
         return self.value_home is ValueHome.HOST
-
-    @property
-    def gqa_group(self) -> int:
-        return self.query_heads // self.kv_heads
 
     def cached_as(self, kind: LayerKind) -> "LayerRecord":
         """This record with the cache scheme `kind` (which decides where V lives)."""

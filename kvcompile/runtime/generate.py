@@ -117,6 +117,3 @@ def generate(
         if step + 1 < max_new_tokens:
             logits = decode_step(backend, cache, next_ids)
     return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1) if generated else input_ids
-
-
-greedy_generate = generate  # the name the loop had when it was greedy only
