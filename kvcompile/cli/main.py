@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     clean = sub_parser(sub, "clean", "remove what interrupted exports left behind")
     clean.add_argument("folder", nargs="?", default="exported", help="folder holding artifacts")
     clean.set_defaults(func=cmd_clean)
+
+    from kvcompile.cli.store_command import add_store_parser
+
+    add_store_parser(sub, sub_parser)
     return parser
 
 

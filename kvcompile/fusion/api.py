@@ -26,12 +26,20 @@ class FusionMethods:
         return self.fusion.precompute_chunk(token_ids)
 
     def generate_fused(self, chunks, query_ids, recompute_ratio: float = 0.15, max_new_tokens: int = 32,
-                       selector: str = "deviation", check_layer: int = 1, eos_token_id: Optional[int] = None):
+                       selector: str = "deviation", check_layer: int = 1, eos_token_id: Optional[int] = None,
+                       store=None, codec_level: Optional[int] = None):
         """Greedy new tokens [1, n] for `chunks` (precomputed ChunkCaches) + `query_ids`, recomputing
-        `recompute_ratio` of the chunk tokens chosen by `selector` (kvcompile.fusion.blend)."""
+        `recompute_ratio` of the chunk tokens chosen by `selector` (kvcompile.fusion.blend).
+        With a `store` (kvcompile.store), chunks may be token ids: their caches are fetched from it
+        (codec bitstreams at `codec_level`, raw KV if None), and computed (and stored) where missing;
+        `self.fusion.last_store_report` says which."""
         from kvcompile.fusion.blend import generate_fused
         from kvcompile.runtime.inputs import check_token_ids
 
         check_token_ids(torch.as_tensor(query_ids).reshape(1, -1), self.spec.vocab_size, "query_ids")
+        if store is not None:
+            from kvcompile.store.fusion import resolve_chunks
+
+            chunks, _ = resolve_chunks(self, chunks, store, codec_level)
         return generate_fused(self, chunks, query_ids, recompute_ratio, max_new_tokens, selector, check_layer,
                               eos_token_id)
