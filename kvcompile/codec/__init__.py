@@ -1,25 +1,50 @@
 """KV codec (CacheGen, arXiv 2310.07240): quantise + entropy-code a KV cache into a bitstream.
 
-    blob = kvcompile.codec.encode((keys, values), level=2)   # keys/values [layers, kv_heads, tokens, head_dim]
-    keys, values = kvcompile.codec.decode(blob)
+Whole caches (keys / values [layers, kv_heads, tokens, head_dim]):
 
-quantise.py   layer-wise quantisation with per-(layer, token) scales; levels 0 (lossless for 8-bit
-              input) to 3 (aggressive)
-rans.py       static rANS over many streams at once, one table per (K/V, layer, channel)
-bitstream.py  the versioned, checksummed container (docs/CODEC.md)
-This is the CPU reference coder; the GPU decoder (plugins/csrc) is still to come.
+    blob = kvcompile.codec.encode((keys, values), level=2, chunk_tokens=256, fingerprint="...")
+    keys, values = kvcompile.codec.decode(blob, device="cpu")
+
+Chunk by chunk, from any file-like object (what a streaming loader uses; docs/CODEC.md):
+
+    header = codec.read_header(stream)              # Header: shape, dtype, level, chunk sizes
+    for index, data in codec.iter_chunks(stream, header):   # each checked against its CRC
+        keys, values = codec.decode_chunk(header, index, data, device="cuda")  # [L, Hkv, t, D]
+        first_token, tokens = header.chunk_span(index)
+
+Every malformed input raises BitstreamError (a kvcompile InputError). LEVELS maps each level to
+its description; DEFAULT_LEVEL is the one that meets the size/quality target (docs/CODEC.md).
+
+quantise.py  layer-wise quantisation, per-(layer, token) scales, K and V schedules per level
+tables.py    the fixed bank of parametric frequency tables and the per-channel choice
+rans.py      static rANS over many streams at once (CPU reference)
+chunk.py     one chunk's byte layout, encode and decode
+bitstream.py the versioned, checksummed container
+The GPU decoder is plugins/csrc/kv_decode.cu, run through the kvcompile::kv_decode op.
 """
 from __future__ import annotations
+
+import io
+import math
+from typing import Dict
 
 import numpy as np
 import torch
 
-from kvcompile.codec import bitstream, quantise as quant, rans
-from kvcompile.codec.bitstream import BitstreamError  # noqa: F401
+from kvcompile.codec import chunk as chunk_codec
+from kvcompile.codec import quantise as quant
+from kvcompile.codec.bitstream import BitstreamError, Header, iter_chunks, read_header
 from kvcompile.errors import UsageError
 
+__all__ = ["encode", "decode", "read_header", "iter_chunks", "decode_chunk", "Header", "BitstreamError",
+           "LEVELS", "DEFAULT_LEVEL", "LOSSLESS_LEVEL", "CHUNK_TOKENS"]
+
 CHUNK_TOKENS = 256
-LEVELS = tuple(quant.LEVELS)
+DEFAULT_LEVEL = 2
+LOSSLESS_LEVEL = 0  # symbol-exact for per-(layer, token) 8-bit input
+LEVELS: Dict[int, str] = {level: spec.note for level, spec in quant.LEVELS.items()}
+STREAM_CHANNELS = 4  # channels per rANS stream (one final state per 4 channels, not per channel)
+_FP16_MAX = 65504.0
 
 
 def _as_rows(x: torch.Tensor) -> np.ndarray:
@@ -28,7 +53,12 @@ def _as_rows(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().permute(0, 2, 1, 3).reshape(layers, tokens, heads * dim).numpy()
 
 
-def encode(kv, level: int = 2, chunk_tokens: int = CHUNK_TOKENS, fingerprint: str = "") -> bytes:
+def _from_rows(rows: np.ndarray, heads: int, dim: int) -> torch.Tensor:
+    layers, tokens, _ = rows.shape
+    return torch.from_numpy(np.ascontiguousarray(rows)).reshape(layers, tokens, heads, dim).permute(0, 2, 1, 3)
+
+
+def encode(kv, level: int = DEFAULT_LEVEL, chunk_tokens: int = CHUNK_TOKENS, fingerprint: str = "") -> bytes:
     """(keys, values), each [layers, kv_heads, tokens, head_dim] -> bitstream bytes."""
     if level not in quant.LEVELS:
         raise UsageError(f"unknown codec level {level}; levels: {', '.join(map(str, LEVELS))}")
@@ -36,63 +66,45 @@ def encode(kv, level: int = 2, chunk_tokens: int = CHUNK_TOKENS, fingerprint: st
     if keys.shape != values.shape or keys.dim() != 4:
         raise UsageError(f"keys and values must both be [layers, kv_heads, tokens, head_dim], got "
                          f"{tuple(keys.shape)} and {tuple(values.shape)}")
+    dtype = str(keys.dtype).removeprefix("torch.")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise UsageError(f"the codec takes float32/float16/bfloat16 KV, got {keys.dtype}")
+    if not 1 <= chunk_tokens < 2 ** 31:
+        raise UsageError(f"chunk_tokens must be ≥ 1, got {chunk_tokens}")
     layers, heads, tokens, dim = keys.shape
-    schedule = quant.LEVELS[level]
-    bins = {"k": schedule.bins(layers, "k"), "v": schedule.bins(layers, "v")}
-    alphabet = int(max(bins["k"].max(), bins["v"].max()))
+    if max(layers, heads, dim) >= 2 ** 16 or tokens >= 2 ** 32:
+        raise UsageError(f"KV of shape {tuple(keys.shape)} is too large for the bitstream's fields")
     rows = {"k": _as_rows(keys), "v": _as_rows(values)}
-    chunks, meta = [], []
-    for start in range(0, tokens, chunk_tokens):
-        stop = min(tokens, start + chunk_tokens)
-        scales, tables, words = [], [], []
-        for which in ("k", "v"):
-            symbols, scale = quant.quantise(rows[which][:, start:stop], bins[which])  # [L, t, C]
-            streams = symbols.transpose(0, 2, 1).reshape(-1, stop - start)  # [(L·C), t]
-            counts = np.zeros((streams.shape[0], alphabet), dtype=np.int64)
-            np.add.at(counts, (np.arange(streams.shape[0])[:, None], streams), 1)
-            freqs = rans.quantise_frequencies(counts)
-            scales.append(scale)
-            tables.append(freqs.reshape(layers, heads * dim, alphabet))
-            words.extend(rans.encode(streams, freqs))
-        chunk = bitstream.Chunk(np.stack(scales), np.stack(tables).astype(np.uint16), words)
-        chunks.append(chunk.to_bytes())
-        meta.append({"tokens": stop - start})
-    header = {"fingerprint": fingerprint, "layers": layers, "kv_heads": heads, "head_dim": dim, "tokens": tokens,
-              "dtype": str(keys.dtype).removeprefix("torch."), "level": level, "chunk_tokens": chunk_tokens,
-              "alphabet": alphabet, "chunk_meta": meta}
+    if level != 0 and max(np.abs(r).max(initial=0.0) for r in rows.values()) > _FP16_MAX:
+        raise UsageError("lossy codec levels store float16 scales; this KV exceeds 65504: use level 0")
+    header = Header(layers, heads, dim, dtype, level, math.gcd(STREAM_CHANNELS, heads * dim), tokens,
+                    chunk_tokens, fingerprint)
+    chunks = [chunk_codec.encode_chunk(header, {w: r[:, start:start + chunk_tokens] for w, r in rows.items()})
+              for start in range(0, tokens, chunk_tokens)]
+    from kvcompile.codec import bitstream
+
     return bitstream.write(header, chunks)
+
+
+def decode_chunk(header: Header, index: int, data: bytes, device="cpu"):
+    """Chunk `index` (its bytes, CRC already checked by iter_chunks) -> (keys, values), each
+    [layers, kv_heads, tokens of the chunk, head_dim] in the encoded dtype on `device`."""
+    rows = chunk_codec.decode_chunk_rows(header, index, data)
+    dtype = getattr(torch, header.dtype)
+    return tuple(_from_rows(rows[w], header.kv_heads, header.head_dim).to(device=device, dtype=dtype).contiguous()
+                 for w in chunk_codec.SIDES)
 
 
 def decode(blob: bytes, device="cpu"):
     """bitstream -> (keys, values) [layers, kv_heads, tokens, head_dim] in the encoded dtype."""
-    header, offset = bitstream.read_header(blob)
-    layers, heads, dim = int(header["layers"]), int(header["kv_heads"]), int(header["head_dim"])
-    level, alphabet = int(header["level"]), int(header["alphabet"])
-    if level not in quant.LEVELS:
-        raise BitstreamError(f"KV bitstream uses codec level {level}, unknown here")
-    schedule = quant.LEVELS[level]
-    bins = {"k": schedule.bins(layers, "k"), "v": schedule.bins(layers, "v")}
-    channels = heads * dim
-    parts = {"k": [], "v": []}
-    for data, meta in zip(bitstream.chunks_of(blob, header, offset), header["chunks"]):
-        tokens = int(meta["tokens"])
-        chunk = bitstream.Chunk.from_bytes(data, layers, channels, tokens, alphabet)
-        for index, which in enumerate(("k", "v")):
-            streams = layers * channels
-            words = chunk.words[index * streams:(index + 1) * streams]
-            freqs = chunk.tables[index].reshape(streams, alphabet)
-            if np.any(freqs.sum(axis=1) != rans.TOTAL):
-                raise BitstreamError("a frequency table does not sum to 65536 (corrupted)")
-            try:
-                symbols = rans.decode(words, freqs, tokens)
-            except rans.RansError as error:
-                raise BitstreamError(f"KV bitstream does not decode: {error}") from None
-            symbols = symbols.reshape(layers, channels, tokens).transpose(0, 2, 1)
-            parts[which].append(quant.dequantise(symbols, chunk.scales[index], bins[which]))
-    dtype = getattr(torch, header["dtype"])
-
-    def tensor(which):
-        rows = np.concatenate(parts[which], axis=1)  # [L, T, C]
-        out = torch.from_numpy(rows).reshape(layers, rows.shape[1], heads, dim).permute(0, 2, 1, 3)
-        return out.contiguous().to(device=device, dtype=dtype)
-    return tensor("k"), tensor("v")
+    stream = io.BytesIO(blob)
+    header = read_header(stream)
+    dtype = getattr(torch, header.dtype)
+    shape = (header.layers, header.kv_heads, header.tokens, header.head_dim)
+    keys, values = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+    for index, data in iter_chunks(stream, header):
+        start, count = header.chunk_span(index)
+        k, v = decode_chunk(header, index, data)
+        keys[:, :, start:start + count] = k
+        values[:, :, start:start + count] = v
+    return keys.to(device), values.to(device)

@@ -1,10 +1,18 @@
 """Layer-wise quantisation of a KV chunk into symbols, and back (CacheGen, arXiv 2310.07240).
 
-A chunk is K and V as [layers, tokens, channels] (channels = kv_heads × head_dim). Each
-(layer, token) row is scaled by its absolute maximum and rounded to `bins` levels; shallow
-layers get more bins than deep ones (they matter more), separately for K and V. Level 0 is
-lossless for 8-bit input: 255 levels of the row's abs-max, which reproduces any tensor that was
-8-bit quantised per (layer, token) exactly.
+A chunk is K and V as [layers, tokens, channels] (channels = kv_heads × head_dim). Each (layer,
+token) row is scaled by its abs-max over the channels and rounded to 2·half + 1 levels (symbols
+0 .. 2·half; `half` is zero). Shallow layers may get more levels than deep ones, separately for K
+and V. Per-token scales won over per-channel and per-(layer, chunk) scales on the reference
+model's tasks at equal size (docs/CODEC.md, "Scales").
+
+Scales: level 0 stores each (layer, token) abs-max as float32 and is lossless for 8-bit input
+(127 levels each side reproduce any tensor 8-bit quantised per (layer, token)). Lossy levels store
+one float32 maximum per (layer, chunk) and a byte per (layer, token): scale = max · 2^(-code/16)
+(code 255: zero), rounded up so nothing clips; that is 8 bits per token instead of 32.
+
+Dequantisation is (symbol - half) / half · scale in float32, rounded once to the cache dtype:
+exactly what the GPU decoder computes (it is handed SCALE_STEPS, built here).
 """
 from __future__ import annotations
 
@@ -13,43 +21,83 @@ from typing import Dict
 
 import numpy as np
 
+ZERO_SCALE_CODE = 255
+
+
+def _scale_steps() -> np.ndarray:
+    """[256] float32: 2^(-code/16), by repeated IEEE multiplication (the same on every machine)."""
+    ratio = 0.9576032806985737  # 2^(-1/16)
+    steps, value = [], 1.0
+    for _ in range(ZERO_SCALE_CODE):
+        steps.append(value)
+        value *= ratio
+    return np.array(steps + [0.0], dtype=np.float32)
+
+
+SCALE_STEPS = _scale_steps()
+
 
 @dataclass(frozen=True)
-class LevelSchedule:
-    """Bins per layer: `shallow` bins for the first `split` fraction of the layers, `deep` after."""
+class Side:
+    """One of K or V: `shallow` levels each side for the first `split` fraction of the layers,
+    `deep` after."""
 
-    k_shallow: int
-    k_deep: int
-    k_split: float
-    v_shallow: int
-    v_deep: int
-    v_split: float
+    shallow: int
+    deep: int
+    split: float
 
-    def bins(self, layers: int, which: str) -> np.ndarray:
-        shallow, deep, split = ((self.k_shallow, self.k_deep, self.k_split) if which == "k"
-                                else (self.v_shallow, self.v_deep, self.v_split))
-        cut = int(round(split * layers))
-        return np.array([shallow if layer < cut else deep for layer in range(layers)], dtype=np.int64)
+    def halves(self, layers: int) -> np.ndarray:
+        cut = int(round(self.split * layers))
+        return np.array([self.shallow if layer < cut else self.deep for layer in range(layers)], dtype=np.int64)
 
 
-# LMCache's defaults are level 2 (K 32 bins for the first 10 of 32 layers, V 32 for the first 2).
-LEVELS: Dict[int, LevelSchedule] = {
-    0: LevelSchedule(255, 255, 1.0, 255, 255, 1.0),  # lossless for per-(layer, token) 8-bit input
-    1: LevelSchedule(64, 32, 0.3125, 64, 32, 0.0625),  # near-lossless
-    2: LevelSchedule(32, 16, 0.3125, 32, 16, 0.0625),  # default
-    3: LevelSchedule(16, 8, 0.3125, 16, 8, 0.0625),  # aggressive
+@dataclass(frozen=True)
+class Level:
+    k: Side
+    v: Side
+    note: str
+    log_scales: bool = True  # False: float32 scale per token (level 0)
+
+    def side(self, which: str) -> Side:
+        return self.k if which == "k" else self.v
+
+
+def encode_scales(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """absmax [L, T] float32 -> (maxima [L] float32, codes [L, T] uint8) with
+    maxima · SCALE_STEPS[codes] ≥ absmax everywhere (never clips)."""
+    maxima = absmax.max(axis=1, initial=0.0).astype(np.float32)
+    safe = np.where(maxima > 0, maxima, np.float32(1.0))[:, None]
+    ratio = np.where(absmax > 0, absmax / safe, 1.0)
+    codes = np.clip(np.floor(-16.0 * np.log2(ratio)), 0, ZERO_SCALE_CODE - 1).astype(np.int64)
+    for _ in range(3):  # log2 rounding may overshoot by one code: step back until it covers
+        short = (maxima[:, None] * SCALE_STEPS[codes] < absmax) & (codes > 0)
+        codes[short] -= 1
+    codes[absmax == 0] = ZERO_SCALE_CODE
+    return maxima, codes.astype(np.uint8)
+
+
+def decode_scales(maxima: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    return (maxima[:, None].astype(np.float32) * SCALE_STEPS[codes.astype(np.int64)]).astype(np.float32)
+
+
+def quantise(x: np.ndarray, side: Side, scales: np.ndarray) -> np.ndarray:
+    """x [L, T, C] float, scales [L, T] (≥ each row's abs-max) -> symbols [L, T, C] int64."""
+    half = side.halves(x.shape[0]).astype(np.float32)[:, None, None]
+    safe = np.where(scales > 0, scales, np.float32(1.0))[:, :, None]
+    q = np.clip(np.rint(x.astype(np.float32) / safe * half), -half, half)
+    return (q + half).astype(np.int64)
+
+
+def dequantise(symbols: np.ndarray, scales: np.ndarray, side: Side) -> np.ndarray:
+    """symbols [L, T, C], scales [L, T] -> [L, T, C] float32."""
+    half = side.halves(symbols.shape[0]).astype(np.float32)[:, None, None]
+    return (symbols.astype(np.float32) - half) / half * scales[:, :, None].astype(np.float32)
+
+
+LEVELS: Dict[int, Level] = {
+    0: Level(Side(127, 127, 1.0), Side(127, 127, 1.0), "lossless for per-(layer, token) 8-bit input",
+             log_scales=False),
+    1: Level(Side(15, 15, 1.0), Side(7, 7, 1.0), "near-lossless"),
+    2: Level(Side(7, 7, 1.0), Side(3, 3, 1.0), "default"),
+    3: Level(Side(7, 5, 0.25), Side(2, 2, 1.0), "aggressive"),
 }
-
-
-def quantise(x: np.ndarray, bins: np.ndarray):
-    """x [L, T, C] float -> (symbols [L, T, C] int64 in [0, bins_l), scales [L, T] float32)."""
-    half = ((bins - 1) // 2).astype(np.float32)[:, None, None]  # levels -half..half
-    scales = np.abs(x).max(axis=2).astype(np.float32)  # [L, T]
-    safe = np.where(scales > 0, scales, 1.0)[:, :, None]
-    q = np.clip(np.rint(x / safe * half), -half, half)
-    return (q + half).astype(np.int64), scales
-
-
-def dequantise(symbols: np.ndarray, scales: np.ndarray, bins: np.ndarray) -> np.ndarray:
-    half = ((bins - 1) // 2).astype(np.float32)[:, None, None]
-    return (symbols.astype(np.float32) - half) / half * scales[:, :, None]

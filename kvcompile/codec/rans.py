@@ -1,13 +1,18 @@
 """Static rANS entropy coding of many independent symbol streams at once (CPU reference).
 
-Every stream (one (layer, channel) of a chunk in the KV codec) has its own frequency table,
-quantised to PRECISION bits (the CDF is stored with the chunk). All streams are coded together,
-one token step at a time, as numpy vector operations: the same arithmetic a GPU decoder runs with
-one thread (or lane) per stream. rANS state: 32 bits, renormalised 16 bits at a time; the encoder
-runs backwards over the tokens so the decoder reads forwards.
+All streams are coded together, one step at a time, as numpy vector operations: the arithmetic a
+GPU decoder (plugins/csrc/kv_decode.cu) runs with one thread per stream. A stream may switch
+tables from step to step: step p of stream i uses table `table_index[i, p % G]` (in the codec a
+stream is G channels of one layer, token after token, each channel with its own table), so one
+32-bit final state is shared by G·tokens symbols instead of tokens.
 
-    freqs  [S, A] uint32, each row summing to 1 << PRECISION, every used symbol ≥ 1
-    symbols [S, N] (values < A) -> words: per stream, a uint16 array (the decoder reads it front to back)
+rANS state: 32 bits, kept in [2^16, 2^32), renormalised 16 bits at a time; tables are quantised
+to PRECISION = 16 bits. The encoder runs backwards so the decoder reads each stream front to back:
+2 words of initial state (high, low), then one word per renormalisation.
+
+    freqs        [K, A] uint32  each row sums to TOTAL
+    table_index  [S, G] int     row of `freqs` for step p of stream i: table_index[i, p % G]
+    symbols      [S, N] int     (values < A, each with a non-zero frequency in its table)
 """
 from __future__ import annotations
 
@@ -24,115 +29,82 @@ class RansError(ValueError):
     """A stream that does not decode (wrong tables, truncated or corrupted words)."""
 
 
-def quantise_frequencies(counts: np.ndarray) -> np.ndarray:
-    """[S, A] symbol counts -> [S, A] frequencies summing to TOTAL, ≥ 1 where a count is > 0.
-
-    Largest-remainder rounding of count / total · TOTAL, then every used symbol raised to at least
-    1 by taking from the most frequent one (the one that loses least from it).
-    """
-    counts = counts.astype(np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    totals[totals == 0] = 1
-    exact = counts / totals * TOTAL
-    freqs = np.floor(exact).astype(np.int64)
-    freqs[(counts > 0) & (freqs == 0)] = 1
-    for row in range(freqs.shape[0]):  # fix each row's sum (a few symbols at most)
-        diff = TOTAL - int(freqs[row].sum())
-        if diff == 0:
-            continue
-        used = np.nonzero(counts[row] > 0)[0]
-        if used.size == 0:
-            freqs[row, 0] = TOTAL
-            continue
-        if diff > 0:
-            order = used[np.argsort(-(exact[row, used] - freqs[row, used]))]
-            freqs[row, order[np.arange(diff) % order.size]] += 1
-        else:
-            while diff < 0:
-                top = used[np.argmax(freqs[row, used])]
-                take = min(-diff, int(freqs[row, top]) - 1)
-                freqs[row, top] -= take
-                diff += take
-    # A one-symbol stream would need TOTAL itself, which a uint16 table cannot hold: give one
-    # slot to a neighbouring symbol (costs ~2e-5 bits per symbol).
-    full = np.nonzero(freqs.max(axis=1) >= TOTAL)[0]
-    for row in full:
-        top = int(np.argmax(freqs[row]))
-        freqs[row, top] -= 1
-        freqs[row, (top + 1) % freqs.shape[1]] += 1
-    return freqs.astype(np.uint32)
-
-
 def cumulative(freqs: np.ndarray) -> np.ndarray:
-    """[S, A] -> [S, A + 1] starts (the CDF)."""
-    starts = np.zeros((freqs.shape[0], freqs.shape[1] + 1), dtype=np.uint64)
+    """[K, A] -> [K, A + 1] starts (the CDF), int64."""
+    starts = np.zeros((freqs.shape[0], freqs.shape[1] + 1), dtype=np.int64)
     np.cumsum(freqs, axis=1, out=starts[:, 1:])
     return starts
 
 
-def encode(symbols: np.ndarray, freqs: np.ndarray) -> List[np.ndarray]:
-    """[S, N] symbols, [S, A] frequencies -> S arrays of uint16 words (front = first to decode)."""
-    streams, tokens = symbols.shape
+def encode(symbols: np.ndarray, freqs: np.ndarray, table_index: np.ndarray) -> List[np.ndarray]:
+    """[S, N] symbols -> S arrays of uint16 words (front = first to decode)."""
+    streams, steps = symbols.shape
+    group = table_index.shape[1]
     starts = cumulative(freqs)
+    freqs = freqs.astype(np.int64)
     rows = np.arange(streams)
-    state = np.full(streams, STATE_LOW, dtype=np.uint64)
-    out: list = [[] for _ in range(streams)]  # words in emission order, reversed at the end
-    emitted_words, emitted_rows = [], []
-    for t in range(tokens - 1, -1, -1):
-        s = symbols[:, t]
-        f = freqs[rows, s].astype(np.uint64)
+    state = np.full(streams, STATE_LOW, dtype=np.int64)
+    spilled_words, spilled_rows = [], []
+    for p in range(steps - 1, -1, -1):
+        table = table_index[:, p % group]
+        s = symbols[:, p]
+        f = freqs[table, s]
         if np.any(f == 0):
-            raise RansError("a symbol has frequency 0 in its stream's table")
-        limit = ((STATE_LOW >> PRECISION) << 16) * f
-        spill = state >= limit  # at most one 16-bit word: limit ≥ 2^16 and state < 2^32
-        emitted_words.append((state[spill] & 0xFFFF).astype(np.uint16))
-        emitted_rows.append(rows[spill])
+            raise RansError("a symbol has frequency 0 in its table")
+        spill = state >= (f << 16)  # (STATE_LOW >> PRECISION) << 16 = 2^16; at most one word
+        spilled_words.append((state[spill] & 0xFFFF).astype(np.uint16))
+        spilled_rows.append(rows[spill])
         state[spill] >>= 16
-        state = (state // f << PRECISION) + (state % f) + starts[rows, s]
-    # final states: two words each, read first by the decoder
-    for words, where in zip(emitted_words, emitted_rows):
-        for row, word in zip(where.tolist(), words.tolist()):
-            out[row].append(word)
+        state = ((state // f) << PRECISION) + (state % f) + starts[table, s]
+    # Gather each stream's words: emission order reversed is decoding order.
+    all_rows = np.concatenate(spilled_rows[::-1]) if spilled_rows else np.zeros(0, np.int64)
+    all_words = np.concatenate(spilled_words[::-1]) if spilled_words else np.zeros(0, np.uint16)
+    # within one step each row spills at most once, so a stable sort by row keeps the order
+    order = np.argsort(all_rows, kind="stable")
+    counts = np.bincount(all_rows, minlength=streams)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    words = all_words[order]
     result = []
     for row in range(streams):
-        words = out[row][::-1]
-        head = [int(state[row] >> 16), int(state[row] & 0xFFFF)]
-        result.append(np.array(head + words, dtype=np.uint16))
+        head = np.array([state[row] >> 16, state[row] & 0xFFFF], dtype=np.uint16)
+        result.append(np.concatenate([head, words[bounds[row]:bounds[row + 1]]]))
     return result
 
 
-def decode(words: List[np.ndarray], freqs: np.ndarray, tokens: int) -> np.ndarray:
-    """The inverse of `encode`: S word arrays -> [S, tokens] symbols. Raises RansError when a
-    stream runs out of words, has words left over, or does not end in the initial state."""
-    streams, alphabet = freqs.shape
+def decode(flat_words: np.ndarray, ends: np.ndarray, freqs: np.ndarray, table_index: np.ndarray,
+           steps: int) -> np.ndarray:
+    """The inverse of `encode`, with the streams' words back to back: stream i is
+    flat_words[ends[i-1]:ends[i]] (ends[-1] = 0). -> [S, steps] symbols.
+
+    Raises RansError when a stream runs out of words, has words left over or does not end in
+    the initial state (what corrupted words or mismatched tables do)."""
+    streams = ends.shape[0]
+    group = table_index.shape[1]
+    begins = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    ends = ends.astype(np.int64)
+    if np.any(ends - begins < 2) or (streams and ends[-1] > flat_words.size):
+        raise RansError("a stream is shorter than its initial state or past the words")
+    words = np.concatenate([flat_words.astype(np.int64), [0]])  # a pad word: reads past a stream are caught below
     starts = cumulative(freqs)
-    rows = np.arange(streams)
-    # one sorted array of every stream's starts, offset by stream: a slot finds its symbol by
-    # one searchsorted for all streams (what a GPU does with a per-stream lookup table)
-    flat = (starts[:, 1:] + (rows[:, None].astype(np.uint64) * (TOTAL + 1))).reshape(-1)
-    lengths = np.array([w.size for w in words], dtype=np.int64)
-    if np.any(lengths < 2):
-        raise RansError("a stream is shorter than its initial state")
-    padded = np.zeros((streams, int(lengths.max()) + 1), dtype=np.uint64)
-    for row, w in enumerate(words):
-        padded[row, : w.size] = w
-    state = (padded[:, 0] << 16) | padded[:, 1]
-    cursor = np.full(streams, 2, dtype=np.int64)
-    symbols = np.zeros((streams, tokens), dtype=np.int64)
-    freqs64 = freqs.astype(np.uint64)
-    for t in range(tokens):
+    alphabet = freqs.shape[1]
+    # every table's CDF in one sorted array, table k offset by k·(TOTAL + 1): one searchsorted
+    # finds every stream's symbol (what the GPU does with a binary search per stream)
+    flat_cdf = (starts[:, 1:] + np.arange(freqs.shape[0])[:, None] * (TOTAL + 1)).reshape(-1)
+    freqs = freqs.astype(np.int64)
+    state = (words[begins] << 16) | words[begins + 1]
+    cursor = begins + 2
+    symbols = np.zeros((streams, steps), dtype=np.int64)
+    for p in range(steps):
+        table = table_index[:, p % group]
         slot = state & (TOTAL - 1)
-        index = np.searchsorted(flat, slot + rows.astype(np.uint64) * (TOTAL + 1), side="right")
-        s = index - rows * alphabet
-        if np.any((s < 0) | (s >= alphabet)):
-            raise RansError("a stream decodes to a symbol outside its table (corrupted words)")
-        symbols[:, t] = s
-        state = freqs64[rows, s] * (state >> PRECISION) + slot - starts[rows, s]
+        s = np.searchsorted(flat_cdf, slot + table * (TOTAL + 1), side="right") - table * alphabet
+        symbols[:, p] = s
+        state = freqs[table, s] * (state >> PRECISION) + slot - starts[table, s]
         low = state < STATE_LOW
-        if np.any(cursor[low] >= lengths[low]):
-            raise RansError("a stream ran out of words (truncated)")
-        state[low] = (state[low] << 16) | padded[rows[low], cursor[low]]
+        if np.any(cursor[low] >= ends[low]):
+            raise RansError("a stream ran out of words (truncated or corrupted)")
+        state[low] = (state[low] << 16) | words[cursor[low]]
         cursor[low] += 1
-    if np.any(cursor != lengths) or np.any(state != STATE_LOW):
+    if np.any(cursor != ends) or np.any(state != STATE_LOW):
         raise RansError("a stream does not end where it should (corrupted or mismatched tables)")
     return symbols
