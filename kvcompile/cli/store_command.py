@@ -102,19 +102,18 @@ def do_put(args, store, out) -> int:
 
 def do_get(args, store, out) -> int:
     from kvcompile.store import CacheKey, get_chunk_cache
-    from kvcompile.store.errors import StoreError
 
     key, piece = CacheKey.parse(args.key)
     if piece is not None:
         value = store.get(args.key)
         if value is None:
-            raise StoreError(f"no entry {args.key} in {store.url}")
+            raise InputError(f"no entry {args.key} in {store.url}")
         Path(args.output).write_bytes(value)
         out.print(f"wrote {len(value)} bytes to {args.output}")
         return 0
     chunk = get_chunk_cache(store, key)
     if chunk is None:
-        raise StoreError(f"{key} is not (wholly) in {store.url}: some piece is missing")
+        raise InputError(f"{key} is not (wholly) in {store.url}: some piece is missing")
     chunk.save(args.output)
     out.print(f"wrote the chunk cache ({chunk.length} tokens, {len(chunk.keys)} layers) to {args.output}")
     return 0

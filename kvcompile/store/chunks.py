@@ -9,15 +9,17 @@ them agree with the key asked for; otherwise the caller recomputes it.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import torch
 
-from kvcompile.fusion.chunks import ChunkCache
 from kvcompile.store.base import KVStore, OnRefused
 from kvcompile.store.entry import Entry
 from kvcompile.store.errors import EntryRefusedError, StoreURLError
 from kvcompile.store.keys import PIECE_TOKENS, CacheKey, tokens_hash
+
+if TYPE_CHECKING:  # the store itself does not need the fusion package loaded
+    from kvcompile.fusion.chunks import ChunkCache
 
 RAW, CODEC = "raw-safetensors", "codec-bitstream"
 
@@ -108,6 +110,8 @@ def chunk_from_entries(key: CacheKey, entries: Sequence[Optional[Entry]], record
         keys.append(piece_keys)
         values.append(piece_values)
         token_ids.extend(meta["token_ids"])
+    from kvcompile.fusion.chunks import ChunkCache
+
     ids = torch.tensor(token_ids, dtype=torch.long)
     if tokens_hash(ids) != key.tokens_hash:
         raise EntryRefusedError(f"store entries under {key} hold other token ids than their key names; not used",

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from kvcompile.store.base import EntryInfo, KVStore
 from kvcompile.store.entry import header_length, read_header
-from kvcompile.store.errors import StoreError, StoreUnavailableError, StoreURLError
+from kvcompile.store.errors import StoreUnavailableError, StoreURLError
 
 DEFAULT_PREFIX = "kvcompile:"
 DEFAULT_CONNECTIONS = 16
@@ -119,10 +119,12 @@ class RedisStore(KVStore):
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             first = (str(error).splitlines() or [type(error).__name__])[0]
             raise StoreUnavailableError(f"redis store {self.url} is unreachable while {what} ({first})") from None
+        except redis.exceptions.NoPermissionError as error:  # an ACL that forbids these keys or commands
+            raise StoreUnavailableError(f"redis store {self.url} refused {what}: {error}") from None
         except redis.exceptions.ResponseError as error:
             if "NOPERM" in str(error) or "NOAUTH" in str(error):
                 raise StoreUnavailableError(f"redis store {self.url} refused {what}: {error}") from None
-            raise StoreError(f"redis store {self.url} failed while {what}: {error}") from None
+            raise StoreUnavailableError(f"redis store {self.url} failed while {what}: {error}") from None
 
     # blobs --------------------------------------------------------------------------------
     def _write_blob(self, key: str, blob: bytes, ttl: Optional[float]) -> None:
