@@ -29,6 +29,12 @@ kvc_kcache_decode_args shape_args(int64_t B, int64_t Hq, int64_t Hkv, int64_t P,
   a.key_cache_stride_b = Hkv * P * D; a.key_cache_stride_h = P * D; a.key_cache_stride_p = D;
   a.value_host_stride_b = P * Hkv * D; a.value_host_stride_p = Hkv * D;
   a.attn_bias_stride_b = P + 1;
+#if KVC_ABI_VERSION >= 3
+  // ABI 3 takes T new tokens per call; a decode step is T == 1 (each tensor's T stride is one row).
+  a.tokens = 1;
+  a.query_stride_t = a.key_stride_t = a.value_stride_t = D;
+  a.attn_bias_stride_t = P + 1;
+#endif
   return a;
 }
 
