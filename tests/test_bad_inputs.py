@@ -80,6 +80,23 @@ BAD_INPUTS = [
     ("eval --samples 0", CLI, ["eval", "--samples", "0"], 2, "must be ≥ 1"),
     ("bench: unknown benchmark", CLI, ["bench", "bench_nothing"], 2, "no benchmark 'bench_nothing'"),
     ("inspect: no such model", CLI, ["inspect", "{tmp}/no_model"], 3, "does not exist"),
+    ("store without a verb", CLI, ["store"], 2, "the following arguments are required"),
+    ("store: unknown URL scheme", CLI, ["store", "ls", "--store", "s3://bucket"], 2, "unknown store URL scheme 's3'"),
+    ("store: bad max_bytes", CLI, ["store", "ls", "--store", "file://{tmp}/store?max_bytes=lots"], 2,
+     "max_bytes 'lots' is not a positive amount"),
+    ("store: folder that cannot be made", CLI, ["store", "ls", "--store", "file:///proc/kvstore"], 2,
+     "cannot use /proc/kvstore as a store folder"),
+    ("store: redis not reachable", CLI, ["store", "ls", "--store", "redis://127.0.0.1:1/0"], 4, "is unreachable"),
+    ("store get: not a chunk-cache key", CLI, ["store", "get", "nope", "-o", "{tmp}/x", "--store", "file://{tmp}/store"],
+     2, "is not a chunk-cache key"),
+    ("store get: key not in the store", CLI, ["store", "get", "kvc1/ab/cd.10/full/float32/raw", "-o", "{tmp}/x",
+                                              "--store", "file://{tmp}/store"], 3, "some piece is missing"),
+    ("store put: no such file", CLI, ["store", "put", "{tmp}/nothing.safetensors", "--store", "file://{tmp}/store"], 3,
+     "no chunk cache file"),
+    ("store put: not a chunk cache", CLI, ["store", "put", "{tmp}/a_file", "--store", "file://{tmp}/store"], 3,
+     "cannot read chunk cache"),
+    ("store put: unknown codec level", CLI, ["store", "put", "{tmp}/chunk.safetensors", "--codec", "9", "--store",
+                                             "file://{tmp}/store"], 2, "unknown codec level 9"),
     ("compile(torch.nn.Linear)", API, "compile_linear", InputError, "needs a Hugging Face causal LM"),
     ("float input_ids", API, "float_ids", InputValidationError, "must hold integer token ids"),
     ("1-D input_ids", API, "one_d_ids", InputValidationError, "must be [batch, tokens]"),
@@ -107,6 +124,10 @@ def places(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("bad_inputs")
     (tmp / "a_file").write_text("not a folder")
+    from kvcompile.fusion.chunks import ChunkCache
+
+    ChunkCache(torch.arange(4), [torch.zeros(1, 2, 4, 8)], [torch.ones(1, 2, 4, 8)], "f" * 16, "float32",
+               "full").save(tmp / "chunk.safetensors")
     (tmp / "empty_dir").mkdir()
     (tmp / "bad_config").mkdir()
     (tmp / "bad_config" / "config.json").write_text("{not json")
