@@ -63,7 +63,7 @@ def cmd_export(args) -> int:
         compiled = compile_model(model, config)
     with stage(f"writing {args.target} artifact"):
         final = export(compiled, target=args.target, out_dir=out_dir,
-                       fuse_check_layer=args.check_layer if args.fuse else None)
+                       fuse_check_layer=args.check_layer if args.fuse else None, codec_level=args.codec)
     out.print(f"exported {args.model} ({config.kind.value} cache, {compiled.spec.num_layers} layers) to {final}")
     return 0
 
@@ -126,6 +126,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_codec(args) -> int:
+    from kvcompile.cli.codec_command import COMMANDS
+
+    return COMMANDS[args.codec_command](args, out)
+
+
 def cmd_clean(args) -> int:
     from kvcompile.export.manifest import clean
 
@@ -169,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fuse", action="store_true", help="onnx: also write check.onnx, the graph KV fusion's "
                         "check pass runs (`kvcompile run --chunks` on the artifact)")
     export.add_argument("--check-layer", type=non_negative_int, default=1, help="with --fuse: the check layer")
+    export.add_argument("--codec", type=int, choices=(0, 1, 2, 3), metavar="LEVEL", help="record KV codec level "
+                        "LEVEL (0 lossless for 8-bit KV … 3 aggressive) and the model fingerprint in the manifest, for "
+                        "contexts restored from bitstreams (`kvcompile run --from-kv`)")
     export.set_defaults(func=cmd_export)
 
     run = sub_parser(sub, "run", "generate text with an exported artifact (streams the text)")
@@ -188,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the chunk tokens recomputed")
     fusion.add_argument("--selector", choices=("deviation", "chunk_head", "query_attention"), default="deviation",
                         help="which tokens are recomputed")
+    kv_files = run.add_argument_group("KV files (kvcompile codec)")
+    kv_files.add_argument("--save-kv", metavar="PATH", help="also save the prompt's KV cache here (safetensors, with "
+                          "the model fingerprint) for `kvcompile codec encode`")
+    kv_files.add_argument("--from-kv", metavar="BITSTREAM", help="start from this compressed context (`kvcompile "
+                          "codec encode`) instead of prefilling it; the prompt follows it")
     run.set_defaults(func=cmd_run)
 
     inspect = sub_parser(sub, "inspect", "what each pass matched and rewrote, per layer")
@@ -220,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     clean = sub_parser(sub, "clean", "remove what interrupted exports left behind")
     clean.add_argument("folder", nargs="?", default="exported", help="folder holding artifacts")
     clean.set_defaults(func=cmd_clean)
+
+    from kvcompile.cli.codec_command import add_codec_parser
+
+    add_codec_parser(sub, sub_parser, positive_int)
+    sub.choices["codec"].set_defaults(func=cmd_codec)
 
     from kvcompile.cli.store_command import add_store_parser
 

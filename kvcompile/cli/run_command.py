@@ -77,8 +77,18 @@ def cmd_run(args, stage, console) -> int:
     if args.prompt == "-":  # the prompt from standard input (pipes, files, heredocs)
         args.prompt = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
     prompt = encode_prompt(tokenizer, args.prompt)
+    save_kv, from_kv = getattr(args, "save_kv", None), getattr(args, "from_kv", None)
+    if args.chunks and (save_kv or from_kv):
+        raise UsageError(f"{'--save-kv' if save_kv else '--from-kv'} cannot be combined with --chunks")
+    if save_kv:
+        from kvcompile.codec.saved_kv import prompt_kv
+
+        with stage(f"saving the prompt's KV cache to {save_kv}"):
+            prompt_kv(model, prompt).save(save_kv)
     if args.chunks:
         return run_fused(args, model, backend, tokenizer, prompt, console)
+    if from_kv:
+        return run_from_kv(args, model, backend, tokenizer, prompt, console)
     check_fits(len(prompt), args.max_new_tokens, model.spec.max_context)
     sys.stdout.write(args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
     stream = TextStream(tokenizer, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -118,4 +128,18 @@ def run_fused(args, model, backend, tokenizer, prompt, console) -> int:
     count = new.shape[1]
     console.print(f"[dim]{len(chunks)} chunks fused ({args.recompute_ratio:.0%} recomputed, {args.selector}); "
                   f"{count} tokens in {elapsed:.2f} s[/dim]")
+    return 0
+
+
+def run_from_kv(args, model, backend, tokenizer, prompt, console) -> int:
+    """--from-kv: the cache starts as the decoded bitstream (no prefill of that context); the
+    prompt runs after it, then greedy generation (CompiledModel.generate_from_kv)."""
+    import torch
+
+    start = time.perf_counter()
+    new = model.generate_from_kv(args.from_kv, torch.tensor([prompt]), max_new_tokens=args.max_new_tokens)
+    elapsed = time.perf_counter() - start
+    sys.stdout.write(args.prompt + tokenizer.decode(new[0, len(prompt):].tolist()) + "\n")
+    console.print(f"[dim]context restored from {args.from_kv}; {new.shape[1] - len(prompt)} tokens in "
+                  f"{elapsed:.2f} s ({backend})[/dim]")
     return 0

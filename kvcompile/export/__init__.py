@@ -36,8 +36,10 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 def export(model, target: str = "torch", out_dir="exported/model", cache: Optional[CacheConfig] = None,
-           source_dir: Optional[Path] = None, fuse_check_layer: Optional[int] = None) -> Path:
-    """Compile `model` (a HF model or a CompiledModel) for `cache` and write a `target` artifact."""
+           source_dir: Optional[Path] = None, fuse_check_layer: Optional[int] = None,
+           codec_level: Optional[int] = None) -> Path:
+    """Compile `model` (a HF model or a CompiledModel) for `cache` and write a `target` artifact;
+    `codec_level` records the KV codec level contexts are restored at (manifest field "codec")."""
     from kvcompile.core.pipeline import compile as compile_model
     from kvcompile.runtime.compiled import CompiledModel
 
@@ -45,6 +47,10 @@ def export(model, target: str = "torch", out_dir="exported/model", cache: Option
     out_dir = Path(out_dir)
     check_output_dir(out_dir)  # before the expensive trace
     compiled = model if isinstance(model, CompiledModel) else compile_model(model, cache or CacheConfig())
+    if codec_level is not None:
+        from kvcompile.codec.restore import codec_manifest_field
+
+        compiled.codec = codec_manifest_field(compiled, codec_level)
     if source_dir is None and compiled.model_config is not None:
         source = getattr(compiled.model_config, "_kvcompile_source", None)
         if source:

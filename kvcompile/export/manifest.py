@@ -431,6 +431,7 @@ def compiled_fields(compiled, target: str, model_config=None, cache_config=None)
             for i, r in enumerate(spec.layers)
         ],
         "passes": report.to_dict() if report is not None else {},
+        "codec": getattr(compiled, "codec", None),  # KV codec level for restored contexts (codec/restore.py)
     }
 
 

@@ -8,6 +8,7 @@ import torch
 from kvcompile.core.config import CacheConfig
 from kvcompile.runtime import generate as gen
 from kvcompile.fusion.api import FusionMethods
+from kvcompile.codec.restore import RestoreMethods
 from kvcompile.runtime.cache import KVCacheManager
 from kvcompile.runtime.inputs import check_attention_mask, check_token_ids
 from kvcompile.runtime.sampling import Sampling
@@ -21,7 +22,7 @@ def interleave(keys: List[torch.Tensor], values: List[torch.Tensor]) -> list:
     return flat
 
 
-class CompiledModel(FusionMethods):
+class CompiledModel(FusionMethods, RestoreMethods):
     """A traced model whose attention runs over a cache this object manages.
 
     prefill / decode_step work on an explicit cache (from `new_cache`); generate owns one.

@@ -27,11 +27,12 @@ import onnxruntime as ort
 import torch
 
 from kvcompile.export.manifest import ArtifactError, load_manifest
+from kvcompile.codec.restore import RestoreMethods
 from kvcompile.fusion.api import FusionMethods
 from kvcompile.core.layout import GraphSpec
 
 
-class OnnxRuntimeBackend(FusionMethods):
+class OnnxRuntimeBackend(FusionMethods, RestoreMethods):
     """Two ORT sessions (prefill, decode) over one artifact, with the backend `step` protocol."""
 
     def __init__(self, artifact_dir, manifest: dict, providers: Optional[Sequence[str]] = None,

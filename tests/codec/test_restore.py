@@ -1,0 +1,94 @@
+"""A compiled model started from a compressed context (kvcompile/codec/restore.py): decoding into
+the cache is exact, a restored context continues like a full prefill, and a context from another
+model, shape or dtype is refused before anything is decoded."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import kvcompile
+import kvcompile.codec as codec
+from kvcompile.codec.restore import RestoreMismatchError
+from kvcompile.codec.saved_kv import prompt_kv
+
+CONTEXT = 160
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    compiled = kvcompile.compile(kvcompile.load_model("reference"))
+    text = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+            "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, item):\n"
+            "        self.items.append(item)\n")
+    ids = torch.tensor(list(text.encode()))[:CONTEXT]  # the reference model's byte tokenizer
+    query = torch.tensor(list(b"\n\nprint(fibonacci("))
+    return compiled, ids, query, prompt_kv(compiled, ids)
+
+
+def eight_bit(x):
+    """Per-(layer, token) abs-max int8, as the codec's lossless level expects."""
+    scale = x.abs().amax(dim=(1, 3), keepdim=True)
+    return torch.round(x / scale * 127) / 127 * scale
+
+
+def query_logits(compiled, source, query):
+    cache = compiled.restore_cache(source, extra_capacity=query.shape[0])
+    logits, _ = compiled.prefill(query[None], cache=cache)
+    return logits
+
+
+def test_a_restored_context_continues_like_a_full_prefill(setup):
+    compiled, ids, query, kv = setup
+    full_logits, _ = compiled.prefill(torch.cat([ids, query])[None])
+    restored = query_logits(compiled, (kv.keys, kv.values), query)
+    torch.testing.assert_close(restored, full_logits[:, CONTEXT:], rtol=1e-4, atol=1e-4)
+    full = compiled.generate(torch.cat([ids, query])[None], max_new_tokens=8)[:, CONTEXT:]
+    assert torch.equal(compiled.generate_from_kv((kv.keys, kv.values), query[None], max_new_tokens=8), full)
+
+
+def test_the_lossless_level_restores_8_bit_kv_exactly(setup):
+    compiled, ids, query, kv = setup
+    keys, values = eight_bit(kv.keys), eight_bit(kv.values)
+    blob = codec.encode((keys, values), level=codec.LOSSLESS_LEVEL, chunk_tokens=64, fingerprint=kv.fingerprint)
+    expected = query_logits(compiled, (keys, values), query)
+    assert torch.equal(query_logits(compiled, blob, query), expected)  # bit-equal logits
+    tokens = compiled.generate_from_kv((keys, values), query[None], max_new_tokens=8)
+    assert torch.equal(compiled.generate_from_kv(io.BytesIO(blob), query[None], max_new_tokens=8), tokens)
+
+
+def test_a_bitstream_file_restores(setup, tmp_path):
+    compiled, ids, query, kv = setup
+    path = tmp_path / "ctx.kvcb"
+    path.write_bytes(codec.encode((kv.keys, kv.values), level=1, fingerprint=kv.fingerprint))
+    out = compiled.generate_from_kv(str(path), query, max_new_tokens=4)
+    assert out.shape == (1, query.shape[0] + 4) and torch.equal(out[0, :query.shape[0]], query)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("fingerprint", "computed by another model"),
+    ("layers", "this model has"),
+    ("dtype", "this model runs in float32"),
+])
+def test_a_foreign_context_is_refused(setup, change, fragment):
+    compiled, ids, query, kv = setup
+    keys, values, fingerprint = kv.keys, kv.values, kv.fingerprint
+    if change == "fingerprint":
+        fingerprint = "0" * 16
+    elif change == "layers":
+        keys, values = keys[:-1], values[:-1]
+    else:
+        keys, values = keys.half(), values.half()
+    blob = codec.encode((keys, values), level=2, fingerprint=fingerprint)
+    with pytest.raises(RestoreMismatchError, match=fragment):
+        compiled.generate_from_kv(blob, query, max_new_tokens=2)
+
+
+def test_a_context_that_leaves_no_room_is_refused_up_front(setup):
+    compiled, ids, query, kv = setup
+    from kvcompile.errors import ContextLengthError
+
+    with pytest.raises(ContextLengthError, match=f"after {CONTEXT} cached"):
+        compiled.generate_from_kv((kv.keys, kv.values), query, max_new_tokens=compiled.spec.max_context)
