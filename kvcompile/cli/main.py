@@ -61,11 +61,25 @@ def cmd_export(args) -> int:
     check_against_model(config, model)
     with stage("tracing with torch.export and running passes"):
         compiled = compile_model(model, config)
+    profile = tensorrt_profile_from(args)
     with stage(f"writing {args.target} artifact"):
         final = export(compiled, target=args.target, out_dir=out_dir,
-                       fuse_check_layer=args.check_layer if args.fuse else None, codec_level=args.codec)
+                       fuse_check_layer=args.check_layer if args.fuse else None, codec_level=args.codec,
+                       engine_profile=profile)
     out.print(f"exported {args.model} ({config.kind.value} cache, {compiled.spec.num_layers} layers) to {final}")
+    if args.target == "tensorrt":  # whether engines were built here, or how to build them
+        from kvcompile.export.manifest import load_manifest
+
+        out.print(load_manifest(final, verify_checksums=False)["tensorrt"]["note"])
     return 0
+
+
+def tensorrt_profile_from(args) -> dict:
+    """--max-batch / --max-context: the TensorRT engines' profile (refused with other targets)."""
+    given = {name: getattr(args, name) for name in ("max_batch", "max_context") if getattr(args, name, None)}
+    if given and args.target != "tensorrt":
+        raise UsageError(f"--{next(iter(given)).replace('_', '-')} applies to --target tensorrt (the engines' profile)")
+    return given
 
 
 def cmd_run(args) -> int:
@@ -175,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fuse", action="store_true", help="onnx: also write check.onnx, the graph KV fusion's "
                         "check pass runs (`kvcompile run --chunks` on the artifact)")
     export.add_argument("--check-layer", type=non_negative_int, default=1, help="with --fuse: the check layer")
+    export.add_argument("--max-batch", type=positive_int, help="tensorrt: largest batch of the engines (default 4)")
+    export.add_argument("--max-context", type=positive_int, help="tensorrt: largest context of the engines "
+                        "(default the model's, at most 2048)")
     export.add_argument("--codec", type=int, choices=(0, 1, 2, 3), metavar="LEVEL", help="record KV codec level "
                         "LEVEL (0 lossless for 8-bit KV … 3 aggressive) and the model fingerprint in the manifest, for "
                         "contexts restored from bitstreams (`kvcompile run --from-kv`)")
@@ -184,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("artifact", help="an artifact folder written by `kvcompile export`")
     run.add_argument("--prompt", required=True, help="the text to continue ('-' reads it from standard input)")
     run.add_argument("--max-new-tokens", type=non_negative_int, default=32, help="tokens to generate")
-    run.add_argument("--backend", choices=("torch", "onnxruntime"), help="default: the one the artifact's target needs")
+    run.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"),
+                     help="default: the one the artifact's target needs (a tensorrt artifact also runs on onnxruntime)")
     sampling = run.add_argument_group("sampling (greedy unless one of these is given; transformers' semantics)")
     sampling.add_argument("--temperature", type=float, help="divide logits by this (> 0); default 1")
     sampling.add_argument("--top-k", type=non_negative_int, help="keep the k most likely tokens (0 = off); default 50")
@@ -224,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument("--device", help="e.g. cuda (default: where the model loads, the CPU)")
+    from kvcompile.cli.eval_command import add_length_options  # imports no torch
+
+    add_length_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     bench = sub_parser(sub, "bench", "run a benchmark from bench/ (JSON + plot)")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from kvcompile.errors import InputValidationError, UsageError
 
-BACKEND_OF_TARGET = {"torch": "torch", "onnx": "onnxruntime"}
+BACKEND_OF_TARGET = {"torch": "torch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
+# A tensorrt artifact's graphs carry their local functions, so ONNX Runtime runs them too.
+ALSO_RUNS_ON = {"tensorrt": ("onnxruntime",)}
 
 
 def load_artifact(folder: str, backend):
@@ -23,8 +25,16 @@ def load_artifact(folder: str, backend):
     manifest = load_manifest(folder, verify_checksums=False)
     target = manifest.get("target")
     wanted = BACKEND_OF_TARGET.get(target)
-    if backend is not None and backend != wanted:
+    if backend is not None and backend != wanted and backend not in ALSO_RUNS_ON.get(target, ()):
         raise UsageError(f"{folder} is a {target} artifact, which runs on --backend {wanted}, not {backend}")
+    if backend == "onnxruntime" and target == "tensorrt":
+        from kvcompile.runtime.tensorrt import load_graphs_on_onnxruntime
+
+        return load_graphs_on_onnxruntime(folder), manifest, backend
+    if wanted == "tensorrt":
+        from kvcompile.runtime.tensorrt import load_tensorrt_artifact
+
+        return load_tensorrt_artifact(folder), manifest, wanted
     if wanted == "torch":
         from kvcompile.export.torch_target import load_torch_artifact
 

@@ -7,7 +7,7 @@ from typing import Optional
 from kvcompile.core.config import CacheConfig
 from kvcompile.errors import TargetError  # noqa: F401  (raised here)
 
-TARGETS = ("torch", "onnx")
+TARGETS = ("torch", "onnx", "tensorrt")
 
 
 
@@ -37,7 +37,7 @@ def check_output_dir(out_dir: Path) -> None:
 
 def export(model, target: str = "torch", out_dir="exported/model", cache: Optional[CacheConfig] = None,
            source_dir: Optional[Path] = None, fuse_check_layer: Optional[int] = None,
-           codec_level: Optional[int] = None) -> Path:
+           codec_level: Optional[int] = None, engine_profile: Optional[dict] = None) -> Path:
     """Compile `model` (a HF model or a CompiledModel) for `cache` and write a `target` artifact;
     `codec_level` records the KV codec level contexts are restored at (manifest field "codec")."""
     from kvcompile.core.pipeline import compile as compile_model
@@ -64,6 +64,13 @@ def export(model, target: str = "torch", out_dir="exported/model", cache: Option
         from kvcompile.export.torch_target import export_torch
 
         return export_torch(compiled, out_dir, source_dir)
+    if target == "tensorrt":  # engine_profile: max_batch / max_context of the engines' profile
+        if fuse_check_layer is not None:
+            raise TargetError("--fuse applies to --target onnx")
+        from kvcompile.export.tensorrt_target import export_tensorrt, profile_for
+
+        return export_tensorrt(compiled, out_dir, source_dir=source_dir,
+                               profile=profile_for(compiled.spec, **(engine_profile or {})))
     from kvcompile.export.onnx_target import export_onnx
 
     return export_onnx(compiled, out_dir, source_dir=source_dir, fuse_check_layer=fuse_check_layer)

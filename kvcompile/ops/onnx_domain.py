@@ -137,3 +137,24 @@ def node_attribute_docs() -> dict:
 
     return {entry.name: {a.name: f"{a.kind}: {a.doc}" for a in entry.onnx_definition().attributes}
             for entry in registry.registered() if entry.exportable}
+
+
+# TensorRT: the node attributes its ONNX parser reads to map a node to a registered plugin
+# (op type = plugin name). Naming the namespace explicitly makes parsers that would otherwise
+# inline the node's local function pick the plugin (docs/TENSORRT.md); the local function stays
+# attached, so ONNX Runtime and plugin-less TensorRT builds still run the body.
+PLUGIN_ATTRIBUTES = ("plugin_namespace", "plugin_version")
+
+
+def name_plugins(model, op_names) -> list:
+    """Give every node of `op_names` (in the main graph) plugin_namespace = DOMAIN and
+    plugin_version = DOMAIN_VERSION; returns the op names that were named."""
+    named = set()
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type in op_names:
+            kept = [a for a in node.attribute if a.name not in PLUGIN_ATTRIBUTES]
+            del node.attribute[:]
+            node.attribute.extend(kept + [onnx.helper.make_attribute("plugin_namespace", DOMAIN),
+                                          onnx.helper.make_attribute("plugin_version", str(DOMAIN_VERSION))])
+            named.add(node.op_type)
+    return sorted(named)
