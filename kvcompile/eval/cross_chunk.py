@@ -24,6 +24,13 @@ drawn afresh for every program, so no binding can be memorised.
 
 Training documents are long programs with asserts
 everywhere, many of them on copies whose source was overwritten later.
+
+Layouts: the first reference model's is 4 chunks x 16 lines (~430 tokens); the long model's is
+the fusion benchmark's, 6 chunks of up to 512 tokens each (`chunk_tokens=512`: every line is 6
+bytes, so a chunk holds its header and 83 lines, 507 tokens, 508 with the first chunk's BOS).
+At that length the chain's lookups reach back thousands of tokens, past hundreds of distractor
+lines, which short training programs (every name reassigned every few dozen lines) never ask
+for; training_long_program_doc covers it.
 """
 from __future__ import annotations
 
@@ -119,14 +126,102 @@ def _assign(env, copied_from, stale, dest, value) -> None:
             stale.add(name)
 
 
+LINE_BYTES = len("x = 4\n")  # every program line: one-token names and values
+
+
+def chunk_line_budget(chunk: int, chunk_tokens: int) -> int:
+    """Lines that fit in chunk `chunk` (0-based) of at most `chunk_tokens` tokens."""
+    room = chunk_tokens - len(part_header(chunk + 1)) - (1 if chunk == 0 else 0)  # BOS on the first
+    lines = room // LINE_BYTES
+    if lines < 4:  # a chain puts up to 2 special lines into one chunk; keep some distractors
+        raise ValueError(f"chunks of {chunk_tokens} tokens are too short for the cross-chunk task")
+    return lines
+
+
+def training_long_program_doc(rng: random.Random, target_bytes: int) -> str:
+    """A training-split program of about `target_bytes` whose lookups reach far back.
+
+    Most lines move a crowd of distractor names (literals, and copies from any of them, as in
+    the evaluation's chunks). A few "cold" names are touched rarely (1-4% of lines): assigned
+    a literal, or copied from another cold name (sometimes from a distractor), and overwritten
+    later, so a copy's source often sits hundreds to thousands of tokens back and goes stale.
+    Asserts (~4% of lines) ask mostly about cold names, stale copies first; `# part N`
+    headers every 40-120 lines mimic the chunked layout. Every assert is true (tests run an
+    interpreter over these documents)."""
+    names = rng.sample(PROGRAM_NAMES, len(PROGRAM_NAMES))
+    n_cold = rng.randint(2, 6)
+    cold, hot = names[:n_cold], names[n_cold:]
+    cold_rate = rng.uniform(0.01, 0.04)
+    env: dict[str, str] = {}
+    copied_from: dict[str, str] = {}
+    stale: set[str] = set()
+    asked: set[str] = set()
+    lines: list[str] = []
+    size, part, left_in_part = 0, 1, 0
+    while size < target_bytes:
+        if left_in_part == 0:
+            lines.append(part_header(part))
+            size += len(lines[-1])
+            part += 1
+            left_in_part = rng.randint(40, 120)
+        left_in_part -= 1
+        draw = rng.random()
+        cold_set = [n for n in cold if n in env]
+        if draw < cold_rate:
+            dest = rng.choice(cold)
+            sources = [n for n in cold_set if n != dest]
+            if sources and rng.random() < 0.6:
+                hot_set = [n for n in hot if n in env]
+                source = rng.choice(hot_set) if hot_set and rng.random() < 0.2 else rng.choice(sources)
+                _assign(env, copied_from, stale, dest, env[source])
+                copied_from[dest] = source
+                line = f"{dest} = {source}\n"
+            else:
+                _assign(env, copied_from, stale, dest, _literal(rng))
+                line = f"{dest} = {env[dest]}\n"
+            asked.discard(dest)
+        elif draw < cold_rate + 0.04 and len(env) >= 2:
+            unasked_cold = [n for n in cold_set if n not in asked]
+            if stale and rng.random() < 0.5:
+                name = rng.choice(sorted(stale))
+            elif unasked_cold and rng.random() < 0.8:
+                name = rng.choice(unasked_cold)
+            else:
+                name = rng.choice(sorted(env))
+            stale.discard(name)
+            asked.add(name)
+            line = f"assert {name} == {env[name]}\n"
+        else:
+            dest = rng.choice(hot)
+            hot_set = [n for n in hot if n in env and n != dest]
+            if hot_set and rng.random() < 0.4:
+                source = rng.choice(hot_set)
+                _assign(env, copied_from, stale, dest, env[source])
+                copied_from[dest] = source
+                line = f"{dest} = {source}\n"
+            else:
+                _assign(env, copied_from, stale, dest, _literal(rng))
+                line = f"{dest} = {env[dest]}\n"
+            asked.discard(dest)
+        lines.append(line)
+        size += len(line)
+    return "".join(lines)
+
+
 def cross_chunk_example(index: int, seed: int = 0, kind: str = "chain", n_chunks: int = 4,
-                        lines_per_chunk: int = 16, split: str = "eval") -> dict:
-    """{"chunks": [ids...] (BOS on the first), "question": ids, "answer": v1, "trap": v2|None}."""
+                        lines_per_chunk: int = 16, split: str = "eval",
+                        chunk_tokens: int | None = None) -> dict:
+    """{"chunks": [ids...] (BOS on the first), "question": ids, "answer": v1, "trap": v2|None}.
+
+    chunk_tokens: when given, each chunk is filled to at most that many tokens (special lines
+    included) and lines_per_chunk is ignored."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if n_chunks < 2:
         raise ValueError("the cross-chunk task needs at least two chunks")
-    rng = seeded_rng(split, seed, 2, KINDS.index(kind), n_chunks, lines_per_chunk, index)
+    # A token budget gets its own seed stream (negative, so it never meets a line count).
+    layout_key = lines_per_chunk if chunk_tokens is None else -chunk_tokens
+    rng = seeded_rng(split, seed, 2, KINDS.index(kind), n_chunks, layout_key, index)
     names = rng.sample(PROGRAM_NAMES, len(PROGRAM_NAMES))  # a shuffle: 38 distractors
     target, source, distractors = names[0], names[1], names[2:]
     answer = _literal(rng)
@@ -151,8 +246,10 @@ def cross_chunk_example(index: int, seed: int = 0, kind: str = "chain", n_chunks
     chunk_texts = []
     defined: list[str] = []
     for c in range(n_chunks):
+        mine = sorted((slot, text) for chunk, slot, text in specials if chunk == c)
+        n_lines = lines_per_chunk if chunk_tokens is None else chunk_line_budget(c, chunk_tokens) - len(mine)
         body = []
-        for _ in range(lines_per_chunk):
+        for _ in range(n_lines):
             if defined and rng.random() < 0.4:
                 dest, src = rng.choice(distractors), rng.choice(defined)
                 if dest != src:
@@ -162,9 +259,8 @@ def cross_chunk_example(index: int, seed: int = 0, kind: str = "chain", n_chunks
             dest = rng.choice(distractors)
             body.append(f"{dest} = {_literal(rng)}\n")
             defined.append(dest)
-        mine = sorted((slot, text) for chunk, slot, text in specials if chunk == c)
         for offset, (slot, text) in enumerate(mine):
-            body.insert(min(len(body), int(slot * (lines_per_chunk + 1)) + offset), text)
+            body.insert(min(len(body), int(slot * (n_lines + 1)) + offset), text)
         chunk_texts.append(part_header(c + 1) + "".join(body))
 
     chunks = [_TOKENIZER.encode(t, add_bos=(i == 0)) for i, t in enumerate(chunk_texts)]
@@ -173,15 +269,20 @@ def cross_chunk_example(index: int, seed: int = 0, kind: str = "chain", n_chunks
 
 
 def score_cross_chunk(runner, count: int = 20, seed: int = 0, modes=MODES, kinds=KINDS,
-                      n_chunks: int = 4, lines_per_chunk: int = 16) -> dict:
+                      n_chunks: int = 4, lines_per_chunk: int = 16, chunk_tokens: int | None = None) -> dict:
     """Accuracy per kind and mode; for "chain", how often the stale (trap) value came out."""
     result: dict = {"count": count, "n_chunks": n_chunks, "lines_per_chunk": lines_per_chunk}
+    if chunk_tokens is not None:
+        first = cross_chunk_example(0, seed, kinds[0] if kinds else "chain", n_chunks, split="eval",
+                                    chunk_tokens=chunk_tokens)
+        result.update(lines_per_chunk=None, chunk_tokens=chunk_tokens,
+                      prompt_tokens=sum(map(len, first["chunks"])) + len(first["question"]))
     for kind in kinds:
         per_mode: dict = {}
         for mode in modes:
             correct = trapped = 0
             for i in range(count):
-                ex = cross_chunk_example(i, seed, kind, n_chunks, lines_per_chunk)
+                ex = cross_chunk_example(i, seed, kind, n_chunks, lines_per_chunk, chunk_tokens=chunk_tokens)
                 got = answer_of(runner.greedy_fused(ex["chunks"], ex["question"], 2, mode))
                 correct += got == ex["answer"]
                 trapped += ex["trap"] is not None and got == ex["trap"]

@@ -44,8 +44,10 @@ def bits_per_byte(runner, windows: list[list[int]], batch_size: int = 4) -> dict
     return {"bpb": total_nats / max(1, total_bytes) / math.log(2), "bytes": total_bytes}
 
 
-def score_perplexity(runner, window: int = 2048, count: int = 8, batch_size: int = 4) -> dict:
+def score_perplexity(runner, window: int = 2048, count: int = 8, batch_size: int = 4,
+                     text: bytes | None = None) -> dict:
+    """text: the held-out bytes to score (default: this Python's held-out modules)."""
     import sys
-    result = bits_per_byte(runner, heldout_windows(window, count), batch_size)
+    result = bits_per_byte(runner, heldout_windows(window, count, text), batch_size)
     result.update(window=window, windows=count, python=sys.version.split()[0])
     return result

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from kvcompile.errors import LoadError  # noqa: F401  (raised here)
 
-BUNDLED_MODELS = ("reference",)
+BUNDLED_MODELS = ("reference", "reference-long")
 
 
 
@@ -21,6 +21,13 @@ def bundled_model_dir(name: str) -> Path:
         from kvcompile.reference import WEIGHTS_DIR
 
         return Path(WEIGHTS_DIR)
+    if name == "reference-long":
+        from kvcompile.reference import LONG_WEIGHTS_DIR
+
+        if not (Path(LONG_WEIGHTS_DIR) / "config.json").is_file():
+            raise LoadError(f"reference-long has no weights in {LONG_WEIGHTS_DIR} yet: train it with "
+                            "bench/gpu_train_long.sh and export them (docs/REFERENCE_MODEL.md)")
+        return Path(LONG_WEIGHTS_DIR)
     raise LoadError(f"unknown bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}")
 
 

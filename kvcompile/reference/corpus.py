@@ -9,6 +9,8 @@ The text differs a little between Python versions (the GPU machine trains on 3.1
 CI evaluates on 3.11's); the split rule is the same everywhere.
 
 Training sequences mix that text with the training split of the synthetic task formats.
+A corpus pack (corpus_pack.py) carries one machine's text to another, so the long model
+trains on the CPU machine's larger library wherever it runs.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from kvcompile.eval.cross_chunk import training_program_doc
+from kvcompile.eval.cross_chunk import training_long_program_doc, training_program_doc
 from kvcompile.eval.retrieval import training_retrieval_doc
 from kvcompile.eval.splits import seeded_rng
 from kvcompile.frontend.tokenizer import ByteTokenizer
@@ -104,22 +106,28 @@ def corpus_summary(root: str | None = None) -> dict:
 class SequenceMixer:
     """Draws training sequences of `seq_len` tokens: BOS, then documents joined by EOS.
 
-    mix: probabilities of ("text", "retrieval", "program") for each sequence. Synthetic
-    documents are 128..seq_len bytes; when one ends early, another of the same kind follows,
-    so long-context examples fill whole windows and short ones are packed.
+    mix: probabilities of ("text", "retrieval", "program", "long_program") for each
+    sequence; a mix of three leaves out the long programs (the first reference model's
+    mixes, which draw exactly as before). Synthetic documents are 128..seq_len bytes; when one
+    ends early, another of the same kind follows, so long-context examples fill whole windows
+    and short ones are packed.
     """
 
-    SOURCES = ("text", "retrieval", "program")
+    SOURCES = ("text", "retrieval", "program", "long_program")
+    _MAKERS = {1: training_retrieval_doc, 2: training_program_doc, 3: training_long_program_doc}
 
     def __init__(self, text: np.ndarray, seq_len: int, mix=(0.4, 0.3, 0.3)):
+        if not 3 <= len(mix) <= len(self.SOURCES):
+            raise ValueError(f"mix needs 3 or 4 probabilities {self.SOURCES}, got {mix}")
         self.text = text  # uint8 array of the training text
         self.seq_len = seq_len
+        mix = tuple(mix) + (0.0,) * (len(self.SOURCES) - len(mix))
         self.mix = np.asarray(mix, dtype=np.float64) / np.sum(mix)
 
     def sequence(self, rng) -> tuple[np.ndarray, int]:
         """(token ids [seq_len] int64, source index)"""
         source = int(np.searchsorted(np.cumsum(self.mix), rng.random(), side="right"))
-        source = min(source, len(self.SOURCES) - 1)
+        source = min(source, int(np.flatnonzero(self.mix)[-1]))  # rounding never picks an unused source
         body = self.seq_len - 1
         out = np.empty(self.seq_len, dtype=np.int64)
         out[0] = TOKENIZER.bos_id
@@ -127,7 +135,7 @@ class SequenceMixer:
             start = rng.randrange(0, len(self.text) - body)
             out[1:] = self.text[start:start + body]
             return out, source
-        make = training_retrieval_doc if source == 1 else training_program_doc
+        make = self._MAKERS[source]
         filled = 1
         while filled < self.seq_len:
             # Long documents half the time, so 2K-token contexts are common.

@@ -9,6 +9,14 @@ constant, then a linear decay over the last `--decay-steps` steps (warmup-stable
 a run can be extended by raising --total-steps on resume as long as decay has not begun.
 Data is drawn from a stream seeded by (seed, step the job started at, worker), so the same
 sequence of commands gives the same data.
+
+Jobs under a hard wall-clock limit (the long model's; see bench/gpu_train_long.sh) use three
+time-based options instead of step counts, since steps per second are only known once there:
+--stop-at (an absolute time: stop and save then, whatever the step), --curriculum (sequence
+lengths by fraction of the job's time: "1024:0.15,2048:0.4,8192:1", tokens per step held at
+--batch-tokens) and --decay-frac (the learning rate decays linearly to --final-lr-frac over
+that last fraction of the job's time). The log records the step of every length switch and
+of the decay's start, so a replay can read them off.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kvcompile.reference.architecture import CONTEXT, reference_config
+from kvcompile.reference.architecture import SIZES, context_of, reference_config
 from kvcompile.reference.checkpoint import load_checkpoint, save_checkpoint
 from kvcompile.reference.corpus import SequenceMixer, corpus_summary, sequence_stream, text_bytes
 
@@ -63,9 +71,22 @@ def parse_args(argv=None):
     p.add_argument("--final-lr-frac", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=CONTEXT)
-    p.add_argument("--size", default="base", choices=["base", "tiny"])
-    p.add_argument("--mix", default="0.4,0.3,0.3", help="text,retrieval,program probabilities")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
+    p.add_argument("--size", default="base", choices=sorted(SIZES))
+    p.add_argument("--mix", default="0.4,0.3,0.3",
+                   help="text,retrieval,program[,long_program] probabilities")
+    p.add_argument("--curriculum", default=None,
+                   help="SEQ:UNTIL,... sequence lengths by fraction of the job's time, e.g. 1024:0.15,2048:0.4,8192:1")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per step under --curriculum (batch = this // sequence length)")
+    p.add_argument("--decay-frac", type=float, default=0.0,
+                   help="decay the lr linearly over this last fraction of the job's time (0: off)")
+    p.add_argument("--stop-at", type=float, default=None, help="unix time to stop training and save")
+    p.add_argument("--corpus", default=None, help="a corpus pack (corpus_pack.py) to read the text from")
+    p.add_argument("--export", default=None, help="after training, export bf16 weights here (final eval uses them)")
+    p.add_argument("--eval-stop-at", type=float, default=None,
+                   help="unix time after which final-eval tasks are skipped")
+    p.add_argument("--final-ppl-windows", type=int, default=256, help="held-out windows in eval.json")
     p.add_argument("--answer-weight", type=float, default=1.0,
                    help="loss weight of tokens right after '== ' (the asserts' answers)")
     p.add_argument("--seed", type=int, default=1234)
@@ -81,15 +102,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def lr_at(step: int, args, resume_step: int, rewarm: bool) -> float:
+def lr_at(step: int, args, resume_step: int, rewarm: bool, time_frac: float = 0.0) -> float:
+    """time_frac: the fraction of this job's time used so far (for --decay-frac)."""
     warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
     decay_start = args.total_steps - args.decay_steps
     decay = 1.0
     if step >= decay_start:
         frac = (step - decay_start) / max(1, args.decay_steps)
         decay = 1.0 - min(1.0, frac) * (1.0 - args.final_lr_frac)
+    decay_frac = getattr(args, "decay_frac", 0.0)
+    if decay_frac > 0 and time_frac > 1.0 - decay_frac:
+        frac = (time_frac - (1.0 - decay_frac)) / decay_frac
+        decay = min(decay, 1.0 - min(1.0, frac) * (1.0 - args.final_lr_frac))
     again = min(1.0, (step - resume_step + 1) / max(1, args.rewarm_steps)) if rewarm else 1.0
     return args.lr * warm * decay * again
+
+
+def parse_curriculum(args) -> list[tuple[int, float, int]]:
+    """[(seq_len, until time fraction, batch size)], the last phase running to the end."""
+    if not args.curriculum:
+        return [(args.seq_len, 1.0, args.batch_size)]
+    phases = []
+    for item in args.curriculum.split(","):
+        seq, _, until = item.partition(":")
+        seq_len, until_frac = int(seq), float(until or 1.0)
+        if seq_len > args.seq_len:
+            raise SystemExit(f"--curriculum length {seq_len} exceeds the model's context {args.seq_len}")
+        tokens = args.batch_tokens or args.batch_size * args.seq_len
+        phases.append((seq_len, until_frac, max(1, tokens // seq_len)))
+    if [p[1] for p in phases] != sorted(p[1] for p in phases):
+        raise SystemExit(f"--curriculum fractions must increase: {args.curriculum}")
+    return phases
 
 
 _ANSWER_CUE = tuple(b"== ")
@@ -119,35 +162,81 @@ def build_optimizer(model, args, device):
                              fused=device.type == "cuda")
 
 
-def quick_eval(model, windows, tasks: bool, count: int = 16) -> dict:
-    """Held-out bpb (and, when `tasks`, small task accuracies) for the training curve."""
+def quick_eval(model, windows, tasks: bool, count: int = 16, suite=None, seq_len: int | None = None) -> dict:
+    """Held-out bpb (and, when `tasks`, small task accuracies) for the training curve.
+
+    suite: the model's evaluation lengths (kvcompile.eval.Suite); retrieval is scored at its
+    full context and, when shorter, at the length being trained (seq_len); cross-chunk "chain"
+    in its layout. Without a suite: retrieval at 2048 and 4 chunks x 16 lines."""
     from kvcompile.eval import HFRunner
     from kvcompile.eval.cross_chunk import score_cross_chunk
     from kvcompile.eval.perplexity import bits_per_byte
     from kvcompile.eval.retrieval import score_retrieval
     model.eval()
     runner = HFRunner(model)
-    out = {"heldout_bpb": bits_per_byte(runner, windows, batch_size=8)["bpb"]}
-    if tasks:
-        out["retrieval_2048"] = score_retrieval(runner, (2048,), count, seed=0)["2048"]
-        chunks = score_cross_chunk(runner, count, seed=0, kinds=("chain",))["chain"]
-        out["cross_chunk_prefill"] = chunks["full_prefill"]
-        out["cross_chunk_reuse"] = chunks["full_reuse"]
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = {"heldout_bpb": bits_per_byte(runner, windows, batch_size=8)["bpb"]}
+        if tasks:
+            lengths = (2048,) if suite is None else tuple(sorted({suite.context_lengths[-1],
+                                                                  min(seq_len or 0, suite.context_lengths[-1])} - {0}))
+            for length in lengths:
+                out[f"retrieval_{length}"] = score_retrieval(runner, (length,), count, seed=0)[str(length)]
+            layout = {} if suite is None else dict(n_chunks=suite.n_chunks, lines_per_chunk=suite.lines_per_chunk,
+                                                   chunk_tokens=suite.chunk_tokens)
+            chunks = score_cross_chunk(runner, count, seed=0, kinds=("chain",), **layout)["chain"]
+            out["cross_chunk_prefill"] = chunks["full_prefill"]
+            out["cross_chunk_reuse"] = chunks["full_reuse"]
     model.train()
     return out
+
+
+def final_eval(args, step: int, model, suite, heldout: bytes | None, write) -> None:
+    """eval.json in args.out: each task written as it finishes, none started after --eval-stop-at.
+
+    With --export, the exported bf16 folder is loaded back with plain transformers and scored
+    (what ships); otherwise the training weights are."""
+    from kvcompile.eval import HFRunner, evaluate, format_report
+    device = next(model.parameters()).device
+    if args.export:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.export, attn_implementation="sdpa",
+                                                     dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = model.to(device)
+    model.eval()
+    runner = HFRunner(model)
+    report = {"step": step, "weights": args.export or "training weights (fp32)", "count": args.final_eval,
+              "skipped": []}
+    path = os.path.join(args.out, "eval.json")
+    for task in ("retrieval", "cross_chunk", "perplexity"):
+        if args.eval_stop_at is not None and time.time() >= args.eval_stop_at:
+            report["skipped"].append(task)
+            continue
+        part = evaluate(runner, tasks=(task,), count=args.final_eval, ppl_windows=args.final_ppl_windows,
+                        heldout_text=heldout, **suite.as_kwargs())
+        report[task] = part[task]
+        write({"step": step, "final_eval": {task: part[task]}})
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    print(format_report(report), flush=True)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers import LlamaForCausalLM
+    from kvcompile.eval import suite_for_context
     from kvcompile.eval.perplexity import heldout_windows
 
+    if args.seq_len is None:
+        args.seq_len = context_of(args.size)
+    phases = parse_curriculum(args)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     config = reference_config(args.size)
     config.max_position_embeddings = max(config.max_position_embeddings, args.seq_len)
+    suite = suite_for_context(config.max_position_embeddings) if args.size.startswith("long") else None
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").to(device)
     optimizer = build_optimizer(model, args, device)
     os.makedirs(args.out, exist_ok=True)
@@ -169,28 +258,36 @@ def main(argv=None) -> int:
         log.flush()
         print(json.dumps(record), flush=True)
 
-    text = np.frombuffer(text_bytes("train", args.max_text_bytes), dtype=np.uint8)
+    if args.corpus:
+        from kvcompile.reference.corpus_pack import load as load_pack
+        pack = load_pack(args.corpus)
+        train_text = pack.train[:args.max_text_bytes] if args.max_text_bytes else pack.train
+        heldout, corpus = pack.heldout, {"pack": os.path.basename(args.corpus), **pack.header}
+    else:
+        train_text = text_bytes("train", args.max_text_bytes)
+        heldout = None
+        corpus = {k: v for k, v in corpus_summary().items() if k != "heldout_modules"}
+    text = np.frombuffer(train_text, dtype=np.uint8)
     mix = tuple(float(x) for x in args.mix.split(","))
-    windows = heldout_windows(args.seq_len, 8)
+    windows = heldout_windows(min(args.seq_len, 2048), 8, heldout)
     write({"event": "start", "step": start_step, "resume": args.resume, "rewarm": rewarm,
            "params": sum(p.numel() for p in model.parameters()), "text_bytes": len(text),
-           "corpus": {k: v for k, v in corpus_summary().items() if k != "heldout_modules"},
-           "args": vars(args), "torch": torch.__version__,
+           "corpus": corpus, "args": vars(args), "torch": torch.__version__,
            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
 
-    stream = BatchStream(text, args.seq_len, args.batch_size, args.seed, start_step, mix)
-    loader = DataLoader(stream, batch_size=None, num_workers=args.workers,
-                        pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if args.workers > 0 else None)
-    batches = iter(loader)
     began = time.time()
     deadline = began + args.minutes * 60.0
+    if args.stop_at is not None:
+        deadline = min(deadline, args.stop_at)
+    span = max(1e-6, deadline - began)
     last_bpb = last_tasks = last_save = began
     step = start_step
     n_sources = len(SequenceMixer.SOURCES)
+    used_sources = [i for i in range(n_sources) if i < len(mix) and mix[i] > 0]
     loss_sum = torch.zeros(n_sources, device=device)
     loss_count = torch.zeros(n_sources, device=device)
     seconds_before = state["seconds"]
+    phase, batches, decay_logged = -1, None, False
 
     def checkpoint() -> None:
         state.update(step=step, seconds=seconds_before + time.time() - began,
@@ -199,10 +296,27 @@ def main(argv=None) -> int:
 
     model.train()
     while step < args.total_steps and time.time() < deadline:
+        time_frac = (time.time() - began) / span
+        want = next(i for i, p in enumerate(phases) if time_frac < p[1] or i == len(phases) - 1)
+        if want != phase:
+            phase = want
+            seq_len, _, batch_size = phases[phase]
+            del batches  # stops the previous phase's workers
+            # A new stream per phase, seeded by the step it starts at (reproducible given that step).
+            stream = BatchStream(text, seq_len, batch_size, args.seed, step, mix)
+            loader = DataLoader(stream, batch_size=None, num_workers=args.workers,
+                                pin_memory=device.type == "cuda",
+                                prefetch_factor=4 if args.workers > 0 else None)
+            batches = iter(loader)
+            write({"event": "phase", "step": step, "seq_len": seq_len, "batch_size": batch_size,
+                   "elapsed_s": round(time.time() - began, 1)})
         ids, sources = next(batches)
         ids = ids.to(device, non_blocking=True)      # [B, T]
         sources = sources.to(device, non_blocking=True)
-        lr = lr_at(step, args, start_step, rewarm)
+        lr = lr_at(step, args, start_step, rewarm, time_frac)
+        if args.decay_frac > 0 and not decay_logged and time_frac > 1.0 - args.decay_frac:
+            decay_logged = True
+            write({"event": "decay", "step": step, "elapsed_s": round(time.time() - began, 1)})
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -225,31 +339,31 @@ def main(argv=None) -> int:
             record = {"step": step, "tokens": state["tokens"], "lr": lr, "loss": float(token_loss.detach().mean()),
                       "weighted_loss": float(loss.detach()), "grad_norm": float(grad_norm), "elapsed_s": round(now - began, 1),
                       "seconds_total": round(seconds_before + now - began, 1)}
-            record.update({f"bpb_{name}": round(v, 4)
-                           for name, v in zip(SequenceMixer.SOURCES, per_source)})
+            if len(phases) > 1:
+                record["seq_len"] = ids.shape[1]
+            record.update({f"bpb_{SequenceMixer.SOURCES[i]}": round(per_source[i], 4) for i in used_sources})
             write(record)
             loss_sum.zero_()
             loss_count.zero_()
-        want_tasks = now - last_tasks >= args.tasks_every_s
-        if want_tasks or now - last_bpb >= args.bpb_every_s:
-            write({"step": step, "eval": quick_eval(model, windows, want_tasks)})
+        # No task evaluation close to the deadline: it would run past the hard stop.
+        want_tasks = now - last_tasks >= args.tasks_every_s and deadline - now > max(20.0, 0.1 * span)
+        if (want_tasks or now - last_bpb >= args.bpb_every_s) and now < deadline:
+            write({"step": step, "eval": quick_eval(model, windows, want_tasks, suite=suite, seq_len=ids.shape[1])})
             last_bpb = time.time()
             last_tasks = last_bpb if want_tasks else last_tasks
         if now - last_save >= args.save_every_s:
             checkpoint()
             last_save = time.time()
 
+    del batches
     checkpoint()
     write({"event": "saved", "step": step, "tokens": state["tokens"],
            "job_seconds": round(time.time() - began, 1)})
+    if args.export:
+        from kvcompile.reference.export_weights import export
+        export(args.out, args.export, args.size)
     if args.final_eval:
-        from kvcompile.eval import HFRunner, evaluate, format_report
-        model.eval()
-        report = evaluate(HFRunner(model), count=args.final_eval, ppl_windows=256)
-        report["step"] = step
-        with open(os.path.join(args.out, "eval.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        print(format_report(report), flush=True)
+        final_eval(args, step, model, suite or suite_for_context(config.max_position_embeddings), heldout, write)
     log.close()
     return 0
 
