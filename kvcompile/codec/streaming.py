@@ -176,14 +176,15 @@ class Costs:
 @dataclass
 class Planner:
     """CacheGen's rule: for chunk i, the best (lowest) level such that the bytes of chunks i..n-1
-    at that level, at the throughput just measured, arrive before the deadline; if none does, the
-    chunk is sent as text when recomputing it is quicker than fetching its smallest level."""
+    at that level, at the throughput just measured, arrive before the deadline. When none does,
+    the chunk is sent as text if recomputing the rest of the context from text (consecutive text
+    chunks run as one prefill) is quicker than fetching the rest at the smallest level."""
 
     sizes: Dict[int, List[int]]  # level -> bytes of each chunk
     text_bytes: List[int]
     chunk_tokens: List[int]
     costs: Costs
-    deadline_s: float
+    deadline_s: float  # for the context to be in the cache
 
     def choose(self, index: int, elapsed_s: float, throughput_bps: float):
         left = self.deadline_s - elapsed_s
@@ -193,9 +194,9 @@ class Planner:
             if remaining + self.costs.decode_s(level, self.chunk_tokens[index]) <= left:
                 return level
         smallest = levels[-1]
-        cached = sum(self.chunk_tokens[:index])
-        fetch = self.sizes[smallest][index] / throughput_bps + self.costs.decode_s(smallest, self.chunk_tokens[index])
-        recompute = self.text_bytes[index] / throughput_bps + self.costs.recompute_s(self.chunk_tokens[index], cached)
+        cached, rest = sum(self.chunk_tokens[:index]), sum(self.chunk_tokens[index:])
+        fetch = sum(self.sizes[smallest][index:]) / throughput_bps + self.costs.decode_s(smallest, self.chunk_tokens[index])
+        recompute = sum(self.text_bytes[index:]) / throughput_bps + self.costs.recompute_s(rest, cached)
         return TEXT if recompute < fetch else smallest
 
 
@@ -268,6 +269,7 @@ class StreamingLoader:
         extra = 0 if query_ids is None else torch.as_tensor(query_ids).reshape(-1).shape[0]
         cache = self.model.new_cache(1, int(self.meta["tokens"]) + extra)
         spans = self.planner.chunk_tokens
+        text: List[torch.Tensor] = []
         with ThreadPoolExecutor(1) as fetcher:
             choice = self.planner.choose(0, 0.0, self.throughput_bps)
             pending = fetcher.submit(self._fetch, 0, choice)
@@ -278,12 +280,15 @@ class StreamingLoader:
                     next_choice = self.planner.choose(index + 1, time.perf_counter() - start, self.throughput_bps)
                     pending = fetcher.submit(self._fetch, index + 1, next_choice)
                 compute = time.perf_counter()
-                if choice == TEXT:
+                if choice == TEXT:  # consecutive text chunks are recomputed in one prefill
                     ids = torch.from_numpy(np.frombuffer(data, dtype="<i4").astype(np.int64))
                     if ids.shape[0] != spans[index]:
                         raise StreamingError(f"chunk {index} of {self.context!r} holds {ids.shape[0]} tokens, "
                                              f"not {spans[index]}")
-                    gen.prefill(self.model, cache, ids[None].to(self.model.device))
+                    text.append(ids)
+                    if index + 1 == len(spans) or next_choice != TEXT:
+                        gen.prefill(self.model, cache, torch.cat(text)[None].to(self.model.device))
+                        text = []
                 else:
                     header = codec.read_header(data)
                     check_context(self.model, header)

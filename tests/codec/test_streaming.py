@@ -125,3 +125,24 @@ def test_a_missing_context_or_chunk_is_one_line(setup):
     partial = {k: v for k, v in store.items() if k != "ctx/1/level1"}
     with pytest.raises(streaming.StreamingError, match="chunk 1 of 'ctx' \\(1\\) is missing"):
         streaming.StreamingLoader(compiled, partial, "ctx", deadline_s=30.0, costs=costs, levels=(1,)).load()
+
+
+def test_the_simulator_runs_the_same_planner_on_its_traces(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "sim_codec_streaming.py"
+    spec = importlib.util.spec_from_file_location("sim_codec_streaming", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    assert sim.main(["--out", str(tmp_path), "--bits", "1:3.4,2:2.4,3:2.0", "--context", "2048"]) == 0
+    result = json.loads((tmp_path / "codec_streaming.json").read_text())
+    assert set(result["traces"]) == {"steady", "dropping", "bursty"} and (tmp_path / "codec_streaming.png").is_file()
+    for trace in result["traces"].values():
+        rows = trace["rows"]
+        assert rows["level 1"]["ttft_ms"] > rows["level 2"]["ttft_ms"] > rows["level 3"]["ttft_ms"]
+        assert rows["8-bit"]["bytes"] > rows["level 1"]["bytes"] > rows["text"]["bytes"]
+        # adaptive is never worse than the best fixed level that meets the deadline
+        meeting = [rows[f"level {n}"]["ttft_ms"] for n in (1, 2, 3) if rows[f"level {n}"]["ttft_ms"] <= 120]
+        if meeting:
+            assert rows["adaptive"]["ttft_ms"] <= max(meeting) + 1e-6
