@@ -25,6 +25,7 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   if (a->query_heads % a->kv_heads)
     return fail(KVC_ERR_ARGUMENT, "kcache_decode: query_heads must be a multiple of kv_heads");
   if (a->past_len < 1) return fail(KVC_ERR_ARGUMENT, "kcache_decode: past_len must be >= 1 (prefill has no selection)");
+  if (a->tokens < 1) return fail(KVC_ERR_ARGUMENT, "kcache_decode: tokens must be >= 1");
   if (a->topn < 1) return fail(KVC_ERR_ARGUMENT, "kcache_decode: topn must be >= 1");
   if (!(a->softcap >= 0.f) || isinf(a->softcap)) return fail(KVC_ERR_ARGUMENT, "kcache_decode: softcap must be finite and >= 0");
   if (a->select != KVC_SELECT_HEAD && a->select != KVC_SELECT_LAYER)
@@ -38,37 +39,45 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   for (const void* ptr : ptrs)
     if (!ptr || !aligned16(ptr)) return fail(KVC_ERR_ARGUMENT, "kcache_decode: tensor pointers must be non-NULL and 16-byte aligned");
   if (!a->attn_bias) return fail(KVC_ERR_ARGUMENT, "kcache_decode: attn_bias is NULL");
-  const int64_t strides[] = {a->query_stride_b, a->query_stride_h, a->key_stride_b, a->key_stride_h,
-                             a->value_stride_b, a->value_stride_h, a->key_cache_stride_b,
-                             a->key_cache_stride_h, a->key_cache_stride_p, a->value_host_stride_b,
-                             a->value_host_stride_p};
+  const int64_t strides[] = {a->query_stride_b, a->query_stride_h, a->query_stride_t,
+                             a->key_stride_b, a->key_stride_h, a->key_stride_t,
+                             a->value_stride_b, a->value_stride_h, a->value_stride_t,
+                             a->key_cache_stride_b, a->key_cache_stride_h, a->key_cache_stride_p,
+                             a->value_host_stride_b, a->value_host_stride_p};
   for (int64_t s : strides)
     if ((s * elem) % 16) return fail(KVC_ERR_ARGUMENT, "kcache_decode: strides must be multiples of 16 bytes");
 
   KCachePlan& q = *p;
   q.B = a->batch; q.Hq = a->query_heads; q.Hkv = a->kv_heads; q.P = a->past_len;
-  q.S = q.P + 1; q.D = a->head_dim; q.G = q.Hq / q.Hkv;
+  q.T = a->tokens; q.S = q.P + q.T; q.D = a->head_dim; q.G = q.Hq / q.Hkv;
+  q.QR = q.Hq * q.T; q.GR = q.G * q.T;
   q.N = a->topn < q.S ? a->topn : q.S;
   q.elem_bytes = elem;
   const bool layer = a->select == KVC_SELECT_LAYER;
   q.select_rows = layer ? 1 : q.Hkv;
   q.heads_per_select = layer ? q.Hq : q.G;
-  q.group_tile = q.G <= 1 ? 1 : q.G <= 2 ? 2 : q.G <= 4 ? 4 : 8;
-  q.head_tiles = (q.G + q.group_tile - 1) / q.group_tile;
-  q.score_tile = 512;
+  q.rows_per_select = q.heads_per_select * q.T;
+  // Tensor cores take 8 query heads per mma (fewer are zero-padded: the bytes of K, not the
+  // arithmetic, set the time); fp32 keeps exact fp32 products on the FMA kernel.
+  q.mma_scores = elem == 2 && q.D <= 256;
+  q.group_tile = q.mma_scores ? 8 : q.GR <= 1 ? 1 : q.GR <= 2 ? 2 : q.GR <= 4 ? 4 : 8;
+  q.head_tiles = (q.GR + q.group_tile - 1) / q.group_tile;
+  q.score_tile = q.mma_scores ? 1024 : 512;
   q.score_tiles = (q.S + q.score_tile - 1) / q.score_tile;
   q.row_elems = layer ? q.Hkv * q.D : q.D;
   const int row_bytes = q.row_elems * elem;
-  // ~8 KiB of rows per gather CTA: enough loads in flight per CTA, and enough CTAs.
+  // ~8 KiB of rows per gather CTA: enough loads in flight per CTA, and enough CTAs; fewer
+  // when the probabilities of many query rows (T > 1) must share the CTA's shared memory.
   q.gather_rows = 8192 / row_bytes;
   q.gather_rows = q.gather_rows < 1 ? 1 : q.gather_rows > 64 ? 64 : q.gather_rows;
+  while (q.gather_rows > 1 && gather_smem_bytes(q) > 48 * 1024) --q.gather_rows;
   q.gather_chunks = (q.N + q.gather_rows - 1) / q.gather_rows;
   if (gather_smem_bytes(q) > 48 * 1024)
-    return fail(KVC_ERR_ARGUMENT, "kcache_decode: a fetched row (kv_heads * head_dim) is too wide for one CTA");
+    return fail(KVC_ERR_ARGUMENT, "kcache_decode: a fetched row and the probabilities of its query rows (heads x tokens) are too wide for one CTA");
   if ((int64_t)q.B * q.Hkv * q.head_tiles > 65535 || (int64_t)q.B * q.select_rows > 65535)
     return fail(KVC_ERR_ARGUMENT, "kcache_decode: too many batch rows for one launch");
 
-  const size_t BH = (size_t)q.B * q.Hq;
+  const size_t BH = (size_t)q.B * q.QR;  // query rows of the batch
   size_t off = 0;
   q.off_logits = off;     off += align256(BH * q.S * sizeof(float));
   q.off_tile_stats = off; off += align256(BH * q.score_tiles * sizeof(MaxSum));

@@ -19,14 +19,15 @@ gather_kernel(kvc_kcache_decode_args a, KCachePlan p, const T* __restrict__ valu
               float* __restrict__ mass) {
   constexpr int VE = Vec<T>::n;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int R = p.gather_rows, W = p.row_elems, Hs = p.heads_per_select, D = p.D;
+  // Hs query rows (heads x new tokens) share the selection row; row h is head (h0 + h) / T.
+  const int R = p.gather_rows, W = p.row_elems, Hs = p.rows_per_select, D = p.D;
   T* rows = reinterpret_cast<T*>(smem_raw);                                  // [R, W]
   float* probs = reinterpret_cast<float*>(smem_raw + sizeof(T) * R * W);     // [Hs, R]
   int32_t* positions = reinterpret_cast<int32_t*>(probs + Hs * R);           // [R]
 
   const int chunk = blockIdx.x, select_row = blockIdx.y;
   const int b = select_row / p.select_rows;
-  const int h0 = (select_row % p.select_rows) * Hs;  // first query head served
+  const int h0 = (select_row % p.select_rows) * Hs;  // first query row served
   const int kv0 = p.select_rows == 1 ? 0 : select_row % p.select_rows;  // first KV head in a row
   const int first = chunk * R;
   const int count = min(R, p.N - first);
@@ -40,7 +41,7 @@ gather_kernel(kvc_kcache_decode_args a, KCachePlan p, const T* __restrict__ valu
     const int h = i / R, r = i % R;
     float pr = 0.f;
     if (r < count) {
-      const int head = b * p.Hq + h0 + h;
+      const int head = b * p.QR + h0 + h;
       const MaxSum st = stats[head];
       pr = __expf(logits[(int64_t)head * p.S + positions[r]] - st.max) * st.sum;
     }
@@ -60,7 +61,7 @@ gather_kernel(kvc_kcache_decode_args a, KCachePlan p, const T* __restrict__ valu
         const int r = i / row_vecs, col = (i % row_vecs) * VE;
         const int pos = positions[r], head = kv0 + col / D, d = col % D;
         const T* src = pos < p.P ? host + (int64_t)pos * a.value_host_stride_p + head * D + d
-                                 : value + head * a.value_stride_h + d;
+                                 : value + head * a.value_stride_h + (int64_t)(pos - p.P) * a.value_stride_t + d;
         buf[k] = *reinterpret_cast<const uint4*>(src);
       }
     }
@@ -77,19 +78,19 @@ gather_kernel(kvc_kcache_decode_args a, KCachePlan p, const T* __restrict__ valu
 
   for (int o = tid; o < Hs * D; o += blockDim.x) {
     const int h = o / D, d = o % D;
-    const int col = ((h0 + h) / p.G - kv0) * D + d;
+    const int col = ((h0 + h) / p.T / p.G - kv0) * D + d;
     float acc = 0.f;
     for (int r = 0; r < count; ++r) acc = fmaf(probs[h * R + r], to_float(rows[r * W + col]), acc);
-    partial[((int64_t)(b * p.Hq + h0 + h) * p.gather_chunks + chunk) * D + d] = acc;
+    partial[((int64_t)(b * p.QR + h0 + h) * p.gather_chunks + chunk) * D + d] = acc;
   }
   for (int h = tid; h < Hs; h += blockDim.x) {
     float m = 0.f;
     for (int r = 0; r < count; ++r) m += probs[h * R + r];
-    mass[(int64_t)(b * p.Hq + h0 + h) * p.gather_chunks + chunk] = m;
+    mass[(int64_t)(b * p.QR + h0 + h) * p.gather_chunks + chunk] = m;
   }
 }
 
-// One CTA per (b, query head): sum the chunks in a fixed order, renormalise, cast.
+// One CTA per (b, query row): sum the chunks in a fixed order, renormalise, cast.
 template <typename T>
 __global__ void finalize_kernel(KCachePlan p, int renormalize, const float* __restrict__ partial,
                                 const float* __restrict__ mass, T* __restrict__ out) {
@@ -124,7 +125,7 @@ template <typename T>
 cudaError_t launch_finalize_t(const kvc_kcache_decode_args& a, const KCachePlan& p,
                               const float* partial, const float* mass, cudaStream_t stream) {
   const int threads = p.D < 128 ? 64 : 128;
-  finalize_kernel<T><<<p.B * p.Hq, threads, 0, stream>>>(p, a.renormalize, partial, mass,
+  finalize_kernel<T><<<p.B * p.QR, threads, 0, stream>>>(p, a.renormalize, partial, mass,
                                                          static_cast<T*>(a.out));
   return cudaGetLastError();
 }
@@ -133,7 +134,7 @@ cudaError_t launch_finalize_t(const kvc_kcache_decode_args& a, const KCachePlan&
 
 size_t gather_smem_bytes(const KCachePlan& p) {
   return (size_t)p.elem_bytes * p.gather_rows * p.row_elems +
-         sizeof(float) * p.heads_per_select * p.gather_rows + sizeof(int32_t) * p.gather_rows;
+         sizeof(float) * p.rows_per_select * p.gather_rows + sizeof(int32_t) * p.gather_rows;
 }
 
 cudaError_t launch_gather(const kvc_kcache_decode_args& a, const KCachePlan& p,

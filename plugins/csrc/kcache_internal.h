@@ -13,12 +13,17 @@ namespace kvc {
 // Sizes, tilings and workspace offsets, derived once from the arguments (also by the
 // workspace-size query, so both always agree).
 struct KCachePlan {
-  int B, Hq, Hkv, P, S, D, G, N;  // S = P + 1 positions, G = Hq / Hkv, N = min(topn, S)
+  int B, Hq, Hkv, P, T, S, D, G, N;  // S = P + T positions, G = Hq / Hkv, N = min(topn, S)
+  // A query row is one (query head, new token): row hq * T + t of QR = Hq * T per sequence, so
+  // the GR = G * T rows of one KV head are contiguous (logits, stats, partial sums, out).
+  int QR, GR;
   int select_rows;                // rows of the selection: Hkv ("head") or 1 ("layer")
   int heads_per_select;           // query heads scored into one selection row: G or Hq
+  int rows_per_select;            // query rows summed into one selection row: heads_per_select * T
   int elem_bytes;
-  int group_tile;                 // query heads per score CTA (1, 2, 4 or 8; padded with zeros)
-  int head_tiles;                 // ceil(G / group_tile)
+  int mma_scores;                 // 1: tensor-core score kernel (16-bit dtype, head_dim <= 256)
+  int group_tile;                 // query rows per score CTA (1, 2, 4 or 8; padded with zeros)
+  int head_tiles;                 // ceil(GR / group_tile)
   int score_tile;                 // positions per score CTA
   int score_tiles;                // ceil(S / score_tile)
   int row_elems;                  // elements of one fetched value row: D or Hkv * D
@@ -81,24 +86,32 @@ template <> __device__ inline __half from_float(float x) { return __float2half_r
 template <> __device__ inline __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 
 // Stage launchers, in the order kvc_kcache_decode enqueues them.
-// logits [B, Hq, S] = capped(q·k·scale) + bias; tile_stats [B, Hq, score_tiles] per score CTA.
+// logits [B, QR, S] = capped(q·k·scale) + bias; tile_stats [B, QR, score_tiles] per score CTA.
 cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
                           MaxSum* tile_stats, cudaStream_t stream);
-// stats [B, Hq] = (max, 1 / sum) over all positions and the head's sink (sinks may be NULL).
+// Dynamic shared memory of one tensor-core score CTA (its tile of logits, 8 heads).
+size_t score_mma_smem_bytes(const KCachePlan& p);
+// stats [B, QR] = (max, 1 / sum) over all positions and the head's sink (sinks may be NULL).
 cudaError_t launch_softmax_stats(const KCachePlan& p, const MaxSum* tile_stats, const float* sinks,
                                  MaxSum* stats, cudaStream_t stream);
-// select [B, select_rows, S] = Σ over the row's query heads of softmax probabilities.
+// select [B, select_rows, S] = Σ over the row's query rows of softmax probabilities.
 cudaError_t launch_selection_scores(const KCachePlan& p, const float* logits, const MaxSum* stats,
                                     float* select, cudaStream_t stream);
 // index [B, select_rows, N]: the N positions of largest score (radix select, ordered compaction).
 cudaError_t launch_topn_select(const KCachePlan& p, const float* select, int32_t* index,
                                cudaStream_t stream);
-// partial [B, Hq, chunks, D], mass [B, Hq, chunks] from the kept rows (zero-copy host reads),
-// then out [B, Hq, D] = Σ partial (/ Σ mass).
+// partial [B, QR, chunks, D], mass [B, QR, chunks] from the kept rows (zero-copy host reads),
+// then out [B, QR, D] (= [B, Hq, T, D]) = Σ partial (/ Σ mass).
 cudaError_t launch_gather(const kvc_kcache_decode_args& a, const KCachePlan& p,
                           const void* value_host_device, const float* logits, const MaxSum* stats,
                           const int32_t* index, float* partial, float* mass, cudaStream_t stream);
 // Dynamic shared memory of one gather CTA (≤ 48 KiB is required).
+// Query pointer of row r of the GR rows of KV head kv: head kv * G + r / T, token r % T.
+template <typename T>
+__device__ inline const T* query_row(const kvc_kcache_decode_args& a, const KCachePlan& p, int b, int kv, int r) {
+  return static_cast<const T*>(a.query) + b * a.query_stride_b +
+         (int64_t)(kv * p.G + r / p.T) * a.query_stride_h + (int64_t)(r % p.T) * a.query_stride_t;
+}
 size_t gather_smem_bytes(const KCachePlan& p);
 cudaError_t launch_finalize(const kvc_kcache_decode_args& a, const KCachePlan& p,
                             const float* partial, const float* mass, cudaStream_t stream);

@@ -1,11 +1,12 @@
 // Stage 1 and 2 of a KCache decode step: q·k over every key (the only pass over K, so it sets
 // the step's HBM floor) and the softmax statistics of each query head.
-// Measured on H100 (docs/BENCHMARKS.md): 2.05 TB/s at 32K, 1.45x the K floor. Nsight Compute
-// (bench/ncu_kcache_op.sh, bf16, 4 query heads per CTA): 80 registers cap it at 3 CTAs per SM,
-// 0.53 instructions issued per scheduler cycle, half the stalls waiting on K loads. Two things
-// did not help: a cp.async pipeline (8 KiB stages, 3.7x slower) and issuing 8 instead of 4
-// loads per lane before use (same time; forcing 4 CTAs per SM spills). The next step is fewer
-// instructions per byte: q·K on tensor cores (mma over the query group) instead of FMAs.
+// 16-bit keys (bf16, fp16) with head_dim <= 256 take the tensor-core kernel: a KV head's query
+// group is the N side (8 columns) of one mma.m16n8k16 per 16 keys x 16 dims, the keys the M
+// side, loaded straight from global memory as 16-byte vectors (the dims inside a 32-dim block
+// are permuted identically for keys and queries, which a dot product does not notice). On the
+// H100 the FMA kernel below reached 2.05 TB/s: 80 registers, 0.53 instructions per cycle,
+// half the stalls on K loads, i.e. too many instructions per byte (docs/BENCHMARKS.md).
+// fp32 keys and wider heads keep that FMA kernel.
 #include "kcache_internal.h"
 
 namespace kvc {
@@ -13,6 +14,162 @@ namespace {
 
 constexpr int kScoreThreads = 256;
 constexpr int kRowsInFlight = 4;  // independent rows each lane loads before using them
+
+// The end of every score CTA: a coalesced write of its tile of logits (query rows g0.. of KV
+// head kv, `stride` floats apart in shared memory), then one warp per row folds the tile's
+// softmax statistics.
+__device__ void finish_tile(const KCachePlan& p, const float* tile_logits, int stride, int b,
+                            int kv, int g0, int gcount, int tile, int tile_start, int tile_len,
+                            float* __restrict__ logits, MaxSum* __restrict__ tile_stats) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int i = threadIdx.x; i < gcount * tile_len; i += blockDim.x) {
+    const int g = i / tile_len, r = i % tile_len;
+    const int row = kv * p.GR + g0 + g;
+    logits[((int64_t)b * p.QR + row) * p.S + tile_start + r] = tile_logits[g * stride + r];
+  }
+  for (int g = warp; g < gcount; g += blockDim.x / 32) {
+    const float* x = tile_logits + g * stride;
+    float m = -INFINITY;
+    for (int r = lane; r < tile_len; r += 32) m = fmaxf(m, x[r]);
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float s = 0.f;
+    if (m != -INFINITY)
+      for (int r = lane; r < tile_len; r += 32) s += __expf(x[r] - m);
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) {
+      const int row = kv * p.GR + g0 + g;
+      tile_stats[((int64_t)b * p.QR + row) * p.score_tiles + tile] = MaxSum{m, s};
+    }
+  }
+}
+
+// logit = capped(dot * scale) + bias: soft-capping precedes the mask.
+__device__ inline float finish_logit(const kvc_kcache_decode_args& a, float dot, float bias) {
+  float x = dot * a.scale;
+  if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
+  return x + bias;
+}
+
+// ---- tensor-core score kernel (bf16 / fp16, head_dim <= 32 * NB) ------------------------
+template <typename T> struct Mma16;
+template <> struct Mma16<__nv_bfloat16> {
+  __device__ static void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma16<__half> {
+  __device__ static void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Each lane loads 16 bytes (8 dims) of two keys per 32-dim block: dims 8t..8t+7 (t = lane % 4)
+// of keys lane/4 and lane/4 + 8 of a 16-key M tile. mma j (0, 1) of the block takes words
+// {2j, 2j+1} of each vector as its A fragment, so logical k = 2t+e maps to dim 8t+4j+e and
+// k = 2t+8+e to dim 8t+4j+2+e; the query fragment (B, 8 columns = query heads) is read from
+// the same dims, so each mma sums exactly the products of 16 dims. The accumulator holds
+// keys (lane/4, lane/4 + 8) x heads (2t, 2t+1).
+constexpr int kMmaRowPad = 4;  // floats of padding per logit row: the staging stores hit 32 banks
+
+template <typename T, int NB>
+__global__ void __launch_bounds__(kScoreThreads, 2)
+score_mma_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ logits,
+                 MaxSum* __restrict__ tile_stats) {
+  constexpr int MT = 8 / NB;  // 16-key tiles per warp step
+  // 16 vectors (256 bytes) in flight per lane per step: MT 16-key tiles x NB blocks x 2 keys.
+  static_assert(MT * NB * 2 == 16, "16 loads per lane per step");
+  constexpr int kQStride = 32 * NB + 8;  // halves per query row in shared memory (+16 B: banks)
+  __shared__ __align__(16) T q_s[8 * kQStride];
+  extern __shared__ __align__(16) float tile_logits[];  // [8][score_tile + kMmaRowPad]
+  const int stride = p.score_tile + kMmaRowPad;
+
+  const int tile = blockIdx.x;
+  const int kv = blockIdx.y / p.head_tiles;
+  const int g0 = (blockIdx.y % p.head_tiles) * 8;
+  const int b = blockIdx.z;
+  const int gcount = min(8, p.GR - g0);
+  const int D = p.D;
+
+  // Query rows g0.. of the KV head, zero-padded to 8 rows and to 32 * NB dims.
+  for (int i = threadIdx.x; i < 8 * 32 * NB; i += blockDim.x) {
+    const int g = i / (32 * NB), d = i % (32 * NB);
+    q_s[g * kQStride + d] = (g < gcount && d < D) ? query_row<T>(a, p, b, kv, g0 + g)[d] : from_float<T>(0.f);
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int t4 = lane & 3, row_in_tile = lane >> 2;
+  uint4 qf[NB];  // this lane's query fragment: head row_in_tile, dims 8*t4.. of each block
+#pragma unroll
+  for (int blk = 0; blk < NB; ++blk)
+    qf[blk] = *reinterpret_cast<const uint4*>(&q_s[row_in_tile * kQStride + blk * 32 + 8 * t4]);
+
+  const int tile_start = tile * p.score_tile;
+  const int tile_len = min(p.score_tile, p.S - tile_start);
+  const T* past_keys = static_cast<const T*>(a.key_cache) + b * a.key_cache_stride_b +
+                       kv * a.key_cache_stride_h;
+  const T* new_key = static_cast<const T*>(a.key) + b * a.key_stride_b + kv * a.key_stride_h;
+  const float* bias = a.attn_bias + b * a.attn_bias_stride_b;
+  constexpr int kWarps = kScoreThreads / 32;
+
+  for (int base = warp * 16 * MT; base < tile_len; base += kWarps * 16 * MT) {
+    uint4 raw[MT][NB][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = base + mt * 16 + row_in_tile + 8 * half;
+        const int pos = tile_start + r;
+        const T* row = r < tile_len ? (pos < p.P ? past_keys + (int64_t)pos * a.key_cache_stride_p
+                                                 : new_key + (int64_t)(pos - p.P) * a.key_stride_t)
+                                    : nullptr;
+#pragma unroll
+        for (int blk = 0; blk < NB; ++blk) {
+          const int col = blk * 32 + 8 * t4;
+          raw[mt][blk][half] = (row != nullptr && col < D)
+              ? __ldg(reinterpret_cast<const uint4*>(row + col)) : make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int blk = 0; blk < NB; ++blk) {
+        const uint4 k0 = raw[mt][blk][0], k1 = raw[mt][blk][1];
+        const uint32_t a0[4] = {k0.x, k1.x, k0.y, k1.y};
+        Mma16<T>::run(acc, a0, qf[blk].x, qf[blk].y);
+        const uint32_t a1[4] = {k0.z, k1.z, k0.w, k1.w};
+        Mma16<T>::run(acc, a1, qf[blk].z, qf[blk].w);
+      }
+      // acc: keys (row_in_tile, row_in_tile + 8) x heads (2 t4, 2 t4 + 1)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = base + mt * 16 + row_in_tile + 8 * half;
+        if (r < tile_len) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int g = 2 * t4 + e;  // query row g0 + g: its token's bias row
+            const float bias_r = bias[(int64_t)((g0 + g) % p.T) * a.attn_bias_stride_t + tile_start + r];
+            tile_logits[g * stride + r] = finish_logit(a, acc[2 * half + e], bias_r);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  finish_tile(p, tile_logits, stride, b, kv, g0, gcount, tile, tile_start, tile_len, logits,
+              tile_stats);
+}
+
+// ---- FMA score kernel (any dtype, any head_dim) ---------------------------------------------
 
 // One CTA: `score_tile` positions of one (b, KV head) for up to GT query heads of its group.
 // A row of K is split over `lanes` (≤ 4) lanes, each reading 16-byte vectors: few lanes per
@@ -30,14 +187,13 @@ score_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ logits,
   const int kv = blockIdx.y / p.head_tiles;
   const int g0 = (blockIdx.y % p.head_tiles) * GT;
   const int b = blockIdx.z;
-  const int gcount = min(GT, p.G - g0);
+  const int gcount = min(GT, p.GR - g0);
   const int D = p.D;
 
-  // Heads past the group's end get zero queries; their dots are computed and dropped.
-  const T* q = static_cast<const T*>(a.query) + b * a.query_stride_b;
+  // Rows past the KV head's end get zero queries; their dots are computed and dropped.
   for (int i = threadIdx.x; i < GT * D; i += blockDim.x) {
     const int g = i / D, d = i % D;
-    q_s[i] = g < gcount ? to_float(q[(int64_t)(kv * p.G + g0 + g) * a.query_stride_h + d]) : 0.f;
+    q_s[i] = g < gcount ? to_float(query_row<T>(a, p, b, kv, g0 + g)[d]) : 0.f;
   }
   __syncthreads();
 
@@ -73,7 +229,8 @@ score_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ logits,
         const int pos = tile_start + r;
         raw[u] = make_uint4(0, 0, 0, 0);
         if (r < tile_len) {
-          const T* row = pos < p.P ? past_keys + (int64_t)pos * a.key_cache_stride_p : new_key;
+          const T* row = pos < p.P ? past_keys + (int64_t)pos * a.key_cache_stride_p
+                                   : new_key + (int64_t)(pos - p.P) * a.key_stride_t;
           raw[u] = __ldg(reinterpret_cast<const uint4*>(row + col));
         }
       }
@@ -103,45 +260,25 @@ score_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ logits,
           acc[u][g] += __shfl_xor_sync(0xffffffffu, acc[u][g], off);
       const int r = r0 + u * rows_per_step;
       if (sub == 0 && r < tile_len) {
-        const float bias_r = bias[tile_start + r];
 #pragma unroll
-        for (int g = 0; g < GT; ++g) {
-          float x = acc[u][g] * a.scale;
-          if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);  // soft-capping precedes the mask
-          tile_logits[g * p.score_tile + r] = x + bias_r;
+        for (int g = 0; g < GT; ++g) {  // query row g0 + g: its token's bias row
+          const float bias_r = bias[(int64_t)((g0 + g) % p.T) * a.attn_bias_stride_t + tile_start + r];
+          tile_logits[g * p.score_tile + r] = finish_logit(a, acc[u][g], bias_r);
         }
       }
     }
   }
   __syncthreads();
 
-  // Coalesced write of the tile's logits, then one warp per head folds its softmax statistics.
-  for (int i = threadIdx.x; i < gcount * tile_len; i += blockDim.x) {
-    const int g = i / tile_len, r = i % tile_len;
-    const int hq = kv * p.G + g0 + g;
-    logits[((int64_t)b * p.Hq + hq) * p.S + tile_start + r] = tile_logits[g * p.score_tile + r];
-  }
-  for (int g = warp; g < gcount; g += blockDim.x / 32) {
-    const float* x = tile_logits + g * p.score_tile;
-    float m = -INFINITY;
-    for (int r = lane; r < tile_len; r += 32) m = fmaxf(m, x[r]);
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    float s = 0.f;
-    if (m != -INFINITY)
-      for (int r = lane; r < tile_len; r += 32) s += __expf(x[r] - m);
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) {
-      const int hq = kv * p.G + g0 + g;
-      tile_stats[((int64_t)b * p.Hq + hq) * p.score_tiles + tile] = MaxSum{m, s};
-    }
-  }
+  finish_tile(p, tile_logits, p.score_tile, b, kv, g0, gcount, tile, tile_start, tile_len,
+              logits, tile_stats);
 }
 
-// One warp per (b, query head): fold the per-tile statistics and the head's sink logit (a
+// One warp per (b, query row): fold the per-tile statistics and its head's sink logit (a
 // softmax column with no value: it only enlarges the denominator); store (max, 1 / sum).
 __global__ void softmax_stats_kernel(KCachePlan p, const MaxSum* __restrict__ tile_stats,
                                      const float* __restrict__ sinks, MaxSum* __restrict__ stats) {
-  const int head = blockIdx.x;  // b * Hq + hq
+  const int head = blockIdx.x;  // b * QR + hq * T + t
   const MaxSum* t = tile_stats + (int64_t)head * p.score_tiles;
   MaxSum acc{-INFINITY, 0.f};
   for (int i = threadIdx.x; i < p.score_tiles; i += 32) acc = combine(acc, t[i]);
@@ -149,7 +286,7 @@ __global__ void softmax_stats_kernel(KCachePlan p, const MaxSum* __restrict__ ti
     MaxSum other{__shfl_xor_sync(0xffffffffu, acc.max, off), __shfl_xor_sync(0xffffffffu, acc.sum, off)};
     acc = combine(acc, other);
   }
-  if (sinks != nullptr) acc = combine(acc, MaxSum{sinks[head % p.Hq], 1.f});
+  if (sinks != nullptr) acc = combine(acc, MaxSum{sinks[(head % p.QR) / p.T], 1.f});
   if (threadIdx.x == 0) stats[head] = MaxSum{acc.max, 1.f / acc.sum};
 }
 
@@ -162,9 +299,24 @@ cudaError_t launch_scores_t(const kvc_kcache_decode_args& a, const KCachePlan& p
   return cudaGetLastError();
 }
 
+template <typename T, int NB>
+cudaError_t launch_scores_mma(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
+                              MaxSum* tile_stats, cudaStream_t stream) {
+  const dim3 grid(p.score_tiles, p.Hkv * p.head_tiles, p.B);
+  score_mma_kernel<T, NB><<<grid, kScoreThreads, score_mma_smem_bytes(p), stream>>>(a, p, logits, tile_stats);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_scores_dtype(const kvc_kcache_decode_args& a, const KCachePlan& p,
                                 float* logits, MaxSum* tile_stats, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (p.mma_scores) {
+      if (p.D <= 64) return launch_scores_mma<T, 2>(a, p, logits, tile_stats, stream);
+      if (p.D <= 128) return launch_scores_mma<T, 4>(a, p, logits, tile_stats, stream);
+      return launch_scores_mma<T, 8>(a, p, logits, tile_stats, stream);
+    }
+  }
   switch (p.group_tile) {
     case 1: return launch_scores_t<T, 1>(a, p, logits, tile_stats, stream);
     case 2: return launch_scores_t<T, 2>(a, p, logits, tile_stats, stream);
@@ -175,10 +327,14 @@ cudaError_t launch_scores_dtype(const kvc_kcache_decode_args& a, const KCachePla
 
 }  // namespace
 
+size_t score_mma_smem_bytes(const KCachePlan& p) {
+  return sizeof(float) * 8 * (p.score_tile + kMmaRowPad);
+}
+
 cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
                           MaxSum* tile_stats, cudaStream_t stream) {
   switch (a.dtype) {
-    case KVC_DTYPE_F32: return launch_scores_dtype<float>(a, p, logits, tile_stats, stream);
+    case KVC_DTYPE_F32: return launch_scores_dtype<float>(a, p, logits, tile_stats, stream);  // never mma
     case KVC_DTYPE_F16: return launch_scores_dtype<__half>(a, p, logits, tile_stats, stream);
     default: return launch_scores_dtype<__nv_bfloat16>(a, p, logits, tile_stats, stream);
   }
@@ -186,7 +342,7 @@ cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, 
 
 cudaError_t launch_softmax_stats(const KCachePlan& p, const MaxSum* tile_stats, const float* sinks,
                                  MaxSum* stats, cudaStream_t stream) {
-  softmax_stats_kernel<<<p.B * p.Hq, 32, 0, stream>>>(p, tile_stats, sinks, stats);
+  softmax_stats_kernel<<<p.B * p.QR, 32, 0, stream>>>(p, tile_stats, sinks, stats);
   return cudaGetLastError();
 }
 

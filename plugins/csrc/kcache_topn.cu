@@ -1,5 +1,5 @@
 // Stages 3 and 4 of a KCache decode step: the selection score of every position (softmax
-// probabilities summed over a KV head's query heads, or over the whole layer) and a GPU radix
+// probabilities summed over a KV head's query rows (heads x new tokens), or over the layer's) and a GPU radix
 // select of the top N (no sort).
 #include "kcache_internal.h"
 
@@ -16,10 +16,10 @@ __global__ void selection_score_kernel(KCachePlan p, const float* __restrict__ l
   const int row = blockIdx.y;  // b * select_rows + r
   if (s >= p.S) return;
   const int b = row / p.select_rows;
-  const int h0 = (row % p.select_rows) * p.heads_per_select;
+  const int h0 = (row % p.select_rows) * p.rows_per_select;  // the row's query rows are contiguous
   float acc = 0.f;
-  for (int h = 0; h < p.heads_per_select; ++h) {
-    const int head = b * p.Hq + h0 + h;
+  for (int h = 0; h < p.rows_per_select; ++h) {
+    const int head = b * p.QR + h0 + h;
     const MaxSum st = stats[head];  // st.sum holds 1 / Σ exp
     acc += __expf(logits[(int64_t)head * p.S + s] - st.max) * st.sum;
   }

@@ -13,6 +13,7 @@ import kvcompile.ops  # noqa: F401  (registers the ops)
 from kvcompile.ops.kcache_attention.definition import kcache_attention_reference
 
 HIDDEN = torch.finfo(torch.float32).min
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 op = torch.ops.kvcompile.kcache_attention
 
 
@@ -183,7 +184,7 @@ def test_kernel_library_abi_plans_workspace_and_rejects_bad_args():
     lib = load_kernels()
     B, Hq, Hkv, P, D, topn = 2, 8, 2, 1000, 64, 100
     fake = 1 << 20  # aligned, never dereferenced
-    args = DecodeArgs(batch=B, query_heads=Hq, kv_heads=Hkv, past_len=P, head_dim=D, topn=topn,
+    args = DecodeArgs(batch=B, query_heads=Hq, kv_heads=Hkv, past_len=P, head_dim=D, tokens=1, topn=topn,
                       select=0, renormalize=0, dtype=2, scale=0.125, query=fake, key=fake,
                       value=fake, key_cache=fake, value_host=fake, attn_bias=fake, out=fake,
                       key_cache_stride_p=D, value_host_stride_p=Hkv * D)
@@ -200,8 +201,42 @@ def test_kernel_library_abi_plans_workspace_and_rejects_bad_args():
     assert b"head_dim" in lib.kvc_last_error()
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_host_row_gather_probe_rejects_bad_args_before_any_cuda_call():
+    import ctypes
+
+    from kvcompile.plugins import load_kernels
+
+    lib = load_kernels()
+    lib.kvc_host_row_gather.restype = ctypes.c_int
+    lib.kvc_host_row_gather.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
+                                        ctypes.c_void_p, ctypes.c_void_p]
+    lib.kvc_host_row_gather_error.restype = ctypes.c_char_p
+    fake = 1 << 20
+    assert lib.kvc_host_row_gather(fake, 24, fake, 4, fake, None) == 1  # 24 B rows: not 16-byte vectors
+    assert b"multiple of 16" in lib.kvc_host_row_gather_error()
+    assert lib.kvc_host_row_gather(None, 64, fake, 4, fake, None) == 1
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_host_row_gather_probe_copies_the_chosen_rows():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import floors
+
+    lib = floors._gather_library()
+    host = torch.randint(0, 256, (1000, 96), dtype=torch.uint8).pin_memory()
+    rows = torch.tensor([5, 999, 0, 17, 17, 400], dtype=torch.int32, device="cuda")
+    out = torch.zeros(len(rows), 96, dtype=torch.uint8, device="cuda")
+    assert lib.kvc_host_row_gather(host.data_ptr(), 96, rows.data_ptr(), len(rows), out.data_ptr(),
+                                   torch.cuda.current_stream().cuda_stream) == 0
+    assert torch.equal(out.cpu(), host[rows.long().cpu()])
+
+
 # ---------------------------------------------------------------- GPU: kernels vs reference
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 GPU_SHAPES = [  # (B, Hq, Hkv, P, D, pads)
     (1, 4, 4, 1, 64, None),
@@ -211,6 +246,8 @@ GPU_SHAPES = [  # (B, Hq, Hkv, P, D, pads)
     (1, 16, 1, 2500, 80, None),             # MQA, D = 80 (generic score kernel)
     (1, 16, 1, 700, 64, None),              # MQA, 16 query heads: two head tiles per KV head
     (8, 32, 8, 3000, 128, [0, 1, 2, 3, 300, 600, 900, 2999]),
+    (2, 8, 2, 1500, 256, [0, 9]),           # D = 256: the widest tensor-core score tile
+    (1, 8, 8, 2100, 96, None),              # MHA (one query head per mma), D = 96
 ]
 
 
@@ -252,15 +289,45 @@ def test_cuda_decode_matches_reference(shape, dtype, select):
 def test_cuda_other_cases_fall_back_to_reference_on_gpu():
     from kvcompile.ops.kcache_attention import kernels as kcache_decode
 
-    # several new tokens, prefill, and a decode step whose host values are not pinned
+    # a chunk too large for the kernels (8 heads x 300 tokens in one "layer" selection),
+    # prefill, and a decode step whose host values are not pinned
     # (no padding in prefill: rows of padded queries see nothing, and SDPA backends differ there)
-    for T, P, pinned, pads in ((3, 50, True, [0, 2]), (4, 0, True, [0, 0]), (1, 40, False, [0, 2])):
+    for T, P, pinned, pads in ((300, 50, True, [0, 2]), (4, 0, True, [0, 0]), (1, 40, False, [0, 2])):
         args = make_inputs(2, 8, 2, T, P, 64, pads, seed=T)
         gpu_args = to_cuda_args(args, pinned=pinned)
-        assert not kcache_decode.can_use_kernels(*gpu_args)
-        got = op(*gpu_args, 0.125, 16, "head", False)
-        want = kcache_attention_reference(*args, 0.125, 16, "head", False)
+        assert not kcache_decode.can_use_kernels(*gpu_args, select="head" if T < 300 else "layer")
+        select = "layer" if T == 300 else "head"
+        got = op(*gpu_args, 0.125, 16, select, False)
+        want = kcache_attention_reference(*args, 0.125, 16, select, False)
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+CHUNK_SHAPES = [  # (B, Hq, Hkv, T, P, D, pads): chunked prefill, T new tokens over P cached
+    (2, 8, 2, 3, 50, 64, [0, 2]),
+    (1, 32, 8, 16, 700, 128, None),
+    (3, 4, 1, 37, 1000, 80, [0, 500, 999]),   # MQA, D = 80, a row whose past is all hidden but one
+]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("shape", CHUNK_SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-T{}-P{}-D{}".format(*s[:6]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("select", ["head", "layer"])
+def test_cuda_prefill_chunk_matches_reference(shape, dtype, select):
+    from kvcompile.ops.kcache_attention import kernels as kcache_decode
+
+    B, Hq, Hkv, T, P, D, pads = shape
+    args = make_inputs(B, Hq, Hkv, T, P, D, pads, dtype=dtype, seed=T, spread=3.0)
+    gpu_args = to_cuda_args(args)
+    assert kcache_decode.can_use_kernels(*gpu_args, select=select), "the chunk should run the CUDA kernels"
+    tol = dict(float32=2e-4, bfloat16=3e-2)[str(dtype).split(".")[1]]
+    for topn in sorted({1, 9, 100, P + T}):
+        for renormalize in (False, True):
+            want = kcache_attention_reference(*args, D ** -0.5, topn, select, renormalize)
+            got = op(*gpu_args, D ** -0.5, topn, select, renormalize)
+            torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol,
+                                       msg=lambda m: f"topn={topn} renorm={renormalize}: {m}")
 
 
 @pytest.mark.gpu

@@ -28,10 +28,12 @@ Semantics (this file's torch code is the definition; the CUDA kernels must match
   when renormalize. With topn ≥ P+T this is exact attention (equals cached_attention).
 GQA: query head h reads KV head h // (Hq // Hkv).
 
-CUDA: decode (T == 1, P > 0) runs the plugins library kernels (scores with soft-capping,
-softmax statistics with sinks, radix top-N select, zero-copy gather of the chosen rows from
-pinned host memory). Other CUDA
-cases run the torch code below on the GPU; it gathers only the chosen host rows.
+CUDA: every call over a cache (P > 0) runs the plugins library kernels (scores on tensor
+cores for 16-bit dtypes, soft-capping, softmax statistics with sinks, radix top-N select,
+zero-copy gather of the chosen rows from pinned host memory): decode steps (T == 1) and
+prefill chunks (T > 1) of up to kernels.MAX_ROWS_PER_SELECTION query rows per selection.
+Prefill (P == 0) is SDPA; larger chunks and unpinned host values run the torch code below on
+the GPU, which gathers only the chosen host rows.
 """
 from __future__ import annotations
 
@@ -175,7 +177,7 @@ def _kcache_attention_cuda(query, key, value, key_cache, value_host, attn_bias,
     check_kcache_args(query, key, value, key_cache, value_host, attn_bias, topn, select)
     from kvcompile.ops.kcache_attention import kernels
 
-    if kernels.can_use_kernels(query, key, value, key_cache, value_host, attn_bias):
+    if kernels.can_use_kernels(query, key, value, key_cache, value_host, attn_bias, select):
         return kernels.decode(query, key, value, key_cache, value_host, attn_bias,
                               scale, topn, select, renormalize, softcap, sinks)
     return kcache_attention_reference(query, key, value, key_cache, value_host, attn_bias,

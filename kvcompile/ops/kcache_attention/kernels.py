@@ -1,4 +1,5 @@
-"""Runs one KCache decode step (T == 1, P > 0) through the kernel library (ctypes).
+"""Runs one KCache step over a cache (P > 0: a decode step, T == 1, or a prefill chunk, T > 1)
+through the kernel library (ctypes).
 
 The op's CUDA registration (definition.py) calls `can_use_kernels` and then `decode`;
 everything else runs its torch reference. The argument struct mirrors
@@ -31,15 +32,15 @@ SYMBOLS = (
 class DecodeArgs(ctypes.Structure):
     _fields_ = [
         ("batch", _int), ("query_heads", _int), ("kv_heads", _int), ("past_len", _int),
-        ("head_dim", _int), ("topn", _int), ("select", _int), ("renormalize", _int),
+        ("head_dim", _int), ("tokens", _int), ("topn", _int), ("select", _int), ("renormalize", _int),
         ("dtype", _int), ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("sinks", _ptr),
-        ("query", _ptr), ("query_stride_b", _i64), ("query_stride_h", _i64),
-        ("key", _ptr), ("key_stride_b", _i64), ("key_stride_h", _i64),
-        ("value", _ptr), ("value_stride_b", _i64), ("value_stride_h", _i64),
+        ("query", _ptr), ("query_stride_b", _i64), ("query_stride_h", _i64), ("query_stride_t", _i64),
+        ("key", _ptr), ("key_stride_b", _i64), ("key_stride_h", _i64), ("key_stride_t", _i64),
+        ("value", _ptr), ("value_stride_b", _i64), ("value_stride_h", _i64), ("value_stride_t", _i64),
         ("key_cache", _ptr), ("key_cache_stride_b", _i64), ("key_cache_stride_h", _i64),
         ("key_cache_stride_p", _i64),
         ("value_host", _ptr), ("value_host_stride_b", _i64), ("value_host_stride_p", _i64),
-        ("attn_bias", _ptr), ("attn_bias_stride_b", _i64),
+        ("attn_bias", _ptr), ("attn_bias_stride_b", _i64), ("attn_bias_stride_t", _i64),
         ("out", _ptr),
     ]
 
@@ -59,12 +60,23 @@ def _vector_ready(t: Tensor, dims) -> bool:
             and all(_stride(t, d) * size % 16 == 0 for d in dims))
 
 
-def can_use_kernels(query, key, value, key_cache, value_host, attn_bias) -> bool:
-    """Whether this call is a decode step the CUDA kernels handle (args already validated)."""
+# A chunk of T > 1 tokens keeps per-row probabilities of the rows sharing a selection in one
+# gather CTA's shared memory and partial sums per (row, chunk of kept positions): bounded here.
+MAX_ROWS_PER_SELECTION = 2048  # query rows (heads x tokens) scored into one selection row
+MAX_QUERY_ROWS = 8192          # B x Hq x T
+
+
+def can_use_kernels(query, key, value, key_cache, value_host, attn_bias, select: str = "layer") -> bool:
+    """Whether this call is one the CUDA kernels handle (args already validated): P > 0, and a
+    chunk (T > 1) within the bounds above."""
     B, Hq, T, D = query.shape
     P = key_cache.shape[2]
-    if not (query.is_cuda and T == 1 and P > 0 and query.dtype in DTYPE_CODES):
+    if not (query.is_cuda and P > 0 and query.dtype in DTYPE_CODES):
         return False
+    if T > 1:
+        per_selection = (Hq if select == SelectMode.LAYER else Hq // key.shape[1]) * T
+        if per_selection > MAX_ROWS_PER_SELECTION or B * Hq * T > MAX_QUERY_ROWS:
+            return False
     if D * query.element_size() % 16 or D > 512:
         return False
     # The gather reads value_host over the host link, so it must be pinned host memory with
@@ -94,43 +106,54 @@ def sink_tensor(sinks, device):
 
 def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, select, renormalize,
            softcap=0.0, sinks=None):
-    """out [B, Hq, 1, D] on query's device, enqueued on the current stream."""
+    """out [B, Hq, T, D] on query's device, enqueued on the current stream."""
     lib = load_kernels()
-    B, Hq, _, D = query.shape
+    B, Hq, T, D = query.shape
     Hkv, P = key.shape[1], key_cache.shape[2]
     # q/k/v of one token are tiny: copy them when their layout does not suit 16-byte loads.
-    query, key, value = (t if _vector_ready(t, (0, 1)) else t.contiguous() for t in (query, key, value))
+    query, key, value = (t if _vector_ready(t, (0, 1, 2)) else t.contiguous() for t in (query, key, value))
     if not _vector_ready(key_cache, (0, 1, 2)):
         key_cache = key_cache.contiguous()  # correct but costly; the cache manager should avoid it
-    bias = attn_bias.reshape(B, P + 1)
-    if bias.dtype != torch.float32 or bias.stride(1) != 1:
+    bias = attn_bias.reshape(B, T, P + T)
+    if bias.dtype != torch.float32 or bias.stride(2) != 1:
         bias = bias.float().contiguous()
-    out = torch.empty((B, Hq, 1, D), dtype=query.dtype, device=query.device)
+    out = torch.empty((B, Hq, T, D), dtype=query.dtype, device=query.device)
     sink_device = sink_tensor(sinks, query.device)
 
     args = DecodeArgs(
-        batch=B, query_heads=Hq, kv_heads=Hkv, past_len=P, head_dim=D, topn=topn,
+        batch=B, query_heads=Hq, kv_heads=Hkv, past_len=P, head_dim=D, tokens=T, topn=topn,
         select=SelectMode(select).code, renormalize=int(renormalize),
         dtype=DTYPE_CODES[query.dtype], scale=scale, softcap=float(softcap or 0.0),
         sinks=sink_device.data_ptr() if sink_device is not None else None,
         query=query.data_ptr(), query_stride_b=_stride(query, 0), query_stride_h=_stride(query, 1),
-        key=key.data_ptr(), key_stride_b=_stride(key, 0), key_stride_h=_stride(key, 1),
+        query_stride_t=_stride(query, 2),
+        key=key.data_ptr(), key_stride_b=_stride(key, 0), key_stride_h=_stride(key, 1), key_stride_t=_stride(key, 2),
         value=value.data_ptr(), value_stride_b=_stride(value, 0), value_stride_h=_stride(value, 1),
+        value_stride_t=_stride(value, 2),
         key_cache=key_cache.data_ptr(), key_cache_stride_b=_stride(key_cache, 0),
         key_cache_stride_h=_stride(key_cache, 1), key_cache_stride_p=_stride(key_cache, 2),
         value_host=value_host.data_ptr(), value_host_stride_b=_stride(value_host, 0),
         value_host_stride_p=_stride(value_host, 1),
-        attn_bias=bias.data_ptr(), attn_bias_stride_b=_stride(bias, 0),
+        attn_bias=bias.data_ptr(), attn_bias_stride_b=_stride(bias, 0), attn_bias_stride_t=_stride(bias, 1),
         out=out.data_ptr(),
     )
-    workspace_bytes = ctypes.c_size_t(0)
-    _check(lib, lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(workspace_bytes)))
-    with torch.cuda.device(query.device):
-        workspace = torch.empty(workspace_bytes.value, dtype=torch.uint8, device=query.device)
+    # The workspace depends on sizes only: asked once per shape (kvc_kcache_decode checks
+    # every argument again). Allocated from torch's caching allocator (so CUDA-graph capture
+    # takes it from the graph's pool).
+    size_key = (B, Hq, Hkv, P, T, D, topn, args.select, args.dtype)
+    workspace_bytes = _workspace_sizes.get(size_key)
+    if workspace_bytes is None:
+        size = ctypes.c_size_t(0)
+        _check(lib, lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)))
+        workspace_bytes = _workspace_sizes[size_key] = size.value
+    with torch.cuda.device(query.device):  # the library launches on the current device
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=query.device)
         stream = torch.cuda.current_stream(query.device).cuda_stream
-        _check(lib, lib.kvc_kcache_decode(ctypes.byref(args), workspace.data_ptr(),
-                                          workspace_bytes.value, stream))
+        _check(lib, lib.kvc_kcache_decode(ctypes.byref(args), workspace.data_ptr(), workspace_bytes, stream))
     return out
+
+
+_workspace_sizes: dict = {}
 
 
 def _check(lib, code: int) -> None:
