@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floors import add_floors_argument, floors_for  # noqa: E402
 from kcache_e2e_runtimes import (  # noqa: E402
-    GIB, Shape, hbm_bytes_per_s, host_to_device_bytes_per_s, attention_floor_ms, build_model, cache_classes,
+    GIB, Shape, attention_floor_ms, build_model, cache_classes,
     free_memory,
     gpu_kv_bytes_per_token, host_kv_bytes_per_token, llama_config, run_hf, run_kvcompile)
 
@@ -105,7 +106,7 @@ def run(args) -> dict:
                    kv_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate=config.intermediate_size,
                    vocab=config.vocab_size, dtype=str(dtype), weight_gib=weight_bytes / GIB),
         context=args.context, budget_gib=args.budget_gib, topn=args.topn, warmup=args.warmup, steps=args.steps,
-        floors=dict(hbm_bytes_per_s=hbm_bytes_per_s(), host_to_device_bytes_per_s=host_to_device_bytes_per_s()),
+        floors=floors_for(args) if device.type == "cuda" else None,
         transformers_caches=cache_classes(), kernels_library=kernels_library(device), rows=[], errors={},
     )
     print(f"device {result['device']}, model {result['model']}", flush=True)
@@ -218,6 +219,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-batch", type=int, default=0, help="cap every batch (0: none)")
     parser.add_argument("--no-split", dest="split", action="store_false", help="skip the attention-op timing")
     parser.add_argument("--only", nargs="+", choices=RUNTIMES)
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                        help="time kvcompile's decode steps eagerly only (default: eager, then replayed "
+                             "from one CUDA graph per step; tokens/s from the graph)")
+    add_floors_argument(parser)
     parser.add_argument("--plot", type=Path, help="redraw the PNG from an existing JSON and exit")
     args = parser.parse_args(argv)
     args.context = args.context or (256 if args.tiny else 16384)

@@ -3,10 +3,13 @@
 One decode step of one layer, B=8, 32 query / 8 KV heads, d=128, bf16, contexts 8K and 32K.
   kcache: torch.ops.kvcompile.kcache_attention with K on the GPU and V in pinned host memory,
           a few topn, both selection modes.
-  peer:   F.scaled_dot_product_attention over K and V both on the GPU (GQA, no copy).
-Floors (HBM rate measured on the running GPU by bench/floors.py):
-  kcache = K bytes / HBM copy rate + fetched V bytes / host-link rate for that row size
-  SDPA   = (K + V bytes) / HBM copy rate
+  peers:  F.scaled_dot_product_attention over K and V both on the GPU (GQA, no copy), default
+          dispatch and each fused backend forced (flash, efficient, cuDNN); and kvcompile's own
+          full-cache decode (torch.ops.kvcompile.cached_attention, T = 1: the past through the
+          backend decode_backends measured fastest, the new token merged by log-sum-exp).
+Floors (measured on the running GPU by bench/floors.py, or read from --floors):
+  kcache = K bytes / HBM rate + fetched V bytes / measured zero-copy gather rate for that row size
+  SDPA   = (K + V bytes) / HBM rate
 Each configuration is timed eagerly (what a Python caller sees, launch overhead included) and
 replayed from a CUDA graph (device time). Writes kcache_op.json and kcache_op.png to --out.
 
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -25,23 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from floors import hbm_bytes_per_s  # noqa: E402  (bench/ is the script's folder)
+from floors import add_floors_argument, floors_for, hbm_bytes_per_s, link_rate  # noqa: E402  (bench/ is the script's folder)
 
-# zero-copy gather of random rows from pinned host memory (row bytes, bytes/s), measured (docs/ARCHITECTURE.md "Floors")
-LINK_RATES = [(64, 3e9), (256, 11e9), (512, 20e9), (2048, 51e9)]
 B, HQ, HKV, D = 8, 32, 8, 128
 DTYPE = torch.bfloat16
-
-
-def link_rate(row_bytes: int) -> float:
-    """Host-link gather rate for rows of this size: the table, log-interpolated between rows."""
-    if row_bytes <= LINK_RATES[0][0]:
-        return LINK_RATES[0][1]
-    for (x0, r0), (x1, r1) in zip(LINK_RATES, LINK_RATES[1:]):
-        if row_bytes <= x1:
-            t = math.log(row_bytes / x0) / math.log(x1 / x0)
-            return r0 * (r1 / r0) ** t
-    return LINK_RATES[-1][1]
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 
 
 def kcache_floor_s(context: int, topn: int, select: str, elem: int = 2) -> float:
@@ -80,6 +70,18 @@ def time_eager(fn, iters: int, repeats: int = 5) -> float:
     """Median over `repeats` of the mean ms per call across `iters` back-to-back calls."""
     cuda = torch.device("cuda")
     return statistics.median(time_calls(fn, cuda, 3 if i == 0 else 0, iters) for i in range(repeats))
+
+
+def host_us_per_call(fn, iters: int = 50) -> float:
+    """CPU µs one call takes to enqueue its work (no synchronisation inside the timed loop)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e6 / iters
 
 
 def time_graph(fn, iters: int, repeats: int = 5):
@@ -147,13 +149,17 @@ def make_case(context: int, seed: int = 0):
                 attn_bias=bias), k_full, v_full
 
 
-def run(out_dir: Path, contexts, topns, iters: int) -> dict:
+def run(out_dir: Path, contexts, topns, iters: int, floors: dict) -> dict:
     import kvcompile.ops  # noqa: F401  (registers the op)
     from kvcompile.ops.kcache_attention import kernels as kcache_decode
 
     op = torch.ops.kvcompile.kcache_attention
     scale = D ** -0.5
-    rows, breakdowns, checks = [], {}, {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kvcompile.ops.cached_attention import decode_backends
+
+    rows, breakdowns, checks, skipped = [], {}, {}, {}
     for context in contexts:
         print(f"context {context}: building inputs", flush=True)
         case, k_full, v_full = make_case(context)
@@ -173,11 +179,30 @@ def run(out_dir: Path, contexts, topns, iters: int) -> dict:
             "sdpa_masked": lambda: F.scaled_dot_product_attention(
                 q, k_full, v_full, attn_mask=sdpa_bias, scale=scale, enable_gqa=True),
         }
+        for backend in SDPA_BACKENDS:
+            def forced(backend=backend):
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    return F.scaled_dot_product_attention(q, k_full, v_full, scale=scale, enable_gqa=True)
+            peers[f"sdpa_{backend.split('_')[0].lower()}"] = forced
+        # kvcompile's full cache: past K/V [B, Hkv, P, D] (views of the same buffers) + the new token
+        past_k, past_v = k_full[:, :, :-1], v_full[:, :, :-1]
+        new_k, new_v = k_full[:, :, -1:], v_full[:, :, -1:]
+        peers["kvc_full"] = lambda: torch.ops.kvcompile.cached_attention(
+            q, new_k, new_v, past_k, past_v, sdpa_bias, scale)
+        full_check = float((peers["kvc_full"]().float() - want.float()).abs().max())
+        print(f"  kvc_full vs SDPA max |diff| = {full_check:.3g}", flush=True)
+        checks[f"{context}/kvc_full"] = full_check
         for name, fn in peers.items():
-            eager, graph = time_eager(fn, iters), time_graph(fn, iters)
+            try:
+                eager, graph = time_eager(fn, iters), time_graph(fn, iters)
+            except RuntimeError as error:  # a forced backend that refuses the shape
+                print(f"  {name}: not run ({str(error).splitlines()[0][:160]})", flush=True)
+                skipped[f"{context}/{name}"] = str(error).splitlines()[0][:300]
+                continue
             floor_ms = sdpa_floor_s(context) * 1e3
             rows.append(dict(context=context, kind=name, select=None, topn=None, eager_ms=eager,
-                             graph_ms=graph, floor_ms=floor_ms, hbm_bytes=2 * k_bytes))
+                             graph_ms=graph, floor_ms=floor_ms, hbm_bytes=2 * k_bytes,
+                             host_us=host_us_per_call(fn)))
             print(f"  {name:12s} eager {eager:.4f} ms  graph {graph and round(graph, 4)} ms  "
                   f"floor {floor_ms:.4f} ms", flush=True)
 
@@ -188,7 +213,7 @@ def run(out_dir: Path, contexts, topns, iters: int) -> dict:
                 floor_ms = kcache_floor_s(context, topn, select) * 1e3
                 rows.append(dict(context=context, kind="kcache", select=select, topn=topn,
                                  eager_ms=eager, graph_ms=graph, floor_ms=floor_ms,
-                                 hbm_bytes=k_bytes))
+                                 hbm_bytes=k_bytes, host_us=host_us_per_call(fn)))
                 print(f"  kcache {select:5s} N={topn:5d} eager {eager:.4f} ms  graph "
                       f"{graph and round(graph, 4)} ms  floor {floor_ms:.4f} ms", flush=True)
             fn = lambda select=select: op(*case.values(), scale, 128, select, False)  # noqa: E731
@@ -201,7 +226,7 @@ def run(out_dir: Path, contexts, topns, iters: int) -> dict:
         row["ratio_to_floor"] = row["best_ms"] / row["floor_ms"]
     for row in rows:
         peer = min(r["best_ms"] for r in rows if r["context"] == row["context"] and r["kind"].startswith("sdpa"))
-        row["vs_sdpa"] = row["best_ms"] / peer
+        row["vs_sdpa"] = row["best_ms"] / peer  # against the fastest SDPA variant measured
     # Host-link rate the gather kernel reached: fetched V bytes / its device time (N = 128).
     link = {}
     for key, kernels in breakdowns.items():
@@ -210,17 +235,24 @@ def run(out_dir: Path, contexts, topns, iters: int) -> dict:
         row_bytes = D * 2 if select == "head" else HKV * D * 2
         rows_fetched = B * HKV * int(topn) if select == "head" else B * int(topn)
         if gather_us:
-            link[key] = dict(row_bytes=row_bytes, gather_us=gather_us,
-                             gbps=round(rows_fetched * row_bytes / (gather_us * 1e-6) / 1e9, 1))
+            gbps = rows_fetched * row_bytes / (gather_us * 1e-6) / 1e9
+            link[key] = dict(row_bytes=row_bytes, gather_us=gather_us, gbps=round(gbps, 1),
+                             floor_gbps=round(link_rate(row_bytes) / 1e9, 1))
+        score_us = sum(us for name, us in kernels.items() if "score" in name and "selection" not in name)
+        if score_us:
+            k_read = B * HKV * int(context) * D * 2
+            link[key]["score_us"] = score_us
+            link[key]["score_tbps"] = round(k_read / (score_us * 1e-6) / 1e12, 2)
+            link[key]["score_vs_hbm"] = round(k_read / (score_us * 1e-6) / hbm_bytes_per_s(), 3)
     result = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         shape=dict(batch=B, query_heads=HQ, kv_heads=HKV, head_dim=D, dtype=str(DTYPE)),
-        floors=dict(hbm_bytes_per_s=hbm_bytes_per_s(), link_rates=LINK_RATES),
+        floors=floors, full_decode_backends=decode_backends.chosen(), skipped=skipped,
         exactness_max_abs_diff=checks, rows=rows, kernel_breakdown_us=breakdowns,
         gather_link_rate=link,
         note="best_ms = graph replay when capture worked, else eager; vs_sdpa is against the "
-             "faster SDPA variant of the same context",
+             "fastest SDPA variant of the same context; host_us = CPU time to enqueue one call",
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "kcache_op.json").write_text(json.dumps(result, indent=2))
@@ -259,13 +291,14 @@ def main() -> None:
     parser.add_argument("--topn", type=int, nargs="+", default=[64, 128, 256, 1024])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--plot", type=Path, help="redraw the PNG from an existing JSON and exit")
+    add_floors_argument(parser)
     args = parser.parse_args()
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.plot.with_suffix(".png"))
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_kcache_op needs a CUDA GPU")
-    result = run(args.out, args.contexts, args.topn, args.iters)
+    result = run(args.out, args.contexts, args.topn, args.iters, floors_for(args))
     try:
         plot(result, args.out / "kcache_op.png")
     except ImportError as error:

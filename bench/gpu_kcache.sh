@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The one GPU script of the KCache op: builds the kernel library, runs the GPU tests, runs
-# compute-sanitizer memcheck on a small decode step, runs the op benchmark. Everything lands
-# under $OUT (logs, kcache_op.json, kcache_op.png).
-#   OUT=/tmp/out bash bench/gpu_kcache.sh
+# The one GPU script of the KCache op: builds the kernel library, measures the floors
+# (bench/floors.py -> floors.json), runs the GPU tests (kernels, CUDA-graph decoder), runs
+# compute-sanitizer memcheck and racecheck on small decode steps and a prefill chunk, runs the
+# op benchmark against the measured floors. Everything lands under $OUT (logs, floors.json,
+# kcache_op.json, kcache_op.png). ~4 minutes on an H200 with the library prebuilt.
+#   OUT=/tmp/out bash bench/gpu_kcache.sh [op benchmark args]
+#   STAGES="floors tests bench" ... runs only those of: floors tests sanitizer bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
@@ -16,42 +19,77 @@ install_kvcompile || exit 1
 
 echo "== build"
 SECONDS=0
-python3 -c "from kvcompile.plugins import build, load_kernels; print(build.library_path()); load_kernels()" || exit 1
+# $KVCOMPILE_KERNELS_LIB pins a prebuilt library (e.g. one built on the CPU machine from the
+# same sources and carried along); otherwise the sources are built here (or found in the cache).
+python3 -c "
+import os
+from kvcompile.plugins import build, load_kernels
+print(os.environ.get('KVCOMPILE_KERNELS_LIB') or build.library_path())
+load_kernels()" || exit 1
 echo "build+load: ${SECONDS}s"
 
+STAGES=${STAGES:-floors tests sanitizer bench}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+has floors && echo "== floors"
+if has floors; then
+SECONDS=0
+timeout 60 python3 bench/floors.py --out "$OUT"
+echo "floors: ${SECONDS}s"
+fi
+FLOORS=()
+[ -f "$OUT/floors.json" ] && FLOORS=(--floors "$OUT/floors.json")
+[ -n "${FLOORS_JSON:-}" ] && FLOORS=(--floors "$FLOORS_JSON")
+
+if has tests; then
 echo "== gpu tests"
 SECONDS=0
-timeout 300 python3 -m pytest tests/ops/test_kcache_attention.py -q -p no:cacheprovider -m gpu \
-  -o addopts="" 2>&1 | tail -40
+timeout 100 python3 -m pytest tests/ops/test_kcache_attention.py -q -p no:cacheprovider -m gpu -o addopts="" \
+  --maxfail=10 2>&1 | tail -30
+timeout 90 python3 -m pytest tests/test_gpu_runtime.py tests/ops/test_cached_attention.py -q -p no:cacheprovider \
+  -m gpu -o addopts="" -k "graph_decoder or bf16_kcache_with_full_topn or cuda_decode_path" \
+  --maxfail=10 2>&1 | tail -30
 echo "gpu tests: ${SECONDS}s"
+fi
 
-echo "== compute-sanitizer memcheck (small decode steps, both modes, bf16 and fp32)"
+if has sanitizer; then
+echo "== compute-sanitizer memcheck (small decode steps and a prefill chunk, both modes, bf16 and fp32)"
 SECONDS=0
 cat > /tmp/kcache_memcheck.py <<'PY'
 import torch, kvcompile.ops
 from kvcompile.ops.kcache_attention.definition import kcache_attention_reference as ref
 op = torch.ops.kvcompile.kcache_attention
-for dtype in (torch.bfloat16, torch.float32):
-    B, Hq, Hkv, P, D = 2, 8, 2, 300, 64
-    q = torch.randn(B, Hq, 1, D, dtype=dtype); k = torch.randn(B, Hkv, 1, D, dtype=dtype)
-    v = torch.randn(B, Hkv, 1, D, dtype=dtype); kc = torch.randn(B, Hkv, P, D, dtype=dtype)
-    vh = torch.randn(B, P, Hkv, D, dtype=dtype); bias = torch.zeros(B, 1, 1, P + 1); bias[1, ..., :50] = -1e30
+for dtype, T, D in ((torch.bfloat16, 1, 64), (torch.float32, 1, 64), (torch.bfloat16, 1, 128),
+                    (torch.bfloat16, 5, 80), (torch.float32, 3, 64)):
+    B, Hq, Hkv, P = 2, 8, 2, 1300
+    q = torch.randn(B, Hq, T, D, dtype=dtype); k = torch.randn(B, Hkv, T, D, dtype=dtype)
+    v = torch.randn(B, Hkv, T, D, dtype=dtype); kc = torch.randn(B, Hkv, P, D, dtype=dtype)
+    vh = torch.randn(B, P, Hkv, D, dtype=dtype); bias = torch.zeros(B, 1, T, P + T); bias[1, ..., :50] = -1e30
+    bias[..., P:] = torch.full((T, T), -1e30).triu(1)
     for select in ("head", "layer"):
-        for topn in (5, 64, P + 1):
+        for topn in (5, 64, P + T):
             got = op(q.cuda(), k.cuda(), v.cuda(), kc.cuda(), vh.pin_memory(), bias.cuda(), 0.125, topn, select, True)
             want = ref(q, k, v, kc, vh, bias, 0.125, topn, select, True)
             err = (got.cpu().float() - want.float()).abs().max().item()
-            print(dtype, select, topn, "max|diff|", err)
+            print(dtype, "T", T, "D", D, select, topn, "max|diff|", err)
+import sys; sys.path.insert(0, "bench"); import floors
+lib = floors._gather_library()
+host = torch.randint(0, 256, (1000, 256), dtype=torch.uint8).pin_memory()
+rows = torch.randint(0, 1000, (77,), dtype=torch.int32, device="cuda"); out = torch.empty(77, 256, dtype=torch.uint8, device="cuda")
+assert lib.kvc_host_row_gather(host.data_ptr(), 256, rows.data_ptr(), 77, out.data_ptr(), None) == 0
 torch.cuda.synchronize()
+print("probe ok", torch.equal(out.cpu(), host[rows.long().cpu()]))
 PY
-timeout 300 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/kcache_memcheck.py 2>&1 | tail -30
+timeout 150 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/kcache_memcheck.py 2>&1 | tail -34
 echo "memcheck: ${SECONDS}s"
 echo "== compute-sanitizer racecheck (shared-memory hazards of the same steps)"
 SECONDS=0
-timeout 300 compute-sanitizer --tool racecheck --print-limit 20 python3 /tmp/kcache_memcheck.py 2>&1 | tail -8
+timeout 150 compute-sanitizer --tool racecheck --print-limit 20 python3 /tmp/kcache_memcheck.py 2>&1 | tail -8
 echo "racecheck: ${SECONDS}s"
+fi
 
+has bench || exit 0
 echo "== benchmark"
 SECONDS=0
-timeout 300 python3 bench/bench_kcache_op.py --out "$OUT"
+timeout 150 python3 bench/bench_kcache_op.py --out "$OUT" "${FLOORS[@]}" "$@"
 echo "bench: ${SECONDS}s"

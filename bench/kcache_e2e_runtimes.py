@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kcache_op import link_rate, time_calls  # noqa: E402  (shared floors, timing)
-from floors import hbm_bytes_per_s, host_to_device_bytes_per_s  # noqa: E402  (measured on the running device)
+from bench_kcache_op import time_calls, time_graph  # noqa: E402  (shared timing)
+from floors import hbm_bytes_per_s, host_to_device_bytes_per_s, link_rate  # noqa: E402  (measured on the running device)
 
 GIB = 2**30
 
@@ -170,13 +170,39 @@ def kvcompile_attention_ms(compiled, cache, args, device):
             query, key, value, past_key, past_value, bias, scale, topn, config.select.value, config.renormalize)
     else:
         fn = lambda: torch.ops.kvcompile.cached_attention(query, key, value, past_key, past_value, bias, scale)  # noqa: E731
-    return time_calls(fn, device, args.warmup, args.steps), uses_kernels
+    eager_ms = time_calls(fn, device, args.warmup, args.steps)
+    graph_ms = time_graph(fn, args.steps) if device.type == "cuda" else None
+    return eager_ms, graph_ms, uses_kernels
+
+
+def sdpa_backends_ms(cache, device, iters: int) -> dict:
+    """One layer's decode attention on this cache's shape through stock torch SDPA (GQA, no
+    mask, K/V [B, Hkv, ctx, D] already on the GPU: no copy), each fused backend forced, CUDA
+    graph replay; ms, or why it did not run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    spec, batch = cache.spec, cache.batch
+    query = torch.randn(batch, spec.query_heads, 1, spec.head_dim, dtype=cache.dtype, device=device)
+    keys = cache.keys[0][:, :, : cache.length]
+    values = cache.values[0][:, :, : cache.length] if not cache.is_host_layer(0) else torch.randn_like(keys)
+    out = {}
+    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        def attention(backend=backend):
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                return torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+        try:
+            attention()
+            out[backend.split("_")[0].lower()] = time_graph(attention, iters)
+        except RuntimeError as error:
+            out[backend.split("_")[0].lower()] = f"not run: {str(error).splitlines()[0][:200]}"
+    return out
 
 
 def capacity(args) -> int:
     """Cache positions to allocate: the context plus every step the kcache "layer" and "head"
-    graphs append to the one shared cache (a full buffer would double itself: see cache.reserve)."""
-    return args.context + 2 * (args.warmup + args.steps) + 2
+    graphs append to the one shared cache, eager and graph-replayed (a full buffer would double
+    itself: see cache.reserve). The graph-replayed steps attend this whole capacity."""
+    return args.context + 4 * (args.warmup + args.steps) + 8
 
 
 def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
@@ -199,12 +225,36 @@ def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
         next_ids = logits[:, -1].argmax(dim=-1)
 
     reset_peak(device)
-    step_ms = time_calls(step, device, args.warmup, args.steps)
-    row = dict(step_ms=step_ms, compile_s=round(compile_s, 1), peak_gpu_gib=peak_gib(device),
-               cache_device_gib=cache.device_bytes() / GIB, context_at_end=cache.length)
+    eager_step_ms = time_calls(step, device, args.warmup, args.steps)
+    row = dict(eager_step_ms=eager_step_ms, step_ms=eager_step_ms, step_mode="eager",
+               compile_s=round(compile_s, 1), cache_capacity=cache.capacity)
+    if args.cuda_graph and device.type == "cuda":
+        try:
+            decoder = compiled.cuda_graph_decoder(cache)
+
+            def graph_step():
+                nonlocal next_ids
+                next_ids = decoder.step(next_ids)[:, -1].argmax(dim=-1)
+
+            row["graph_step_ms"] = time_calls(graph_step, device, args.warmup, args.steps)
+            row["step_ms"], row["step_mode"] = row["graph_step_ms"], "cuda_graph"
+            del decoder
+        except Exception as error:  # noqa: BLE001 - keep the eager row, say why
+            import traceback
+
+            traceback.print_exc()
+            row["graph_error"] = f"{type(error).__name__}: {error}"[:1000]
+    row.update(peak_gpu_gib=peak_gib(device), cache_device_gib=cache.device_bytes() / GIB,
+               context_at_end=cache.length)
     if args.split:
-        attention_ms, row["cuda_kernels"] = kvcompile_attention_ms(compiled, cache, args, device)
-        row["attention_ms"] = attention_ms * cache.spec.num_layers
+        attention_eager, attention_graph, row["cuda_kernels"] = kvcompile_attention_ms(compiled, cache, args, device)
+        row["attention_eager_ms"] = attention_eager * cache.spec.num_layers
+        row["attention_ms"] = (attention_graph or attention_eager) * cache.spec.num_layers
+        if not cache.is_host_layer(0) and device.type == "cuda":
+            from kvcompile.ops.cached_attention import decode_backends
+
+            row["full_decode_backends"] = decode_backends.chosen()
+            row["sdpa_backends_ms_per_layer"] = sdpa_backends_ms(cache, device, args.steps)
     return row, cache
 
 

@@ -135,3 +135,36 @@ def test_cuda_fusion_recompute_all_equals_full_prefill_and_none_equals_reuse(fam
     reused = gen.prefill(compiled, cache, query[None].cuda())
     fused = compiled.fusion.prefill(compiled.new_cache(1, 64), chunks, query, recompute_ratio=0.0)
     assert (fused - reused).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind, topn", [("full", None), ("kcache", 10**6), ("kcache", 4)])
+def test_cuda_graph_decoder_matches_eager_decode(kind, topn):
+    # The graph attends the cache's whole capacity with the unfilled positions masked: the same
+    # logits as the eager step over the filled length (kcache's top-4 included: hidden
+    # positions have probability 0 and are never preferred), and the same cache afterwards.
+    model = tiny_model("llama").cuda()
+    config = kvcompile.CacheConfig(kind="kcache", topn=topn) if kind == "kcache" else kvcompile.CacheConfig()
+    compiled = kvcompile.compile(model, config)
+    input_ids, attention_mask = (t.cuda() for t in padded_batch(seed=8))
+    steps = 12
+    capacity = input_ids.shape[1] + steps + 3
+    logits, eager_cache = compiled.prefill(input_ids, attention_mask, cache=compiled.new_cache(3, capacity))
+    _, graph_cache = compiled.prefill(input_ids, attention_mask, cache=compiled.new_cache(3, capacity))
+    decoder = compiled.cuda_graph_decoder(graph_cache)
+    next_eager = next_graph = logits[:, -1].argmax(-1)
+    for _ in range(steps):
+        eager = compiled.decode_step(next_eager, eager_cache)[:, -1]
+        graph = decoder.step(next_graph)[:, -1].clone()
+        assert (eager - graph).abs().max().item() <= 1e-4
+        next_eager, next_graph = eager.argmax(-1), graph.argmax(-1)
+        assert torch.equal(next_eager, next_graph)
+    length = eager_cache.length
+    assert graph_cache.length == length and torch.equal(graph_cache.valid, eager_cache.valid)
+    assert torch.equal(graph_cache.positions, eager_cache.positions)
+    for layer in range(len(eager_cache.keys)):
+        torch.testing.assert_close(graph_cache.keys[layer][:, :, :length], eager_cache.keys[layer][:, :, :length],
+                                   atol=1e-5, rtol=1e-5)
+        graph_cache.wait_for_host_copies()
+        torch.cuda.synchronize()
+        past_graph, past_eager = graph_cache.past(layer)[1], eager_cache.past(layer)[1]
+        torch.testing.assert_close(past_graph.cpu(), past_eager.cpu(), atol=1e-5, rtol=1e-5)

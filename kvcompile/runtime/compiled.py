@@ -96,6 +96,13 @@ class CompiledModel(FusionMethods, RestoreMethods):
                         self.spec.vocab_size, "next_ids")
         return gen.decode_step(self, cache, next_ids.to(self.device))
 
+    def cuda_graph_decoder(self, cache: KVCacheManager, warmup: int = 2, capture: bool = True):
+        """A CudaGraphDecoder for `cache` (after prefill): `.step(next_ids)` replays the whole
+        decode step from one CUDA graph (kvcompile/runtime/cuda_graph.py)."""
+        from kvcompile.runtime.cuda_graph import CudaGraphDecoder
+
+        return CudaGraphDecoder(self, cache, warmup, capture)
+
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
                  pad_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,

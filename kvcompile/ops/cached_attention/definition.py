@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops import attention_math
+from kvcompile.ops.cached_attention import decode_backends
 
 
 def expand_kv_heads(x: Tensor, query_heads: int) -> Tensor:
@@ -74,7 +75,12 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tenso
     # token's and so gets weight 0 (with dtype-min it returned an arbitrary one).
     bias_past = attn_bias.new_empty(B, 1, 1, -(-P // 16) * 16, dtype=query.dtype)[..., :P]
     bias_past.copy_(attn_bias[:, :, :, :P].clamp(min=torch.finfo(query.dtype).min / 4))
-    out_past, lse_past = _attention_with_lse(rows, key_cache, value_cache, bias_past.expand(B, Hkv, G, P), scale)
+    if query.is_cuda:  # the fastest fused kernel that agrees with the efficient one (decode_backends)
+        bias_rows = bias_past.expand(B, Hkv, G, P)
+        backend = decode_backends.choose(rows, key_cache, value_cache, bias_rows, scale)
+        out_past, lse_past = decode_backends.attend_past(backend, rows, key_cache, value_cache, bias_rows, scale)
+    else:
+        out_past, lse_past = _attention_with_lse(rows, key_cache, value_cache, bias_past.expand(B, Hkv, G, P), scale)
     # Over the one new key the output is that key's value and the log-sum-exp is its logit.
     _, logit_new = _attention_with_lse(rows, key, value, None, scale)
     logit_new = logit_new + attn_bias[:, :, 0, P:]
@@ -83,9 +89,21 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tenso
     weight_new = torch.exp(logit_new - lse).unsqueeze(-1)
     out = torch.addcmul(out_past.float() * weight_past, value.float(), weight_new)
     if sinks is not None:
-        sink = torch.tensor(sinks, dtype=torch.float32, device=query.device).reshape(1, Hkv, G)
+        sink = _sink_logits(sinks, query.device).reshape(1, Hkv, G)
         out = out * torch.sigmoid(lse.float() - sink).unsqueeze(-1)
     return out.to(query.dtype).reshape(B, Hq, 1, D)
+
+
+_sink_cache: dict = {}
+
+
+def _sink_logits(sinks, device) -> Tensor:
+    """The sink logits as an fp32 tensor on `device`, uploaded once (a host->device copy per
+    call would also break CUDA-graph capture)."""
+    key = (tuple(sinks), str(device))
+    if key not in _sink_cache:
+        _sink_cache[key] = torch.tensor(sinks, dtype=torch.float32, device=device)
+    return _sink_cache[key]
 
 
 @torch.library.custom_op("kvcompile::cached_attention", mutates_args=())

@@ -1,0 +1,124 @@
+"""Decode steps replayed from one CUDA graph: the whole step (every layer) for one cache.
+
+An eager decode step of a 16-layer model launches hundreds of kernels from Python, and at
+small models that host time, not the GPU, sets the step time (docs/BENCHMARKS.md measured
+65 ms of CPU against 44 ms of GPU over two full-cache steps). A CUDA graph replays the
+launches without the host. A graph needs fixed shapes and addresses, so the decoder gives the
+compiled graph the cache's whole capacity C as its past (static views of the cache buffers)
+and hides the unfilled positions through the mask, whose inputs (which positions hold real
+tokens, and their position ids) live in static [B, C] tensors the graph itself updates:
+
+  graph:   positions = Σ valid; masks from (valid, positions) -> model step over the C-long past
+           -> new K (and device V) written at `write_index` with index_copy_; valid / positions
+           marked there too
+  host:    ids and write_index filled; replay; the new host-resident V rows copied to pinned
+           memory on the cache's side stream (the next replay waits for them)
+
+Attention then reads C positions instead of the filled length, so give the cache no more
+capacity than the decode needs. The result equals the eager step: hidden positions get zero
+probability, and KCache's top-N, which can only add zero-weight rows, keeps its output (a
+fractional topn is computed from C + 1 instead of the filled length).
+"""
+from __future__ import annotations
+
+import torch
+
+from kvcompile.errors import ContextLengthError
+from kvcompile.runtime.masks import step_biases
+
+
+class CudaGraphDecoder:
+    """`step(next_ids) -> logits [B, 1, V]` for `cache`, replayed from a captured graph.
+
+    The returned logits are a static buffer, overwritten by the next step. The cache must not
+    be grown or written by anything else while the decoder is used (it checks the growth).
+    capture=False runs the same static-shape step eagerly (any device; what the CPU tests
+    compare with the plain decode step).
+    """
+
+    def __init__(self, compiled, cache, warmup: int = 2, capture: bool = True):
+        if capture and cache.device.type != "cuda":
+            raise ValueError("CUDA graph decoding needs a cache on a CUDA device")
+        if cache.length < 1:
+            raise ValueError("CUDA graph decoding starts after prefill: the cache is empty")
+        if cache.length >= cache.capacity:
+            raise ContextLengthError(f"the cache is full ({cache.length} of {cache.capacity} positions): "
+                                     "reserve room for the decode steps before capturing")
+        self.compiled, self.cache = compiled, cache
+        spec, batch, device = cache.spec, cache.batch, cache.device
+        self.capacity = cache.capacity
+        self._storage = cache.keys[0].data_ptr()
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.write_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.new_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch, self.capacity, dtype=torch.long, device=device)
+        self.valid[:, : cache.length] = cache.valid
+        self.positions[:, : cache.length] = cache.positions
+        cache.wait_for_host_copies()
+        self.past_keys, self.past_values = [], []
+        for layer in range(spec.num_layers):
+            self.past_keys.append(cache.keys[layer][:, :, : self.capacity])
+            self.past_values.append(cache.values[layer][:, : self.capacity] if cache.is_host_layer(layer)
+                                    else cache.values[layer][:, :, : self.capacity])
+        self.host_layers = [layer for layer in range(spec.num_layers) if cache.is_host_layer(layer)]
+        self.write_index.fill_(cache.length)
+        self.graph = None
+        if capture:
+            self.graph = torch.cuda.CUDAGraph()
+            self._capture(warmup)
+
+    def _body(self):
+        cache, spec = self.cache, self.cache.spec
+        positions = self.valid.long().sum(dim=1, keepdim=True)  # [B, 1]: real tokens so far
+        biases = step_biases(spec, self.valid, self.positions, self.new_valid, positions, cache.dtype)
+        logits, new_keys, new_values = self.compiled.step(self.ids, positions, biases, self.past_keys,
+                                                          self.past_values)
+        for layer in range(spec.num_layers):
+            cache.keys[layer].index_copy_(2, self.write_index, new_keys[layer])
+            if not cache.is_host_layer(layer):
+                cache.values[layer].index_copy_(2, self.write_index, new_values[layer])
+        self.valid.index_fill_(1, self.write_index, True)
+        self.positions.index_copy_(1, self.write_index, positions)
+        return logits, new_values
+
+    @torch.no_grad()
+    def _capture(self, warmup: int) -> None:
+        # Warm-up runs (kernel choices, library loads, cuDNN plans) happen eagerly on a side
+        # stream, as capture requires; they write the slot of the next token, which the first
+        # real step overwrites, and the mask state is restored afterwards.
+        valid, positions = self.valid.clone(), self.positions.clone()
+        side = torch.cuda.Stream(self.cache.device)
+        side.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._body()
+                self.valid.copy_(valid)
+                self.positions.copy_(positions)
+        torch.cuda.current_stream(self.cache.device).wait_stream(side)
+        # "relaxed": the kcache op asks whether its host buffer is pinned (a driver query that
+        # the strict capture mode refuses, though it enqueues nothing)
+        with torch.cuda.graph(self.graph, capture_error_mode="relaxed"):
+            self.logits, self.new_values = self._body()
+
+    @torch.no_grad()
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        if cache.keys[0].data_ptr() != self._storage:
+            raise RuntimeError("the cache was reallocated since capture; make a new CudaGraphDecoder")
+        if cache.length >= self.capacity:
+            raise ContextLengthError(f"the cache is full ({cache.length} of {self.capacity} positions)")
+        start = cache.length
+        self.ids.copy_(next_ids.reshape(cache.batch, 1))
+        self.write_index.fill_(start)
+        cache.wait_for_host_copies()  # last step's host V rows are read by this one
+        if self.graph is None:
+            self.logits, self.new_values = self._body()
+        else:
+            self.graph.replay()
+        if self.host_layers:
+            cache.copy_values_to_host(self.new_values, start, start + 1)
+        cache.length = start + 1
+        cache.valid = self.valid[:, : cache.length]
+        cache.positions = self.positions[:, : cache.length]
+        return self.logits
