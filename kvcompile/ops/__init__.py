@@ -11,3 +11,4 @@ registry.register(captured_attention.ENTRY)
 registry.register(cached_attention.ENTRY)
 registry.register(kcache_attention.ENTRY)
 from kvcompile.ops import rerotate_keys; registry.register(rerotate_keys.ENTRY)  # noqa: E402,E702
+from kvcompile.ops import kv_decode; registry.register(kv_decode.ENTRY)  # noqa: E402,E702

@@ -1,0 +1,108 @@
+"""Runs kv_decode on CUDA through the kernel library (ctypes): all chunks in one launch.
+
+KvDecodeArgs mirrors `kvc_kv_decode_args` in plugins/csrc/kvcompile_kernels.h field by field;
+SYMBOLS declares the C function (the kernel loader reads it from the registry). The kernel
+checks every offset and length on the device and reports per chunk in a status array, which
+`run` reads back (one synchronisation) to raise BitstreamError for a corrupt chunk.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from kvcompile.ops.registry import KernelSymbol
+from kvcompile.plugins import load_kernels
+from kvcompile.plugins import kernels_available as plugin_kernels_available
+
+_int, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+
+SYMBOLS = (KernelSymbol("kvc_kv_decode", ctypes.c_int, (ctypes.c_void_p, ctypes.c_void_p)),)
+
+_CODES = {1: "invalid argument", 2: "CUDA launch error"}
+# KVC_DECODE_* status of a chunk
+STATUS = {1: "its offset, size or token range is out of bounds", 2: "a rANS stream is out of range or does not decode",
+          3: "it names a table outside the codec's bank", 4: "a scale is negative or not finite"}
+
+
+class KvDecodeArgs(ctypes.Structure):
+    _fields_ = [
+        ("layers", _int), ("kv_heads", _int), ("head_dim", _int), ("capacity", _int), ("group", _int),
+        ("dtype", _int), ("log_scales", _int), ("chunks", _int),
+        ("data", _ptr), ("data_bytes", _i64),
+        ("chunk_table", _ptr), ("halves", _ptr), ("table_base", _ptr), ("bank_cdf", _ptr),
+        ("bank_rows", _int), ("bank_width", _int), ("bank_shapes", _int),
+        ("scale_steps", _ptr), ("keys", _ptr), ("values", _ptr), ("status", _ptr),
+    ]
+
+
+def kernels_available() -> bool:
+    return plugin_kernels_available("kv_decode")
+
+
+def can_use_kernels(data: Tensor, group: int, width: int) -> bool:
+    if not data.is_cuda or group not in (1, 2, 4, 8) or width > 256 or data.data_ptr() % 4:
+        return False
+    return kernels_available()
+
+
+_device_tables: dict = {}
+
+
+def _kernel_tables(bank_cdf: Tensor, halves: Tensor, table_base: Tensor, scale_steps: Tensor):
+    """The table inputs in the kernel's types: CDF rows as uint16 without the final 65536."""
+    cdf = bank_cdf[:, :-1].to(torch.int32)
+    cdf16 = torch.where(cdf >= 32768, cdf - 65536, cdf).to(torch.int16)  # the uint16 bits, as int16
+    return (cdf16.contiguous(), halves.to(torch.int32).contiguous(), table_base.to(torch.int32).contiguous(),
+            scale_steps.to(torch.float32).contiguous())
+
+
+def launch(data: Tensor, chunk_table: Tensor, tables, out: Tensor, layers: int, kv_heads: int, head_dim: int,
+           group: int, log_scales: int, dtype: int, status: Tensor) -> None:
+    """Enqueue the decoder on the current stream: chunk_table [N, 4] int64 (offset, bytes, tokens,
+    first token) on the device; out [2, L, H, capacity, D]; status [N] int32 zeroed."""
+    from kvcompile.codec import tables as bank
+
+    lib = load_kernels()
+    cdf16, halves32, base32, steps = tables
+    args = KvDecodeArgs(
+        layers=layers, kv_heads=kv_heads, head_dim=head_dim, capacity=out.shape[3], group=group, dtype=dtype,
+        log_scales=log_scales, chunks=chunk_table.shape[0], data=data.data_ptr(), data_bytes=data.numel(),
+        chunk_table=chunk_table.data_ptr(), halves=halves32.data_ptr(), table_base=base32.data_ptr(),
+        bank_cdf=cdf16.data_ptr(), bank_rows=cdf16.shape[0], bank_width=cdf16.shape[1], bank_shapes=bank.SHAPES,
+        scale_steps=steps.data_ptr(), keys=out[0].data_ptr(), values=out[1].data_ptr(), status=status.data_ptr())
+    with torch.cuda.device(data.device):
+        code = lib.kvc_kv_decode(ctypes.byref(args), torch.cuda.current_stream(data.device).cuda_stream)
+    if code != 0:
+        raise RuntimeError(f"kvcompile kernel library: kvc_kv_decode failed with code {code} "
+                           f"({_CODES.get(code, 'unknown')})")
+
+
+def check_status(status: Tensor) -> None:
+    failed = torch.nonzero(status).flatten().tolist()  # synchronises
+    if failed:
+        from kvcompile.codec import BitstreamError
+
+        code = int(status[failed[0]])
+        raise BitstreamError(f"KV bitstream chunk {failed[0]} does not decode on the GPU: "
+                             f"{STATUS.get(code, f'status {code}')} ({len(failed)} chunk(s) failed)")
+
+
+def run(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads, head_dim, tokens, group,
+        log_scales, dtype) -> Tensor:
+    from kvcompile.ops.kv_decode.definition import DTYPES
+
+    device = data.device
+    offsets = chunk_offsets.to(device)
+    chunks = offsets.shape[0]
+    ends = torch.cat([offsets[1:], torch.tensor([data.numel()], dtype=torch.int64, device=device)])
+    index = torch.arange(chunks, dtype=torch.int64, device=device)
+    chunk_table = torch.stack([offsets, ends - offsets, torch.full_like(offsets, tokens), index * tokens], dim=1)
+    out = torch.empty((2, layers, kv_heads, chunks * tokens, head_dim), dtype=DTYPES[dtype], device=device)
+    status = torch.zeros(chunks, dtype=torch.int32, device=device)
+    tables = _kernel_tables(bank_cdf.to(device), halves.to(device), table_base.to(device), scale_steps.to(device))
+    launch(data.contiguous(), chunk_table.contiguous(), tables, out, layers, kv_heads, head_dim, group, log_scales,
+           dtype, status)
+    check_status(status)
+    return out

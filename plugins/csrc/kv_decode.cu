@@ -1,0 +1,230 @@
+// kvc_kv_decode: the KV codec's GPU decoder (kvcompile/codec; format in docs/CODEC.md).
+//
+// Many chunks per launch, one thread per rANS stream: stream (side, layer, s) of a chunk is
+// channels s*G .. s*G+G-1 of that layer, token after token, channel after channel, each
+// channel with its own table from the codec's fixed bank (staged in shared memory as 16-bit
+// CDFs). A thread decodes a symbol (binary search of its slot in the CDF), undoes the centre
+// shift, dequantises ((q - half) / half * scale, float32, one rounding each, like the CPU
+// reference) and writes the value straight into the cache [L, H, capacity, D] at the chunk's
+// first token; G channels of a token go out as one store when they are contiguous.
+//
+// Nothing is trusted: each chunk's offset and size are checked against the data buffer, its
+// token range against the cache, every stream's word range against the chunk, every centre and
+// table id against the bank; a stream that runs out of words, has words left over or ends in the
+// wrong state marks its chunk's status. Reads stay inside the chunk, writes inside the cache,
+// whatever the bytes say. Nothing here synchronises the stream; the caller reads `status`.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kvcompile_kernels.h"
+
+namespace kvc_codec {
+namespace {
+
+constexpr uint32_t kStateLow = 1u << 16;
+constexpr int kThreads = 128;
+
+template <typename T> __device__ inline T to_cache(float x);
+template <> __device__ inline float to_cache(float x) { return x; }
+template <> __device__ inline __half to_cache(float x) { return __float2half_rn(x); }
+template <> __device__ inline __nv_bfloat16 to_cache(float x) { return __float2bfloat16_rn(x); }
+
+__device__ inline uint32_t load_u32(const uint8_t* p) {  // 4-byte aligned by the layout checks
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+__device__ inline void fail(int32_t* status, int chunk, int code) { atomicMax(status + chunk, code); }
+
+template <typename T, int G>
+__device__ inline void store_group(T* dst, const float* v, bool vector_ok) {
+  if (G == 4 && sizeof(T) == 2 && vector_ok) {
+    T packed[4] = {to_cache<T>(v[0]), to_cache<T>(v[1]), to_cache<T>(v[2]), to_cache<T>(v[3])};
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
+  } else {
+#pragma unroll
+    for (int g = 0; g < G; ++g) dst[g] = to_cache<T>(v[g]);
+  }
+}
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kThreads) decode_kernel(kvc_kv_decode_args a) {
+  extern __shared__ uint16_t cdf[];  // [bank_rows, bank_width]: CDF of each table, cdf[row][0] = 0
+  const int cells = a.bank_rows * a.bank_width;
+  for (int i = threadIdx.x; i < cells; i += blockDim.x) cdf[i] = a.bank_cdf[i];
+  __syncthreads();
+
+  const int chunk = blockIdx.y;
+  const int L = a.layers, C = a.kv_heads * a.head_dim, S = C / G;
+  const int streams = 2 * L * S;
+  const int stream = blockIdx.x * blockDim.x + threadIdx.x;
+  if (stream >= streams) return;
+
+  // The chunk: where it is, how many tokens, where they go.
+  const int64_t offset = a.chunk_table[4 * chunk + 0];
+  const int64_t bytes = a.chunk_table[4 * chunk + 1];
+  const int64_t tokens64 = a.chunk_table[4 * chunk + 2];
+  const int64_t first64 = a.chunk_table[4 * chunk + 3];
+  if (offset < 0 || bytes < 0 || offset > a.data_bytes || bytes > a.data_bytes - offset || (offset & 3) ||
+      tokens64 < 1 || first64 < 0 || tokens64 > a.capacity || first64 > a.capacity - tokens64) {
+    fail(a.status, chunk, KVC_DECODE_BAD_CHUNK);
+    return;
+  }
+  const int tokens = (int)tokens64, first = (int)first64;
+  const uint8_t* base = a.data + offset;
+  // Layout (kvcompile/codec/chunk.py, Layout.of): scales, centres, shapes, ends, words.
+  const int64_t scale_bytes = a.log_scales ? 8LL * L + ((2LL * L * tokens + 3) / 4) * 4 : 8LL * L * tokens;
+  const int64_t centres_at = scale_bytes, shapes_at = centres_at + 2LL * L * C;
+  const int64_t ends_at = shapes_at + 2LL * L * C, words_at = ends_at + 4LL * streams;
+  if (words_at > bytes || ((bytes - words_at) & 3)) {
+    fail(a.status, chunk, KVC_DECODE_BAD_CHUNK);
+    return;
+  }
+  const int64_t words = (bytes - words_at) / 2;
+  const uint16_t* word = reinterpret_cast<const uint16_t*>(base + words_at);
+
+  const int side = stream / (L * S);
+  const int layer = (stream / S) % L;
+  const int channel0 = (stream % S) * G;
+  const int half = a.halves[side * L + layer];
+  const int alphabet = 2 * half + 1;
+  const int64_t begin = stream ? load_u32(base + ends_at + 4LL * (stream - 1)) : 0;
+  const int64_t end = load_u32(base + ends_at + 4LL * stream);
+  if (end - begin < 2 || end > words || alphabet > a.bank_width) {
+    fail(a.status, chunk, KVC_DECODE_BAD_STREAM);
+    return;
+  }
+  int centre[G];
+  const uint16_t* table[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int at = (side * L + layer) * C + channel0 + g;
+    centre[g] = base[centres_at + at];
+    const int shape = base[shapes_at + at];
+    const int row = a.table_base[side * L + layer] + shape;
+    if (centre[g] >= alphabet || shape >= a.bank_shapes || row < 0 || row >= a.bank_rows) {
+      fail(a.status, chunk, KVC_DECODE_BAD_TABLE);
+      return;
+    }
+    table[g] = cdf + row * a.bank_width;
+  }
+
+  // Scales of this (side, layer): log-coded (max * steps[code]) or float32 per token.
+  const float* maxima = reinterpret_cast<const float*>(base);
+  const float top = a.log_scales ? maxima[side * L + layer] : 0.f;
+  const uint8_t* codes = base + 8LL * L + (int64_t)(side * L + layer) * tokens;
+  const float* token_scales = reinterpret_cast<const float*>(base) + (int64_t)(side * L + layer) * tokens;
+  if (a.log_scales && !(top >= 0.f && isfinite(top))) {
+    fail(a.status, chunk, KVC_DECODE_BAD_SCALE);
+    return;
+  }
+
+  T* cache = static_cast<T*>(side ? a.values : a.keys);
+  const int head = channel0 / a.head_dim, dim = channel0 % a.head_dim;
+  // G = 4 channels of one head, 8-byte aligned (head_dim % 4 == 0 makes every offset a
+  // multiple of 4 elements): one vector store per token
+  const bool vector_ok = a.head_dim % 4 == 0 && (reinterpret_cast<uintptr_t>(cache) & 7) == 0;
+  const float halff = (float)half;
+  int64_t cursor = begin + 2;
+  uint32_t state = ((uint32_t)word[begin] << 16) | word[begin + 1];
+  bool ok = true;
+  for (int t = 0; t < tokens && ok; ++t) {
+    float scale;
+    if (a.log_scales) {
+      scale = __fmul_rn(top, a.scale_steps[codes[t]]);
+    } else {
+      scale = token_scales[t];
+      if (!(scale >= 0.f && isfinite(scale))) { ok = false; break; }
+    }
+    float v[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const uint32_t slot = state & 0xFFFFu;
+      // largest symbol whose CDF start is <= slot; cdf[0] = 0 and the row's end is 65536
+      int lo = 0, hi = alphabet;
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (table[g][mid] <= slot) lo = mid; else hi = mid;
+      }
+      const uint32_t start = table[g][lo];
+      const uint32_t stop = lo + 1 < alphabet ? table[g][lo + 1] : 65536u;
+      state = (stop - start) * (state >> 16) + slot - start;
+      if (state < kStateLow) {
+        if (cursor >= end) { ok = false; break; }
+        state = (state << 16) | word[cursor++];
+      }
+      int q = lo + centre[g];
+      q = q >= alphabet ? q - alphabet : q;
+      v[g] = __fmul_rn(__fdiv_rn((float)(q - half), halff), scale);
+    }
+    if (!ok) break;
+    T* dst = cache + (((int64_t)layer * a.kv_heads + head) * a.capacity + first + t) * a.head_dim + dim;
+    if (dim + G <= a.head_dim) {
+      store_group<T, G>(dst, v, vector_ok);
+    } else {  // the group straddles heads (head_dim not a multiple of G)
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const int c = channel0 + g;
+        cache[(((int64_t)layer * a.kv_heads + c / a.head_dim) * a.capacity + first + t) * a.head_dim + c % a.head_dim] =
+            to_cache<T>(v[g]);
+      }
+    }
+  }
+  if (!ok) fail(a.status, chunk, KVC_DECODE_BAD_STREAM);
+  else if (cursor != end || state != kStateLow) fail(a.status, chunk, KVC_DECODE_BAD_STREAM);
+}
+
+template <typename T, int G>
+cudaError_t launch(const kvc_kv_decode_args& a, cudaStream_t stream) {
+  const int streams = 2 * a.layers * (a.kv_heads * a.head_dim / G);
+  const size_t shared = (size_t)a.bank_rows * a.bank_width * sizeof(uint16_t);
+  if (shared > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(decode_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared);
+    if (err != cudaSuccess) return err;
+  }
+  dim3 grid((streams + kThreads - 1) / kThreads, a.chunks);
+  decode_kernel<T, G><<<grid, kThreads, shared, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_group(const kvc_kv_decode_args& a, cudaStream_t stream) {
+  switch (a.group) {
+    case 1: return launch<T, 1>(a, stream);
+    case 2: return launch<T, 2>(a, stream);
+    case 4: return launch<T, 4>(a, stream);
+    default: return launch<T, 8>(a, stream);
+  }
+}
+
+}  // namespace
+}  // namespace kvc_codec
+
+extern "C" int kvc_kv_decode(const kvc_kv_decode_args* args, void* stream_handle) {
+  using namespace kvc_codec;
+  if (!args) return KVC_ERR_ARGUMENT;
+  const kvc_kv_decode_args& a = *args;
+  if (a.layers < 1 || a.kv_heads < 1 || a.head_dim < 1 || a.capacity < 0 || a.chunks < 0) return KVC_ERR_ARGUMENT;
+  if (a.group != 1 && a.group != 2 && a.group != 4 && a.group != 8) return KVC_ERR_ARGUMENT;
+  const int64_t channels = (int64_t)a.kv_heads * a.head_dim;
+  if (channels % a.group || 2 * a.layers * channels >= (1LL << 31)) return KVC_ERR_ARGUMENT;
+  if (a.chunks == 0) return KVC_OK;
+  if (a.chunks > 65535) return KVC_ERR_ARGUMENT;  // grid.y
+  if (!a.data || !a.chunk_table || !a.halves || !a.table_base || !a.bank_cdf || !a.scale_steps || !a.keys ||
+      !a.values || !a.status || a.data_bytes < 0)
+    return KVC_ERR_ARGUMENT;
+  if (a.bank_rows < 1 || a.bank_width < 2 || a.bank_width > 256 || a.bank_shapes < 1 ||
+      (size_t)a.bank_rows * a.bank_width * 2 > 96 * 1024)
+    return KVC_ERR_ARGUMENT;
+  if (reinterpret_cast<uintptr_t>(a.data) & 3) return KVC_ERR_ARGUMENT;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  cudaError_t err;
+  switch (a.dtype) {
+    case KVC_DTYPE_F32: err = launch_group<float>(a, stream); break;
+    case KVC_DTYPE_F16: err = launch_group<__half>(a, stream); break;
+    case KVC_DTYPE_BF16: err = launch_group<__nv_bfloat16>(a, stream); break;
+    default: return KVC_ERR_ARGUMENT;
+  }
+  return err == cudaSuccess ? KVC_OK : KVC_ERR_CUDA;
+}

@@ -1,0 +1,146 @@
+"""kvcompile::kv_decode: the torch op equals kvcompile.codec.decode (CPU and, on a GPU, the kernel,
+bit for bit), its ONNX body run by ONNX Runtime equals the torch op, and corrupt chunks raise the
+codec's error on every path without reading or writing out of bounds."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import kvcompile.codec as codec
+import kvcompile.ops  # noqa: F401  (registers the op)
+from kvcompile.ops import registry
+from kvcompile.ops.kv_decode.definition import decode_chunks, level_tables
+
+op = torch.ops.kvcompile.kv_decode
+
+
+def encoded(level, dtype=torch.float16, layers=3, heads=2, tokens=96, dim=8, chunk_tokens=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(layers, heads, tokens, dim, generator=generator)
+    values = torch.randn(layers, heads, tokens, dim, generator=generator) * 2
+    keys[:, :, :, 0] += 4  # an outlier channel, as real keys have
+    blob = codec.encode((keys.to(dtype), values.to(dtype)), level=level, chunk_tokens=chunk_tokens)
+    stream = io.BytesIO(blob)
+    header = codec.read_header(stream)
+    return blob, header, [data for _, data in codec.iter_chunks(stream, header)]
+
+
+@pytest.mark.parametrize("level", sorted(codec.LEVELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_op_equals_the_codec(level, dtype):
+    blob, header, chunks = encoded(level, dtype)
+    out = decode_chunks(header, chunks)
+    keys, values = codec.decode(blob)
+    assert out.dtype == dtype and out.shape == (2, 3, 2, 96, 8)
+    assert torch.equal(out[0], keys) and torch.equal(out[1], values)
+
+
+def test_registered_with_a_fake_kernel():
+    entry = registry.get("kv_decode")
+    assert entry is not None and entry.kernel_symbols[0].name == "kvc_kv_decode"
+    _, header, chunks = encoded(2)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        tables = [torch.empty_like(t) for t in level_tables(2, 3)]
+        data = torch.empty(4096, dtype=torch.uint8)
+        out = op(data, torch.zeros(3, dtype=torch.int64), *tables, 3, 2, 8, 32, 4, 1, 1)
+    assert out.shape == (2, 3, 2, 96, 8) and out.dtype == torch.float16
+
+
+def test_cpu_op_rejects_corrupt_chunks():
+    _, header, chunks = encoded(2)
+    bad = bytearray(chunks[1])
+    bad[-3] ^= 0x5A  # a word near the end of the last stream
+    with pytest.raises(codec.BitstreamError):
+        decode_chunks(header, [chunks[0], bytes(bad)])
+    with pytest.raises(codec.BitstreamError):
+        decode_chunks(header, [chunks[0][:100]])
+
+
+def single_node_model(attributes: dict):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from kvcompile.ops import onnx_domain
+
+    names = ("data", "chunk_offsets", "bank_cdf", "halves", "table_base", "scale_steps")
+    types = (TensorProto.UINT8, TensorProto.INT64, TensorProto.INT32, TensorProto.INT64, TensorProto.INT64,
+             TensorProto.FLOAT)
+    node = helper.make_node("kv_decode", list(names), ["out"], domain=onnx_domain.DOMAIN, **attributes)
+    ranks = (1, 1, 2, 1, 1, 1)
+    graph = helper.make_graph([node], "kv_decode",
+                              [helper.make_tensor_value_info(n, t, [None] * r) for n, t, r in zip(names, types, ranks)],
+                              [helper.make_tensor_value_info("out", attributes["onnx_dtype"], [None] * 5)])
+    model = helper.make_model(graph, functions=onnx_domain.function_protos(["kv_decode"]),
+                              opset_imports=[helper.make_opsetid("", onnx_domain.STANDARD_OPSET),
+                                             helper.make_opsetid(onnx_domain.DOMAIN, onnx_domain.DOMAIN_VERSION)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("level, dtype", [(0, torch.float32), (2, torch.float16), (3, torch.float32)])
+def test_onnx_body_matches_torch_op(level, dtype):
+    ort = pytest.importorskip("onnxruntime")
+    from kvcompile.ops.kv_decode import onnx_function
+
+    _, header, chunks = encoded(level, dtype, tokens=24, chunk_tokens=12)
+    offsets, at = [], 0
+    for data in chunks:
+        offsets.append(at)
+        at += len(data)
+    data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    offsets = torch.tensor(offsets, dtype=torch.int64)
+    tables = level_tables(level, header.layers)
+    dtype_code = (torch.float32, torch.float16, torch.bfloat16).index(dtype)
+    args = (header.layers, header.kv_heads, header.head_dim, 12, header.group,
+            int(level != codec.LOSSLESS_LEVEL), dtype_code)
+    want = op(data, offsets, *tables, *args)
+    attributes = onnx_function.node_attributes(*args)
+    session = ort.InferenceSession(single_node_model(attributes).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    feeds = dict(zip(("data", "chunk_offsets", "bank_cdf", "halves", "table_base", "scale_steps"),
+                     (t.numpy() for t in (data, offsets, *tables))))
+    got = torch.from_numpy(session.run(None, feeds)[0])
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("level", sorted(codec.LEVELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_equals_the_cpu_decoder(level, dtype):
+    from kvcompile.ops.kv_decode import kernels
+
+    assert kernels.kernels_available()
+    for shape in ((3, 2, 96, 8), (2, 3, 64, 5), (4, 8, 256, 64)):  # 15 channels: one channel a stream
+        layers, heads, tokens, dim = shape
+        blob, header, chunks = encoded(level, dtype, layers, heads, tokens, dim, chunk_tokens=32)
+        got = decode_chunks(header, chunks, device="cuda")
+        keys, values = codec.decode(blob)
+        assert torch.equal(got[0].cpu(), keys) and torch.equal(got[1].cpu(), values), (level, dtype, shape)
+
+
+@pytest.mark.gpu
+@cuda
+def test_kernel_rejects_corrupt_chunks_and_stays_in_bounds():
+    _, header, chunks = encoded(2, torch.float16, tokens=64, chunk_tokens=32)
+    rng = np.random.default_rng(0)
+    failures = 0
+    for trial in range(200):
+        bad = bytearray(chunks[1])
+        for _ in range(int(rng.integers(1, 4))):
+            bad[int(rng.integers(len(bad)))] ^= int(rng.integers(1, 256))
+        try:
+            decode_chunks(header, [chunks[0], bytes(bad)], device="cuda")
+        except codec.BitstreamError as error:
+            failures += 1
+            assert "chunk 1" in str(error)
+    assert failures >= 150
+    with pytest.raises(codec.BitstreamError):
+        decode_chunks(header, [chunks[0], chunks[1][:-8]], device="cuda")
+    torch.cuda.synchronize()  # no launch error left behind
