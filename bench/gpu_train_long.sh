@@ -42,7 +42,7 @@ timeout --signal=INT --kill-after=5 $(( START + HARD_S - $(date +%s) )) \
   python3 -m kvcompile.reference.train --size "${SIZE:-long}" --out "$OUT/ckpt" --corpus "$CORPUS" \
     --stop-at $(( START + TRAIN_S )) --eval-stop-at $(( START + EVAL_S )) --minutes 600 \
     --total-steps 10000000 --decay-steps 1 --decay-frac "${DECAY_FRAC:-0.2}" \
-    --curriculum "${CURRICULUM:-1024:0.15,2048:0.4,8192:1}" --batch-tokens "${BATCH_TOKENS:-65536}" \
+    --curriculum "${CURRICULUM:-1024:0.15,4096:0.5,8192:1}" --batch-tokens "${BATCH_TOKENS:-65536}" \
     --lr "${LR:-2e-3}" --warmup-steps "${WARMUP:-150}" --mix "${MIX:-0.3,0.2,0.15,0.35}" --answer-weight 3 \
     --no-optimizer-state --workers "${WORKERS:-10}" --log-every 50 --bpb-every-s 30 \
     --tasks-every-s "${TASKS_EVERY:-90}" --save-every-s 120 \

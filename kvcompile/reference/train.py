@@ -162,6 +162,22 @@ def build_optimizer(model, args, device):
                              fused=device.type == "cuda")
 
 
+def flash_gqa_available(config, device) -> bool | None:
+    """Whether SDPA's flash kernel takes this model's grouped heads (else SDPA would fall back to
+    the math kernel, quadratic in memory: at 8K a run would crawl). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(1, config.num_attention_heads, 256, config.head_dim, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, config.num_key_value_heads, 256, config.head_dim, device=device, dtype=torch.bfloat16)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+        return True
+    except RuntimeError:
+        return False
+
+
 def quick_eval(model, windows, tasks: bool, count: int = 16, suite=None, seq_len: int | None = None) -> dict:
     """Held-out bpb (and, when `tasks`, small task accuracies) for the training curve.
 
@@ -273,7 +289,8 @@ def main(argv=None) -> int:
     write({"event": "start", "step": start_step, "resume": args.resume, "rewarm": rewarm,
            "params": sum(p.numel() for p in model.parameters()), "text_bytes": len(text),
            "corpus": corpus, "args": vars(args), "torch": torch.__version__,
-           "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
+           "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "flash_gqa": flash_gqa_available(config, device)})
 
     began = time.time()
     deadline = began + args.minutes * 60.0

@@ -286,3 +286,26 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     assert {"retrieval", "cross_chunk"} <= set(report) and report["cross_chunk"]["chunk_tokens"] == 512
     assert set(report["retrieval"]) >= {"2048", "4096", "8192"}
     assert len(list((tmp_path / "out").rglob("*"))) <= 9  # 8 files + the ckpt folder
+
+
+# --- the shipped weights, once exported into weights_long/ ---------------------------------------
+needs_weights = pytest.mark.skipif(not os.path.isfile(os.path.join(LONG_WEIGHTS_DIR, "config.json")),
+                                   reason="reference-long is not trained yet (bench/gpu_train_long.sh)")
+
+
+@needs_weights
+def test_shipped_long_weights_fit_the_limits_and_load_with_plain_transformers():
+    import glob
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    files = glob.glob(os.path.join(LONG_WEIGHTS_DIR, "*"))
+    assert sum(os.path.getsize(f) for f in files) <= 64_000_000
+    shards = glob.glob(os.path.join(LONG_WEIGHTS_DIR, "*.safetensors"))
+    assert shards and all(os.path.getsize(s) <= 15_000_000 for s in shards)
+    model = AutoModelForCausalLM.from_pretrained(LONG_WEIGHTS_DIR)
+    config = model.config
+    assert config.head_dim >= 64 and config.num_key_value_heads < config.num_attention_heads
+    assert config.max_position_embeddings >= 8192 and next(model.parameters()).dtype == torch.bfloat16
+    assert AutoTokenizer.from_pretrained(LONG_WEIGHTS_DIR)("ab")["input_ids"] == [97, 98]
+    with torch.no_grad():
+        logits = model(torch.tensor([[256, 100, 101]])).logits
+    assert logits.shape == (1, 3, 259) and torch.isfinite(logits).all()
