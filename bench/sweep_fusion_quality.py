@@ -28,7 +28,7 @@ class FusionRunner(CompiledRunner):
     """The cross-chunk runner protocol, with modes "fuse:<selector>:<ratio>" beside the two
     references (full_prefill, full_reuse), which CompiledRunner runs."""
 
-    def __init__(self, compiled, check_layer: int = 1):
+    def __init__(self, compiled, check_layer=None):
         super().__init__(compiled)
         self.check_layer = check_layer
         self.chunk_caches: dict = {}
@@ -55,8 +55,9 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=40, help="examples per kind")
     parser.add_argument("--ratios", default="0.05,0.1,0.15,0.2,0.3")
     parser.add_argument("--selectors", default=",".join(TokenSelector.names()))
-    parser.add_argument("--check-layer", type=int, default=1)
+    parser.add_argument("--check-layer", type=int, default=None, help="default: each selector's own")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", default="fusion_quality", help="file name of the JSON and PNG")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     selectors = args.selectors.split(",")
@@ -66,14 +67,15 @@ def main() -> int:
     modes = ["full_prefill", "full_reuse"] + [f"fuse:{s}:{r}" for s in selectors for r in ratios]
     started = time.perf_counter()
     scores = score_cross_chunk(runner, count=args.samples, modes=tuple(modes))
-    results = {"samples": args.samples, "ratios": ratios, "selectors": selectors, "check_layer": args.check_layer,
+    check_layers = {s: compiled.fusion.resolve_check_layer(TokenSelector.parse(s, "selector"), args.check_layer) for s in selectors}
+    results = {"samples": args.samples, "ratios": ratios, "selectors": selectors, "check_layers": check_layers,
                "seconds": round(time.perf_counter() - started, 1), "scores": scores,
                "torch": torch.__version__, "device": args.device}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fusion_quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
-    plot(results, out / "fusion_quality.png")
+    plot(results, out / f"{args.name}.png")
     return 0
 
 

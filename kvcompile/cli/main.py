@@ -47,6 +47,17 @@ def default_output(args, config) -> Path:
     return Path("exported") / f"{Path(args.model).name}-{config.kind.value}-{args.target}"
 
 
+def fuse_check_layer(args, compiled):
+    """With --fuse: --check-layer, else the default selector's own check layer for this model."""
+    if not args.fuse:
+        return None
+    if args.check_layer is not None:
+        return args.check_layer
+    from kvcompile.fusion.selectors import DEFAULT_SELECTOR
+
+    return DEFAULT_SELECTOR.default_check_layer(compiled.spec.num_layers)
+
+
 def cmd_export(args) -> int:
     from kvcompile.core.pipeline import compile as compile_model
     from kvcompile.export import check_output_dir, export
@@ -64,7 +75,7 @@ def cmd_export(args) -> int:
     profile = tensorrt_profile_from(args)
     with stage(f"writing {args.target} artifact"):
         final = export(compiled, target=args.target, out_dir=out_dir,
-                       fuse_check_layer=args.check_layer if args.fuse else None, codec_level=args.codec,
+                       fuse_check_layer=fuse_check_layer(args, compiled), codec_level=args.codec,
                        engine_profile=profile)
     out.print(f"exported {args.model} ({config.kind.value} cache, {compiled.spec.num_layers} layers) to {final}")
     if args.target == "tensorrt":  # whether engines were built here, or how to build them
@@ -188,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", help="artifact folder (default exported/NAME-CACHE-TARGET)")
     export.add_argument("--fuse", action="store_true", help="onnx: also write check.onnx, the graph KV fusion's "
                         "check pass runs (`kvcompile run --chunks` on the artifact)")
-    export.add_argument("--check-layer", type=non_negative_int, default=1, help="with --fuse: the check layer")
+    export.add_argument("--check-layer", type=non_negative_int, default=None,
+                        help="with --fuse: the check layer (default: the default selector's, 2/3 of the depth)")
     export.add_argument("--max-batch", type=positive_int, help="tensorrt: largest batch of the engines (default 4)")
     export.add_argument("--max-context", type=positive_int, help="tensorrt: largest context of the engines "
                         "(default the model's, at most 2048)")
@@ -213,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "computed alone and reused (re-rotated to its place)")
     fusion.add_argument("--recompute-ratio", type=ratio_in_unit, default=0.15,
                         help="share of the chunk tokens recomputed")
-    fusion.add_argument("--selector", choices=("deviation", "chunk_head", "query_attention"), default="deviation",
+    fusion.add_argument("--selector", choices=("query_spans", "deviation", "chunk_head", "query_attention"),
+                        default="query_spans",
                         help="which tokens are recomputed")
     kv_files = run.add_argument_group("KV files (kvcompile codec)")
     kv_files.add_argument("--save-kv", metavar="PATH", help="also save the prompt's KV cache here (safetensors, with "

@@ -130,7 +130,7 @@ def run_fused(args, model, backend, tokenizer, prompt, console) -> int:
             raise InputValidationError(f"cannot read chunk {path}: {error.strerror or error}") from None
         chunks.append(model.precompute_chunk(torch.tensor(encode_prompt(tokenizer, text))))
     start = time.perf_counter()
-    check_layer = (model.manifest["graphs"].get("check") or {}).get("layer", 1) if backend == "onnxruntime" else 1
+    check_layer = None  # the artifact's exported check layer (ONNX), else the selector's own
     new = model.generate_fused(chunks, torch.tensor(prompt), recompute_ratio=args.recompute_ratio,
                                max_new_tokens=args.max_new_tokens, selector=args.selector, check_layer=check_layer)
     elapsed = time.perf_counter() - start

@@ -26,10 +26,11 @@ class FusionMethods:
         return self.fusion.precompute_chunk(token_ids)
 
     def generate_fused(self, chunks, query_ids, recompute_ratio: float = 0.15, max_new_tokens: int = 32,
-                       selector: str = "deviation", check_layer: int = 1, eos_token_id: Optional[int] = None,
-                       store=None, codec_level: Optional[int] = None):
+                       selector: str = "query_spans", check_layer: Optional[int] = None,
+                       eos_token_id: Optional[int] = None, store=None, codec_level: Optional[int] = None):
         """Greedy new tokens [1, n] for `chunks` (precomputed ChunkCaches) + `query_ids`, recomputing
-        `recompute_ratio` of the chunk tokens chosen by `selector` (kvcompile.fusion.blend).
+        `recompute_ratio` of the chunk tokens chosen by `selector` (kvcompile.fusion.blend); `check_layer`
+        None: the artifact's exported check layer, else the selector's own (default_check_layer).
         With a `store` (kvcompile.store), chunks may be token ids: their caches are fetched from it
         (codec bitstreams at `codec_level`, raw KV if None), and computed (and stored) where missing;
         `self.fusion.last_store_report` says which."""

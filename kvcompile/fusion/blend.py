@@ -23,7 +23,8 @@ import torch
 from kvcompile.core.records import WindowKind
 from kvcompile.errors import ConfigError, UnsupportedAttentionError, UsageError
 from kvcompile.fusion.chunks import ChunkCache, model_fingerprint
-from kvcompile.fusion.selectors import TokenSelector, chunk_heads, kv_deviation, query_attention, top_tokens
+from kvcompile.fusion.selectors import (DEFAULT_SELECTOR, TokenSelector, chunk_heads, kv_deviation,
+                                        query_attention, question_attention_peaks, span_tokens, top_tokens)
 from kvcompile.runtime.masks import step_biases
 
 
@@ -87,9 +88,10 @@ class Fusion:
     # the fused prefill --------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, cache, chunks: Sequence[ChunkCache], query_ids, recompute_ratio: float = 0.15,
-                selector=TokenSelector.DEVIATION, check_layer: int = 1) -> torch.Tensor:
+                selector=DEFAULT_SELECTOR, check_layer: Optional[int] = None) -> torch.Tensor:
         """Fill the empty `cache` (batch 1) with chunks + query; returns the query's logits [1, Tq, V]."""
         selector = TokenSelector.parse(selector, "token selector")
+        check_layer = self.resolve_check_layer(selector, check_layer)
         if not 0.0 <= recompute_ratio <= 1.0:
             raise ConfigError(f"recompute_ratio must lie in [0, 1], got {recompute_ratio}")
         if not chunks:
@@ -165,10 +167,19 @@ class Fusion:
                                        else uses_learned_positions(self.compiled.graph_module))
         return self._learned_positions
 
+    def resolve_check_layer(self, selector: TokenSelector, check_layer: Optional[int]) -> int:
+        """`check_layer`, or when None the artifact's exported check layer, else the selector's default."""
+        if check_layer is not None:
+            return check_layer
+        exported = getattr(self.compiled, "exported_check_layer", None)
+        return exported if exported is not None else selector.default_check_layer(self.spec.num_layers)
+
     def select(self, cache, chunks, query, lengths: List[int], count: int, selector: TokenSelector,
                check_layer: int) -> torch.Tensor:
-        if not selector.needs_check_layer:
+        if selector is TokenSelector.CHUNK_HEAD:
             return chunk_heads(lengths, count)
+        if selector is TokenSelector.QUERY_SPANS:
+            return self.select_by_question_probe(cache, query, lengths, count, check_layer)
         total = sum(lengths)
         ids = torch.cat([torch.cat([c.token_ids for c in chunks]).to(query.device)[None], query], dim=1)
         positions = torch.arange(ids.shape[1], device=query.device)[None]
@@ -196,6 +207,21 @@ class Fusion:
                          {i: new_values[i][:, :, :total] for i in layers})
         return top_tokens(score.cpu(), count, exclude_first=lengths[0])
 
+    def select_by_question_probe(self, cache, query, lengths: List[int], count: int, layer: int) -> torch.Tensor:
+        """QUERY_SPANS: the question alone through layers 0..`layer` over the reused cache (the
+        check graph, fed the cache as its past); the chunk tokens its heads look at hardest seed
+        spans. Nothing is written back: the question is computed again after the recompute."""
+        total = sum(lengths)
+        positions = torch.arange(total, total + query.shape[1], device=query.device)[None]
+        valid = torch.ones_like(query, dtype=torch.bool)
+        biases = step_biases(self.spec, cache.valid, cache.positions, valid, positions, cache.dtype)
+        past_keys, past_values = cache.past_all()
+        pasts = [t for pair in zip(past_keys, past_values) for t in pair]
+        outputs = self.check_graph(layer)(query, positions, *biases, *pasts)
+        keys = torch.cat([past_keys[layer], outputs[2 * layer]], dim=2)
+        score = question_attention_peaks(outputs[-1], keys, self.spec.layers[layer].scale, total)
+        return span_tokens(score.cpu(), count, exclude_first=lengths[0])
+
     def recompute(self, cache, chunk_ids, selected: torch.Tensor, query) -> torch.Tensor:
         """The chosen rows and the query through every layer, over the fused cache."""
         device = self.compiled.device
@@ -222,7 +248,7 @@ class Fusion:
 
 @torch.no_grad()
 def generate_fused(compiled, chunks, query_ids, recompute_ratio: float = 0.15, max_new_tokens: int = 32,
-                   selector=TokenSelector.DEVIATION, check_layer: int = 1, eos_token_id: Optional[int] = None):
+                   selector=DEFAULT_SELECTOR, check_layer: Optional[int] = None, eos_token_id: Optional[int] = None):
     """Greedy tokens [1, n] after the fused prefill of `chunks` + `query_ids`."""
     from kvcompile.runtime import generate as gen
     from kvcompile.runtime.inputs import check_fits

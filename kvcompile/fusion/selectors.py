@@ -1,4 +1,4 @@
-"""Which chunk tokens fusion recomputes: three strategies, one interface.
+"""Which chunk tokens fusion recomputes: four strategies, one interface.
 
 Each selector ranks the chunk tokens (all chunks concatenated, in prompt order) and the fused
 prefill recomputes the top `count`:
@@ -7,6 +7,13 @@ prefill recomputes the top `count`:
   CHUNK_HEAD      EPIC: the first tokens of every chunk after the first (where a chunk that was
                   computed alone differs most: its first tokens saw no context at all).
   QUERY_ATTENTION A³: the tokens the question attends to most at the check layer.
+  QUERY_SPANS     the question alone runs over the *reused* cache up to a deep probe layer (cheap:
+                  only its own tokens are computed); the chunk tokens it attends to most are seeds,
+                  and each seed brings the span around it, mostly the tokens after it. Why spans:
+                  measured on the reference model, what a line carries across chunks is stored a
+                  few tokens after it (recomputing the line alone recovers nothing, the line and
+                  the next 2 tokens recover 90%); why the reused cache: the question finds the
+                  right line by its own local content, which reuse keeps intact (docs/FUSION.md).
 """
 from __future__ import annotations
 
@@ -21,10 +28,23 @@ class TokenSelector(NamedMode):
     DEVIATION = "deviation"
     CHUNK_HEAD = "chunk_head"
     QUERY_ATTENTION = "query_attention"
+    QUERY_SPANS = "query_spans"
 
     @property
     def needs_check_layer(self) -> bool:
-        return self is not TokenSelector.CHUNK_HEAD
+        """Whether it runs the check pass over every token (the others need no graph, or only
+        the question's tokens: QUERY_SPANS)."""
+        return self in (TokenSelector.DEVIATION, TokenSelector.QUERY_ATTENTION)
+
+    def default_check_layer(self, num_layers: int) -> int:
+        """CacheBlend's check layer 1; the question's probe reads a layer at 2/3 of the depth
+        (the reference model's question finds its line at layers 5-7 of 8, not before)."""
+        layer = (2 * num_layers) // 3 if self is TokenSelector.QUERY_SPANS else 1
+        return min(layer, num_layers - 1)
+
+
+DEFAULT_SELECTOR = TokenSelector.QUERY_SPANS
+SPAN_BEFORE, SPAN_AFTER = 2, 8  # tokens around each seed (measured: 2 and 8 beat 0-1 and 3-4 after)
 
 
 def kv_deviation(new_key, new_value, old_key, old_value) -> torch.Tensor:
@@ -43,6 +63,41 @@ def query_attention(query, keys, scale: float, chunk_tokens: int) -> torch.Tenso
     question = query[:, :, chunk_tokens:].float().reshape(1, Hkv, Hq // Hkv, T - chunk_tokens, D)
     scores = torch.einsum("bhgtd,bhsd->bhgts", question, keys[:, :, :chunk_tokens].float()) * scale
     return scores.softmax(dim=-1).sum(dim=(0, 1, 2, 3))
+
+
+def question_attention_peaks(query, keys, scale: float, chunk_tokens: int) -> torch.Tensor:
+    """[N] the largest attention probability any head of any question token gives each chunk token.
+
+    query [1, Hq, Tq, D] (the question's queries at the probe layer), keys [1, Hkv, N + Tq, D]
+    (the reused cache's N keys, then the question's own, which it sees causally). The maximum, not
+    the sum: one head that looks a name up says more than many heads resting on separators.
+    Soft-capping, sinks and windows are left out: this ranks tokens, it is not the layer's output.
+    """
+    _, Hq, Tq, D = query.shape
+    Hkv, total = keys.shape[1], keys.shape[2]
+    question = query.float().reshape(1, Hkv, Hq // Hkv, Tq, D)
+    scores = torch.einsum("bhgtd,bhsd->bhgts", question, keys.float()) * scale
+    visible = torch.ones(Tq, total, dtype=torch.bool, device=query.device).tril(total - Tq)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)[..., :chunk_tokens]
+    return probs.amax(dim=(0, 1, 2, 3))
+
+
+def span_tokens(score: torch.Tensor, count: int, exclude_first: int = 0, before: int = SPAN_BEFORE,
+                after: int = SPAN_AFTER) -> torch.Tensor:
+    """Sorted rows of the spans [seed - before, seed + after] around the best-scored seeds, taken
+    in score order until `count` rows are chosen (the first chunk's rows are exact: never)."""
+    total = score.shape[0]
+    chosen = torch.zeros(total, dtype=torch.bool)
+    budget = min(count, total - exclude_first)
+    taken = 0
+    for seed in score[exclude_first:].argsort(descending=True).add(exclude_first).tolist():
+        if taken >= budget:
+            break
+        span = torch.arange(max(exclude_first, seed - before), min(total, seed + after + 1))
+        span = span[~chosen[span]][: budget - taken]
+        chosen[span] = True
+        taken += span.numel()
+    return chosen.nonzero().flatten()
 
 
 def chunk_heads(lengths: List[int], count: int) -> torch.Tensor:

@@ -119,6 +119,11 @@ class OnnxRuntimeBackend(FusionMethods, RestoreMethods):
     def learned_positions(self) -> Optional[bool]:
         return (self.manifest["graphs"].get("check") or {}).get("learned_positions")
 
+    @property
+    def exported_check_layer(self) -> Optional[int]:
+        """The layer check.onnx was cut after (export --fuse), which fusion uses by default."""
+        return (self.manifest["graphs"].get("check") or {}).get("layer")
+
     def check_graph_for(self, layer: int):
         """check.onnx (export --fuse) as a callable with the torch check graph's protocol."""
         from kvcompile.errors import UsageError

@@ -22,7 +22,7 @@ def test_fused_prefill_on_onnx_runtime_matches_torch(tmp_path):
     torch_chunks = [compiled.precompute_chunk(d) for d in docs]
     ort_chunks = [backend.precompute_chunk(d) for d in docs]
     for ratio, selector in ((0.0, "deviation"), (0.3, "deviation"), (0.3, "query_attention"), (0.3, "chunk_head"),
-                            (1.0, "deviation")):
+                            (0.3, "query_spans"), (1.0, "deviation")):
         expected = compiled.fusion.prefill(compiled.new_cache(1, 64), torch_chunks, query, ratio, selector)
         got = backend.fusion.prefill(backend.new_cache(1, 64), ort_chunks, query, ratio, selector)
         assert (got - expected).abs().max().item() <= 1e-4, (ratio, selector)

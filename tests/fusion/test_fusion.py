@@ -72,7 +72,7 @@ def test_kcache_model_fuses_too():
     assert torch.equal(compiled.generate_fused(chunks, query, recompute_ratio=1.0, max_new_tokens=12), expected)
 
 
-@pytest.mark.parametrize("selector", ["deviation", "chunk_head", "query_attention"])
+@pytest.mark.parametrize("selector", ["query_spans", "deviation", "chunk_head", "query_attention"])
 def test_partial_recompute_runs_for_every_selector(selector):
     _, compiled = compiled_family("llama")
     docs, query = documents(seed=3)
@@ -120,3 +120,42 @@ def test_chunked_attention_refuses_a_misaligned_move():
     chunks = [compiled.precompute_chunk(d) for d in docs]
     with pytest.raises(kvcompile.errors.UnsupportedAttentionError, match="multiples of 8"):
         compiled.generate_fused(chunks, query, 0.0, 4)
+
+
+def test_span_tokens_fill_the_budget_with_spans_around_the_best_seeds():
+    from kvcompile.fusion.selectors import span_tokens
+
+    score = torch.zeros(40)
+    score[20], score[30], score[3] = 3.0, 2.0, 9.0  # row 3 lies in the first chunk (exact): never chosen
+    assert span_tokens(score, 11, exclude_first=10, before=2, after=8).tolist() == list(range(18, 29))
+    rows = span_tokens(score, 14, exclude_first=10, before=2, after=8).tolist()
+    assert rows == list(range(18, 29)) + [29, 30, 31]  # the second seed's span, cut at the budget
+    assert span_tokens(score, 100, exclude_first=10).tolist() == list(range(10, 40))
+    assert span_tokens(score, 0, exclude_first=10).numel() == 0
+
+
+def test_default_check_layers():
+    from kvcompile.fusion.selectors import DEFAULT_SELECTOR, TokenSelector
+
+    assert DEFAULT_SELECTOR is TokenSelector.QUERY_SPANS
+    assert TokenSelector.QUERY_SPANS.default_check_layer(8) == 5 and TokenSelector.DEVIATION.default_check_layer(8) == 1
+    assert TokenSelector.QUERY_SPANS.default_check_layer(1) == 0 and TokenSelector.DEVIATION.default_check_layer(1) == 0
+
+
+@pytest.mark.slow
+def test_query_spans_recover_the_cross_chunk_answers_full_reuse_loses():
+    """The reference model's chain task (docs/FUSION.md): 15% of the tokens, chosen by the default
+    selector, bring back what full reuse loses."""
+    from kvcompile.eval.cross_chunk import cross_chunk_example
+    from kvcompile.eval.retrieval import answer_of
+
+    torch.set_num_threads(1)
+    compiled = kvcompile.compile(kvcompile.load_model("reference"))
+    right = {0.0: 0, 0.15: 0}
+    for index in range(12):
+        example = cross_chunk_example(index, kind="chain")
+        chunks = [compiled.precompute_chunk(torch.tensor(c)) for c in example["chunks"]]
+        for ratio in right:
+            out = compiled.generate_fused(chunks, torch.tensor(example["question"]), ratio, 2)
+            right[ratio] += answer_of(out[0].tolist()) == example["answer"]
+    assert right[0.0] <= 6 and right[0.15] >= 10, right
