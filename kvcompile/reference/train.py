@@ -228,13 +228,18 @@ def final_eval(args, step: int, model, suite, heldout: bytes | None, write) -> N
         if args.eval_stop_at is not None and time.time() >= args.eval_stop_at:
             report["skipped"].append(task)
             continue
-        part = evaluate(runner, tasks=(task,), count=args.final_eval, ppl_windows=args.final_ppl_windows,
-                        heldout_text=heldout, **suite.as_kwargs())
-        report[task] = part[task]
-        write({"step": step, "final_eval": {task: part[task]}})
+        try:
+            part = evaluate(runner, tasks=(task,), count=args.final_eval, ppl_windows=args.final_ppl_windows,
+                            heldout_text=heldout, **suite.as_kwargs())
+        except (RuntimeError, ValueError) as err:  # the checkpoint is saved; keep the other tasks
+            report[task] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            write({"step": step, "final_eval_error": {task: report[task]["error"]}})
+        else:
+            report[task] = part[task]
+            write({"step": step, "final_eval": {task: part[task]}})
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
-    print(format_report(report), flush=True)
+    print(format_report({k: v for k, v in report.items() if not (isinstance(v, dict) and "error" in v)}), flush=True)
 
 
 def main(argv=None) -> int:
@@ -283,6 +288,11 @@ def main(argv=None) -> int:
         train_text = text_bytes("train", args.max_text_bytes)
         heldout = None
         corpus = {k: v for k, v in corpus_summary().items() if k != "heldout_modules"}
+    flash_gqa = flash_gqa_available(config, device)
+    if flash_gqa is False:
+        # Grouped heads would send SDPA to its math kernel; repeated KV heads keep it on flash.
+        import transformers.integrations.sdpa_attention as sdpa_integration
+        sdpa_integration.use_gqa_in_sdpa = lambda *a, **k: False
     text = np.frombuffer(train_text, dtype=np.uint8)
     mix = tuple(float(x) for x in args.mix.split(","))
     windows = heldout_windows(min(args.seq_len, 2048), 8, heldout)
@@ -290,7 +300,7 @@ def main(argv=None) -> int:
            "params": sum(p.numel() for p in model.parameters()), "text_bytes": len(text),
            "corpus": corpus, "args": vars(args), "torch": torch.__version__,
            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "flash_gqa": flash_gqa_available(config, device)})
+           "flash_gqa": flash_gqa})
 
     began = time.time()
     deadline = began + args.minutes * 60.0
@@ -365,7 +375,11 @@ def main(argv=None) -> int:
         # No task evaluation close to the deadline: it would run past the hard stop.
         want_tasks = now - last_tasks >= args.tasks_every_s and deadline - now > max(20.0, 0.1 * span)
         if (want_tasks or now - last_bpb >= args.bpb_every_s) and now < deadline:
-            write({"step": step, "eval": quick_eval(model, windows, want_tasks, suite=suite, seq_len=ids.shape[1])})
+            try:
+                write({"step": step, "eval": quick_eval(model, windows, want_tasks, suite=suite, seq_len=ids.shape[1])})
+            except (RuntimeError, ValueError) as err:  # a curve point is not worth the job
+                model.train()
+                write({"step": step, "eval_error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
             last_bpb = time.time()
             last_tasks = last_bpb if want_tasks else last_tasks
         if now - last_save >= args.save_every_s:

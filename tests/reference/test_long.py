@@ -190,6 +190,15 @@ def test_curriculum_decay_stop_resume_and_export(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "w")("ab")["input_ids"] == [97, 98]
 
 
+def test_a_failing_curve_point_does_not_stop_training(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(train, "quick_eval", broken)
+    log = _train(tmp_path / "a", "--total-steps", "3", "--seq-len", "64", "--bpb-every-s", "0")
+    assert any("eval_error" in r and "simulated" in r["eval_error"] for r in log)
+    assert log[-1]["event"] == "saved" and log[-1]["step"] == 3
+
+
 @pytest.mark.parametrize("step,frac,expected", [(5, 0.0, 1.0), (5, 0.7, 1.0), (5, 0.85, 0.525), (5, 1.0, 0.05)])
 def test_time_based_decay(step, frac, expected):
     args = train.parse_args(["--out", "x", "--lr", "1", "--warmup-steps", "2", "--total-steps", "1000000",
