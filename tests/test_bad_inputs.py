@@ -97,6 +97,22 @@ BAD_INPUTS = [
      "cannot read chunk cache"),
     ("store put: unknown codec level", CLI, ["store", "put", "{tmp}/chunk.safetensors", "--codec", "9", "--store",
                                              "file://{tmp}/store"], 2, "unknown codec level 9"),
+    ("codec without a verb", CLI, ["codec"], 2, "the following arguments are required"),
+    ("codec encode: no such KV file", CLI, ["codec", "encode", "{tmp}/nothing.safetensors"], 3, "does not exist"),
+    ("codec encode: not safetensors", CLI, ["codec", "encode", "{tmp}/a_file"], 3, "cannot read KV file"),
+    ("codec encode: safetensors but not a KV file", CLI, ["codec", "encode", "{tmp}/chunk.safetensors"], 3,
+     "is not a kvcompile KV file"),
+    ("codec encode --level 9", CLI, ["codec", "encode", "{tmp}/chunk.safetensors", "--level", "9"], 2,
+     "invalid choice: 9"),
+    ("codec decode: no such bitstream", CLI, ["codec", "decode", "{tmp}/nothing.kvcb"], 3, "does not exist"),
+    ("codec inspect: not a bitstream", CLI, ["codec", "inspect", "{tmp}/a_file"], 3, "KV bitstream is truncated"),
+    ("export --codec 9", CLI, ["export", "tiny-llama", "--codec", "9"], 2, "invalid choice: 9"),
+    ("run --save-kv with --chunks", CLI, ["run", TORCH_ART, "--save-kv", "{tmp}/kv", "--chunks", "{tmp}/a_file",
+                                          "--prompt", "x"], 2, "--save-kv cannot be combined with --chunks"),
+    ("run --from-kv: no such bitstream", CLI, ["run", TORCH_ART, "--from-kv", "{tmp}/nothing.kvcb", "--prompt", "x"],
+     3, "does not exist"),
+    ("run --from-kv: not a bitstream", CLI, ["run", TORCH_ART, "--from-kv", "{tmp}/chunk.safetensors", "--prompt",
+                                             "x"], 3, "not a kvcompile KV bitstream"),
     ("compile(torch.nn.Linear)", API, "compile_linear", InputError, "needs a Hugging Face causal LM"),
     ("float input_ids", API, "float_ids", InputValidationError, "must hold integer token ids"),
     ("1-D input_ids", API, "one_d_ids", InputValidationError, "must be [batch, tokens]"),
@@ -111,6 +127,7 @@ BAD_INPUTS = [
     ("CacheConfig(kind='paged')", API, "config_kind", ConfigError, "unknown cache kind 'paged'"),
     ("CacheConfig(topn=0)", API, "config_topn", ConfigError, "topn must be ≥ 1"),
     ("load_model of a missing folder", API, "load_missing", LoadError, "does not exist"),
+    ("generate_from_kv: a context of another shape", API, "foreign_context", InputError, "this model has"),
 ]
 
 
@@ -193,6 +210,8 @@ def api_case(name: str, compiled):
         "config_kind": lambda: kvcompile.CacheConfig(kind="paged"),
         "config_topn": lambda: kvcompile.CacheConfig(kind="kcache", topn=0),
         "load_missing": lambda: kvcompile.load_model("/nonexistent/model"),
+        "foreign_context": lambda: compiled.generate_from_kv(kvcompile.codec.encode(
+            (torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8)), level=1), ids[:1]),
     }
     return cases[name]
 
