@@ -21,6 +21,7 @@ from kvcompile.errors import (ConfigError, ContextLengthError, InputError, Input
 
 CLI, API = "cli", "api"
 ONNX_ART, TORCH_ART = "{onnx}", "{torch}"  # artifact folders made once per module
+TRT_ART = "{tensorrt}"  # a tensorrt artifact's manifest over the ONNX artifact's graphs
 INVALID_UTF8 = b"def f(\xff\xfe):".decode("utf-8", "surrogateescape")
 
 # (label, kind, argv or API case name, expected exit code or exception, message fragment)
@@ -31,7 +32,13 @@ BAD_INPUTS = [
     ("--cache full --topn 5", CLI, ["export", "reference", "--topn", "5"], 2, "--topn applies to --cache kcache only"),
     ("--cache full --select layer", CLI, ["export", "reference", "--select", "layer"], 2, "--select applies to --cache kcache"),
     ("--cache paged", CLI, ["export", "reference", "--cache", "paged"], 2, "invalid choice: 'paged'"),
-    ("--target tensorrt", CLI, ["export", "reference", "--target", "tensorrt"], 2, "invalid choice: 'tensorrt'"),
+    ("--target tensorflow", CLI, ["export", "reference", "--target", "tensorflow"], 2, "invalid choice: 'tensorflow'"),
+    ("--max-batch with --target onnx", CLI, ["export", "tiny-llama", "--target", "onnx", "--max-batch", "2", "-o",
+                                            "{tmp}/mb"], 2, "--max-batch applies to --target tensorrt"),
+    ("run: tensorrt artifact, no TensorRT here", CLI, ["run", TRT_ART, "--prompt", "x"], 4,
+     "TensorRT is not installed here"),
+    ("run: tensorrt artifact on --backend torch", CLI, ["run", TRT_ART, "--backend", "torch", "--prompt", "x"], 2,
+     "runs on --backend tensorrt"),
     ("--full-layers -1", CLI, ["export", "reference", "--cache", "kcache", "--full-layers", "-1"], 2, "must be ≥ 0"),
     ("--full-layers 999", CLI, ["export", "tiny-llama", "--cache", "kcache", "--full-layers", "999", "-o", "{tmp}/a"], 2,
      "no layer would use kcache"),
@@ -168,12 +175,29 @@ def places(tmp_path_factory):
     graph.write_bytes(graph.read_bytes()[:-100])
     shutil.copytree(tmp / "onnx", tmp / "broken_manifest")
     (tmp / "broken_manifest" / "manifest.json").write_text('{"format": ')
+    tensorrt_artifact(tmp / "onnx", tmp / "tensorrt")
     return tmp
+
+
+def tensorrt_artifact(onnx_dir: Path, out: Path) -> None:
+    """The ONNX artifact's graphs under a --target tensorrt manifest without engines (what an
+    export on a machine without TensorRT writes, less the plugin sources)."""
+    from kvcompile.export.manifest import RESERVED_FIELDS, load_manifest, write_artifact
+
+    fields = {k: v for k, v in load_manifest(onnx_dir).items() if k not in RESERVED_FIELDS}
+
+    def write(folder):
+        for name in ("prefill.onnx", "decode.onnx"):
+            shutil.copyfile(onnx_dir / name, folder / name)
+        engines = {role: {"file": f"engines/{role}.plan", "built": False} for role in ("prefill", "decode")}
+        return {**fields, "target": "tensorrt", "tensorrt": {"engines": engines, "build_script": "build_engines.sh",
+                                                             "plugins": {"library": None}}}
+    write_artifact(out, write)
 
 
 def fill(argv, tmp: Path) -> list:
     return [a.replace("{tmp}", str(tmp)).replace(ONNX_ART, str(tmp / "onnx")).replace(TORCH_ART, str(tmp / "torch"))
-            for a in argv]
+            .replace(TRT_ART, str(tmp / "tensorrt")) for a in argv]
 
 
 def run_cli(argv, capsys) -> tuple:

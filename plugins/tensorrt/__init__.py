@@ -1,7 +1,7 @@
 """kvcompile.plugins.tensorrt: the TensorRT plugins of kvcompile's ops.
 
-One plugin per registered op that has kernels (kvcompile/ops/<op>/kernels.py): its name is the
-op's, its namespace the ONNX domain (`kvcompile`), its version the domain's version, and its
+One plugin per op in PLUGIN_OPS, each a registered op with kernels (kvcompile/ops/<op>/kernels.py):
+its name is the op's, its namespace the ONNX domain (`kvcompile`), its version the domain's version, and its
 fields are the op's ONNX node attributes. `plugin_specs()` derives all of that from the op
 registry; the C++ plugins (this folder's *.cpp) and the Python plugins (`python_plugins.py`)
 are checked against it (tests/export/test_tensorrt_plugins.py).
@@ -37,15 +37,22 @@ class PluginSpec:
     fields: Tuple[Tuple[str, str], ...]  # (attribute name, kind: float | int | floats), in node order
 
 
+# The ops with a TensorRT plugin (a <op>_plugin.h/.cpp here and a registration in
+# python_plugins.py). Each must be a registered op with kernels; everything else about the
+# plugin comes from its registry entry. (kv_decode has kernels but no plugin yet.)
+PLUGIN_OPS = ("kcache_attention", "rerotate_keys")
+
+
 def plugin_specs() -> List[PluginSpec]:
-    """Every plugin kvcompile provides: the registered ops that have kernels."""
+    """Every plugin kvcompile provides, as the op registry defines it."""
     import kvcompile.ops  # noqa: F401  (registers the ops)
     from kvcompile.ops import onnx_domain, registry
 
     specs = []
-    for entry in registry.registered():
-        if not entry.kernel_symbols or not entry.exportable:
-            continue
+    for name in PLUGIN_OPS:
+        entry = registry.get(name)
+        if entry is None or not entry.kernel_symbols:
+            raise LookupError(f"TensorRT plugin {name} has no registered op with kernels")
         definition = entry.onnx_definition()
         specs.append(PluginSpec(name=entry.name, namespace=onnx_domain.DOMAIN, version=str(onnx_domain.DOMAIN_VERSION),
                                 inputs=tuple(definition.inputs),

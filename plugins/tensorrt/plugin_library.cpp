@@ -107,3 +107,16 @@ extern "C" KVCOMPILE_PLUGIN_API nvinfer1::IPluginCreatorInterface* const* getCre
   nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
   return creators;
 }
+
+#ifdef KVCOMPILE_STATIC_REGISTRATION
+// Registration when the library is merely loaded (LD_PRELOAD, e.g. Triton's documented way):
+// needs libnvinfer's getPluginRegistry at load time (CMake option KVCOMPILE_STATIC_REGISTRATION).
+namespace {
+struct StaticRegistration {
+  StaticRegistration() {
+    for (nvinfer1::IPluginCreatorInterface* creator : creators)
+      getPluginRegistry()->registerCreator(*creator, kvcompile::tensorrt::kPluginNamespace);
+  }
+} static_registration;
+}  // namespace
+#endif
