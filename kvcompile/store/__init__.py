@@ -23,8 +23,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from kvcompile.store.base import EntryInfo, KVStore, normalise_integrity_key
 from kvcompile.store.chunks import get_chunk_cache, put_chunk_cache  # noqa: F401
 from kvcompile.store.entry import Entry  # noqa: F401
-from kvcompile.store.errors import (EntryRefusedError, EntryTooLargeError, StoreError,  # noqa: F401
-                                    StoreUnavailableError, StoreURLError)
+from kvcompile.store.errors import (ChunkUnavailableError, EntryRefusedError, EntryTooLargeError,  # noqa: F401
+                                    StoreError, StoreUnavailableError, StoreURLError)
 from kvcompile.store.keys import PIECE_TOKENS, CacheKey, records_digest, tokens_hash  # noqa: F401
 
 DEFAULT_URL = "file://~/.cache/kvcompile/store"

@@ -31,3 +31,7 @@ class EntryRefusedError(StoreError, InputError):
 
 class EntryTooLargeError(StoreError, UsageError):
     """An entry bigger than the store's whole size budget."""
+
+
+class ChunkUnavailableError(StoreError, InputError):
+    """A chunk given by its store key alone that the store cannot serve (so it cannot be recomputed)."""

@@ -1,11 +1,12 @@
 """generate_fused(..., store=): fetch the chunk caches the store has, recompute the others.
 
-Each chunk is given as its token ids (or a ChunkCache, used as it is). Its key follows from the
-model (fingerprint, cache kind), the ids and the codec level; every piece of every chunk is
-fetched in one round trip. A chunk whose pieces are missing, refused (corrupt, planted, another
-model) or unreachable (server down) is recomputed with precompute_chunk and, if the store is
-reachable, written back. Nothing the store does can fail the generation: problems are logged on
-the `kvcompile.store` logger and counted in the FetchReport.
+Each chunk is given as its token ids; its key follows from the model (fingerprint, cache kind,
+dtype), the ids and the codec level. Every piece of every chunk is fetched in one round trip. A
+chunk whose pieces are missing, refused (corrupt, planted, another model) or unreachable (server
+down) is recomputed with precompute_chunk and, if the store is reachable, written back. Nothing
+the store does fails the generation: problems are logged on the `kvcompile.store` logger and
+counted in the FetchReport. A ChunkCache is used as it is; a CacheKey (or key string) is fetched
+but cannot be recomputed, so one the store cannot serve raises ChunkUnavailableError.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from kvcompile.fusion.chunks import ChunkCache
 from kvcompile.store.base import KVStore
 from kvcompile.store.chunks import get_chunk_caches, put_chunk_cache
-from kvcompile.store.errors import StoreError
+from kvcompile.store.errors import ChunkUnavailableError, StoreError
 from kvcompile.store.keys import CacheKey, records_digest
 
 log = logging.getLogger("kvcompile.store")
@@ -45,7 +46,10 @@ def resolve_chunks(compiled, chunks: Sequence, store: KVStore, codec_level: Opti
     report = FetchReport()
     wanted = {}  # position in `chunks` -> (token ids, key)
     for index, chunk in enumerate(chunks):
-        if not isinstance(chunk, ChunkCache):
+        if isinstance(chunk, (CacheKey, str)):  # a key alone: fetched, but not recomputable
+            key = CacheKey.parse(chunk)[0] if isinstance(chunk, str) else chunk
+            wanted[index] = (None, key)
+        elif not isinstance(chunk, ChunkCache):
             ids = torch.as_tensor(chunk, dtype=torch.long).reshape(-1).cpu()
             wanted[index] = (ids, CacheKey.for_tokens(ids, fusion.fingerprint, kind, compiled.spec.dtype, codec_level))
     fetched: List[Optional[ChunkCache]] = [None] * len(wanted)
@@ -72,6 +76,10 @@ def resolve_chunks(compiled, chunks: Sequence, store: KVStore, codec_level: Opti
             report.fetched_kv_bytes += sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
             resolved[index] = cache
             continue
+        if ids is None:
+            why = "; ".join(report.problems) or "not in the store"
+            raise ChunkUnavailableError(f"chunk {index} ({key}) cannot be fetched ({why}) and, given by its key alone, "
+                                        "cannot be recomputed: pass its token ids instead")
         resolved[index] = compiled.precompute_chunk(ids)
         report.recomputed += 1
         if reachable and write_back:

@@ -97,3 +97,17 @@ def test_redis_stopped_mid_run_falls_back_then_recovers(compiled, redis_server, 
         assert compiled.fusion.last_store_report.hits == 2
     finally:
         server.stop()
+
+
+def test_chunks_given_by_key(compiled, tmp_path):
+    from kvcompile.store import ChunkUnavailableError
+
+    docs, query = documents(seed=4)
+    expected = on_the_spot(compiled, docs, query)
+    store = open_store(f"file://{tmp_path}")
+    compiled.generate_fused(docs, query, store=store, **FUSED)
+    keys = [CacheKey.for_tokens(d, compiled.fusion.fingerprint, "full", compiled.spec.dtype) for d in docs]
+    assert torch.equal(compiled.generate_fused([keys[0], str(keys[1])], query, store=store, **FUSED), expected)
+    store.delete(keys[1].piece(0))
+    with pytest.raises(ChunkUnavailableError, match="chunk 1 .* cannot be recomputed: pass its token ids"):
+        compiled.generate_fused(keys, query, store=store, **FUSED)
