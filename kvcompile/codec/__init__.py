@@ -88,19 +88,55 @@ def encode(kv, level: int = DEFAULT_LEVEL, chunk_tokens: int = CHUNK_TOKENS, fin
 
 def decode_chunk(header: Header, index: int, data: bytes, device="cpu"):
     """Chunk `index` (its bytes, CRC already checked by iter_chunks) -> (keys, values), each
-    [layers, kv_heads, tokens of the chunk, head_dim] in the encoded dtype on `device`."""
+    [layers, kv_heads, tokens of the chunk, head_dim] in the encoded dtype on `device`; on a CUDA
+    device the GPU decoder (the kvcompile::kv_decode op) decodes it."""
+    if torch.device(device).type == "cuda":
+        out = _decode_on_gpu(header, [(index, data)], device)
+        return out[0], out[1]
     rows = chunk_codec.decode_chunk_rows(header, index, data)
     dtype = getattr(torch, header.dtype)
     return tuple(_from_rows(rows[w], header.kv_heads, header.head_dim).to(device=device, dtype=dtype).contiguous()
                  for w in chunk_codec.SIDES)
 
 
+def _decode_on_gpu(header: Header, chunks, device) -> torch.Tensor:
+    """[(index, bytes)] of chunks with the same token count -> [2, L, Hkv, Σ tokens, D] on `device`."""
+    from kvcompile.ops.kv_decode.definition import decode_chunks
+
+    tokens = {header.chunk_span(index)[1] for index, _ in chunks}
+    if len(tokens) != 1:
+        raise ValueError("_decode_on_gpu takes chunks of one token count")
+    count = tokens.pop()
+    fixed = chunk_codec.Layout.of(header, count).words
+    for index, data in chunks:  # before any allocation sized by the header
+        if len(data) < fixed or len(data) % 4:
+            raise BitstreamError(f"KV bitstream chunk {index} is shorter than its fixed part or not whole words")
+    return decode_chunks(header, [data for _, data in chunks], device=device, tokens=count)
+
+
 def decode(blob: bytes, device="cpu"):
-    """bitstream -> (keys, values) [layers, kv_heads, tokens, head_dim] in the encoded dtype."""
+    """bitstream -> (keys, values) [layers, kv_heads, tokens, head_dim] in the encoded dtype; on a
+    CUDA device the GPU decoder decodes every full chunk in one launch."""
     stream = io.BytesIO(blob)
     header = read_header(stream)
     dtype = getattr(torch, header.dtype)
     shape = (header.layers, header.kv_heads, header.tokens, header.head_dim)
+    if torch.device(device).type == "cuda":
+        chunks = list(iter_chunks(stream, header))  # read and checked before allocating
+        for index, data in chunks:
+            if len(data) < chunk_codec.Layout.of(header, header.chunk_span(index)[1]).words:
+                raise BitstreamError(f"KV bitstream chunk {index} is shorter than its fixed part")
+        keys = torch.empty(shape, dtype=dtype, device=device)
+        values = torch.empty_like(keys)
+        full = [(i, d) for i, d in chunks if header.chunk_span(i)[1] == header.chunk_tokens]
+        short = [(i, d) for i, d in chunks if header.chunk_span(i)[1] != header.chunk_tokens]
+        for group in (full, short):
+            if group:
+                out = _decode_on_gpu(header, group, device)
+                start = header.chunk_span(group[0][0])[0]
+                keys[:, :, start:start + out.shape[3]] = out[0]
+                values[:, :, start:start + out.shape[3]] = out[1]
+        return keys, values
     keys, values = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
     for index, data in iter_chunks(stream, header):
         start, count = header.chunk_span(index)

@@ -123,6 +123,11 @@ def test_kernel_equals_the_cpu_decoder(level, dtype):
         got = decode_chunks(header, chunks, device="cuda")
         keys, values = codec.decode(blob)
         assert torch.equal(got[0].cpu(), keys) and torch.equal(got[1].cpu(), values), (level, dtype, shape)
+    # the public API on CUDA: full chunks in one launch, the short last one in another
+    blob, header, _ = encoded(level, dtype, tokens=100, chunk_tokens=32)
+    keys, values = codec.decode(blob)
+    got_keys, got_values = codec.decode(blob, device="cuda")
+    assert got_keys.is_cuda and torch.equal(got_keys.cpu(), keys) and torch.equal(got_values.cpu(), values)
 
 
 @pytest.mark.gpu

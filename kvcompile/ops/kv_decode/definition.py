@@ -138,9 +138,9 @@ def _(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv
     return data.new_empty((2, layers, kv_heads, chunks * tokens, head_dim), dtype=DTYPES[dtype])
 
 
-def decode_chunks(header, chunks, device="cpu") -> Tensor:
-    """Convenience: full chunks (bytes, CRCs checked by the caller) of one codec Header, all of
-    `header.chunk_tokens` tokens -> [2, L, Hkv, N·tokens, D] on `device` through the op."""
+def decode_chunks(header, chunks, device="cpu", tokens=None) -> Tensor:
+    """Convenience: chunks (bytes, CRCs checked by the caller) of one codec Header, all of
+    `tokens` tokens (default header.chunk_tokens) -> [2, L, Hkv, N·tokens, D] on `device`."""
     offsets, parts, at = [], [], 0
     for data in chunks:
         offsets.append(at)
@@ -152,5 +152,5 @@ def decode_chunks(header, chunks, device="cpu") -> Tensor:
     from kvcompile.codec.quantise import LEVELS
 
     return kv_decode(blob, torch.tensor(offsets, dtype=torch.int64, device=device), bank_cdf, halves, table_base,
-                     steps, header.layers, header.kv_heads, header.head_dim, header.chunk_tokens, header.group,
+                     steps, header.layers, header.kv_heads, header.head_dim, tokens or header.chunk_tokens, header.group,
                      int(LEVELS[header.level].log_scales), NAMES.index(header.dtype))
