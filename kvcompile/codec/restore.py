@@ -78,8 +78,26 @@ def append_context(cache, keys: torch.Tensor, values: torch.Tensor) -> None:
                  [v[None].to(cache.device, cache.dtype) for v in values.unbind(0)], valid, positions)
 
 
+def restore_runner(model, header):
+    """(data [B] uint8, chunk_offsets [N] int64) -> [past_key.0, past_value.0, ...] for whole chunks
+    of `header`'s level and size: an ONNX artifact's restore.onnx when it was exported for them,
+    else the restore graph (passes/restore_from_codec.py: the kv_decode op, CUDA kernel on a GPU)."""
+    graph = ((getattr(model, "manifest", None) or {}).get("graphs") or {}).get("restore")
+    if graph and (graph["level"], graph["chunk_tokens"]) == (header.level, header.chunk_tokens):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model.artifact_dir / graph["file"]), providers=model.providers)
+        return lambda data, offsets: [torch.from_numpy(a) for a in session.run(
+            None, {"data": data.numpy(), "chunk_offsets": offsets.numpy()})]
+    from kvcompile.passes.restore_from_codec import restore_graph
+
+    module = restore_graph(model.spec, header.level, header.chunk_tokens).to(model.device)
+    return lambda data, offsets: list(module(data.to(model.device), offsets.to(model.device)))
+
+
 def restore_cache(model, source, extra_capacity: int = 0):
-    """A new batch-1 cache holding the decoded context (kvcompile.runtime.cache.KVCacheManager)."""
+    """A new batch-1 cache holding the decoded context (kvcompile.runtime.cache.KVCacheManager):
+    the whole chunks in one restore-graph call, a short last chunk through the codec."""
     import kvcompile.codec as codec
 
     if isinstance(source, tuple):  # already decoded (keys, values)
@@ -90,8 +108,21 @@ def restore_cache(model, source, extra_capacity: int = 0):
     header, stream = open_context(source)
     check_context(model, header)
     cache = model.new_cache(1, header.tokens + extra_capacity)
-    for index, data in codec.iter_chunks(stream, header):
-        keys, values = codec.decode_chunk(header, index, data, device=model.device)
+    chunks = [data for _, data in codec.iter_chunks(stream, header)]
+    whole = header.tokens // header.chunk_tokens
+    if whole:
+        offsets, at = [], 0
+        for data in chunks[:whole]:
+            offsets.append(at)
+            at += len(data) + (-len(data) % 4)  # the op reads chunks at 4-byte offsets
+        data = torch.frombuffer(bytearray(b"".join(c + b"\0" * (-len(c) % 4) for c in chunks[:whole])),
+                                dtype=torch.uint8)
+        outputs = restore_runner(model, header)(data, torch.tensor(offsets, dtype=torch.int64))
+        values = [v.transpose(1, 2) if model.spec.layers[i].host_values else v
+                  for i, v in enumerate(outputs[1::2])]  # back to [1, Hkv, T, D] for append
+        append_context(cache, torch.cat(outputs[0::2]), torch.cat(values))
+    for index in range(whole, header.chunks):
+        keys, values = codec.decode_chunk(header, index, chunks[index], device=model.device)
         append_context(cache, keys, values)
     return cache
 

@@ -38,6 +38,7 @@ from kvcompile.errors import OnnxExportError  # noqa: F401  (raised here)
 
 PREFILL_FILE, DECODE_FILE, WEIGHTS_FILE = "prefill.onnx", "decode.onnx", "weights.data"
 CHECK_FILE, CHECK_WEIGHTS_FILE = "check.onnx", "check.data"  # fusion's check graph (export --fuse)
+RESTORE_FILE = "restore.onnx"  # a compressed context decoded into the cache (export --codec)
 # Above this many bytes of weights the graphs reference one shared external file. Protobuf
 # cannot hold more than 2 GB, so anything near that must be external; below it a single
 # self-contained file is handier.
@@ -259,6 +260,8 @@ def export_onnx(
         if fuse_check_layer is not None:
             fields["graphs"]["check"] = export_check_graph(module, spec, folder, cache_config, fuse_check_layer,
                                                            external_data_threshold, check)
+        if shared.get("codec"):
+            fields["graphs"]["restore"] = export_restore_graph(spec, folder, shared["codec"], check)
         has_tokenizer = copy_tokenizer_files(source_dir, folder / "tokenizer")
         return {**shared, **fields, "tokenizer": "tokenizer" if has_tokenizer else None}
 
@@ -283,6 +286,38 @@ def export_check_graph(module, spec: GraphSpec, folder: Path, cache_config, laye
         check_graph(folder / CHECK_FILE)
     return {"file": CHECK_FILE, "layer": layer, "outputs": list(outputs),
             "learned_positions": uses_learned_positions(module)}
+
+
+def export_restore_graph(spec: GraphSpec, folder: Path, codec: dict, check: bool) -> dict:
+    """restore.onnx: whole chunks of a codec bitstream decoded into the cache tensors
+    (passes/restore_from_codec.py), the kv_decode node carrying its function body."""
+    from kvcompile.passes.restore_from_codec import output_names, restore_graph
+
+    level, chunk_tokens = int(codec["level"]), int(codec["chunk_tokens"])
+    graph = restore_graph(spec, level, chunk_tokens)
+    example = (torch.zeros(64, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(graph, example, dynamo=True, optimize=False,
+                                        opset_version=onnx_domain.STANDARD_OPSET,
+                                        dynamic_shapes=({0: Dim.AUTO}, {0: Dim.AUTO}),
+                                        input_names=["data", "chunk_offsets"], output_names=output_names(spec),
+                                        custom_translation_table=translation_table(None), verbose=False)
+    except Exception as err:
+        raise OnnxExportError(f"torch.onnx could not export the restore graph: {_summary(err)}") from err
+    model = program.model_proto
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    del model.functions[:]
+    model.functions.extend(onnx_domain.function_protos(["kv_decode"]))
+    if not any(o.domain == onnx_domain.DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(onnx_domain.DOMAIN, onnx_domain.DOMAIN_VERSION))
+    onnx.save_model(model, str(folder / RESTORE_FILE))
+    if check:
+        check_graph(folder / RESTORE_FILE)
+    return {"file": RESTORE_FILE, "level": level, "chunk_tokens": chunk_tokens,
+            "inputs": ["data", "chunk_offsets"], "outputs": output_names(spec)}
 
 
 def onnx_fields(model: onnx.ModelProto, weights: Optional[str], export_seconds: float) -> dict:

@@ -92,3 +92,45 @@ def test_a_context_that_leaves_no_room_is_refused_up_front(setup):
 
     with pytest.raises(ContextLengthError, match=f"after {CONTEXT} cached"):
         compiled.generate_from_kv((kv.keys, kv.values), query, max_new_tokens=compiled.spec.max_context)
+
+
+def test_the_restore_graph_writes_the_cache_layout_of_kcache_layers():
+    from kvcompile.frontend.tiny_models import tiny_model
+    from kvcompile.passes.restore_from_codec import restore_graph
+
+    compiled = kvcompile.compile(tiny_model("llama"), kvcompile.CacheConfig(kind="kcache", topn=8, full_layers=1))
+    kv = prompt_kv(compiled, torch.randint(3, 200, (64,)))
+    blob = codec.encode((kv.keys, kv.values), level=2, chunk_tokens=32)
+    header, stream = codec.read_header(io.BytesIO(blob)), io.BytesIO(blob)
+    codec.read_header(stream)
+    chunks = [data for _, data in codec.iter_chunks(stream, header)]
+    data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+    outputs = restore_graph(compiled.spec, 2, 32)(data, torch.tensor([0, len(chunks[0])]))
+    keys, values = codec.decode(blob)
+    for layer, record in enumerate(compiled.spec.layers):
+        assert torch.equal(outputs[2 * layer][0], keys[layer])
+        value = outputs[2 * layer + 1][0]
+        assert torch.equal(value.transpose(0, 1) if record.host_values else value, values[layer])
+    assert any(r.host_values for r in compiled.spec.layers) and not compiled.spec.layers[0].host_values
+    restored = compiled.restore_cache(blob)
+    past_keys, past_values = restored.past_all()
+    assert torch.equal(past_keys[1][0], keys[1]) and torch.equal(past_values[1][0].transpose(0, 1), values[1])
+
+
+@pytest.mark.slow
+def test_an_onnx_artifact_restores_through_its_restore_graph(tmp_path):
+    from kvcompile.frontend.tiny_models import tiny_model
+    from kvcompile.runtime.onnxruntime import load_onnx_artifact
+
+    from kvcompile.export import export
+
+    export(tiny_model("llama"), target="onnx", out_dir=tmp_path / "art", codec_level=1)
+    backend = load_onnx_artifact(tmp_path / "art")
+    assert backend.manifest["graphs"]["restore"]["level"] == 1
+    kv = prompt_kv(backend, torch.randint(3, 200, (300,)))
+    blob = codec.encode((kv.keys, kv.values), level=1, fingerprint=kv.fingerprint)  # 1 whole chunk + 44 tokens
+    keys, values = codec.decode(blob)
+    past_keys, past_values = backend.restore_cache(blob).past_all()
+    for layer in range(backend.spec.num_layers):
+        assert torch.equal(past_keys[layer][0], keys[layer]) and torch.equal(past_values[layer][0], values[layer])
+    assert backend.generate_from_kv(blob, torch.tensor([[5, 6, 7]]), max_new_tokens=3).shape == (1, 6)
