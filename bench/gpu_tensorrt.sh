@@ -127,6 +127,10 @@ if plan.exists():
     print("runtime:", record["runtime_deserialize"])
 (out / "tensorrt_rtx.json").write_text(json.dumps(record, indent=2) + "\n")
 PY
+echo "== kvcompile run --backend tensorrt (TensorRT-RTX's runtime on compute capability 9.0)"
+timeout 120 python3 -m kvcompile.cli.main run "$STASH/ref-kcache" --backend tensorrt --prompt "The" \
+  --max-new-tokens 4 2>&1 | tail -2
+echo "exit code $?"
 for CACHE in kcache full; do
   cp "$STASH/ref-$CACHE/build_engines.sh" "$OUT/build_engines_$CACHE.sh" 2>/dev/null
 done

@@ -138,3 +138,85 @@ def test_manifest_is_checksummed_like_every_artifact(artifact):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"] == "tensorrt" and "plugins/tensorrt/plugin_library.cpp" in manifest["files"]
     assert manifest["graphs"]["decode"]["tokens"] == 1
+
+
+class FakeTensorRT:
+    """Records what build_engine asks of a TensorRT module (the real one is not installable here)."""
+
+    def __init__(self, plugin_layers: bool):
+        fake = self
+        self.calls = {"libraries": [], "shapes": {}, "parsed": None, "flags": [], "serialize": None}
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+        self.NetworkDefinitionCreationFlag = type("Flags", (), {"STRONGLY_TYPED": 1})
+        self.OnnxParserFlag = type("ParserFlags", (), {"ENABLE_PLUGIN_OVERRIDE": 3})
+        self.INetworkDefinition = type("Network", (), {"add_plugin_v3": None} if plugin_layers else {})
+
+        class Config:
+            plugins_to_serialize = []
+
+            def add_optimization_profile(self, profile):
+                pass
+
+        class Profile:
+            def set_shape(self, name, low, opt, high):
+                fake.calls["shapes"][name] = (low, opt, high)
+
+        class Registry:
+            def load_library(self, path):
+                fake.calls["libraries"].append(path)
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def get_plugin_registry(self):
+                return Registry()
+
+            def create_network(self, flags):
+                return fake.INetworkDefinition()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls["serialize"] = getattr(config, "plugins_to_serialize", None)
+                return b"plan bytes"
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def set_flag(self, flag):
+                fake.calls["flags"].append(flag)
+
+            def parse(self, model_bytes, path):
+                fake.calls["parsed"] = onnx.ModelProto.FromString(model_bytes)
+                return True
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+@pytest.mark.parametrize("plugin_layers", [False, True])
+def test_engine_build_takes_plugins_only_where_the_builder_has_plugin_layers(artifact, tmp_path, plugin_layers):
+    from kvcompile.export.tensorrt_engines import build_engine
+
+    out, module, _ = artifact
+    fake = FakeTensorRT(plugin_layers)
+    shapes = input_shapes(module.spec, "decode", EngineProfile(max_batch=2, max_context=64))
+    library = tmp_path / "libkvcompile_trt_plugins.so"
+    result = build_engine(fake, out / "decode.onnx", shapes, tmp_path / "decode.plan", library, "decode")
+    assert result.built and (tmp_path / "decode.plan").read_bytes() == b"plan bytes"
+    assert fake.calls["shapes"] == shapes  # one profile covering every input
+    named = [n for n in fake.calls["parsed"].graph.node if any(a.name == "plugin_namespace" for a in n.attribute)]
+    if plugin_layers:
+        assert result.kvcompile_nodes == "plugins" and fake.calls["libraries"] == [str(library)]
+        assert fake.calls["serialize"] == [str(library)] and fake.calls["flags"] == [3]
+        assert [n.op_type for n in named] == ["kcache_attention", "kcache_attention"]
+    else:  # TensorRT-RTX: no plugin layers, so the nodes go through their local functions
+        assert result.kvcompile_nodes == "local functions" and fake.calls["libraries"] == []
+        assert named == [] and {f.name for f in fake.calls["parsed"].functions} >= {"kcache_attention"}

@@ -421,6 +421,7 @@ int main(int argc, char** argv) {
   int devices = 0;
   bool const gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
   std::printf("GPU: %s\n", gpu ? "yes (enqueue runs)" : "no (every step but enqueue)");
+  std::printf("(stderr lines 'kvcompile plugin: ...' are the plugins refusing what the harness asks them to refuse)\n");
   std::vector<Case> cases = {
       kcache_case("kcache_f32_head_top64", DataType::kFLOAT, DataType::kFLOAT, 0, 64, 0, 0, 1, 0.f, false),
       kcache_case("kcache_bf16_layer_top32", DataType::kBF16, DataType::kFLOAT, 1, 32, 0, 0, 0, 0.f, false),
