@@ -163,7 +163,7 @@ class Costs:
         kv = tuple(torch.randn(shape, generator=generator).to(getattr(torch, spec.dtype)) for _ in "kv")
         blob = codec.encode(kv, level=codec.DEFAULT_LEVEL, chunk_tokens=tokens)
         start = time.perf_counter()
-        codec.decode(blob, device=model.device)
+        decode_published_chunk(codec.read_header(blob), blob, model.device)
         decode_s = time.perf_counter() - start
         ids = torch.zeros(1, tokens, dtype=torch.long, device=model.device)
         start = time.perf_counter()
@@ -198,6 +198,23 @@ class Planner:
         fetch = sum(self.sizes[smallest][index:]) / throughput_bps + self.costs.decode_s(smallest, self.chunk_tokens[index])
         recompute = sum(self.text_bytes[index:]) / throughput_bps + self.costs.recompute_s(rest, cached)
         return TEXT if recompute < fetch else smallest
+
+
+def decode_published_chunk(header, blob: bytes, device) -> torch.Tensor:
+    """A one-chunk bitstream -> [2, L, Hkv, t, D] through the kv_decode op (the CUDA kernel on a
+    GPU, the codec's reference decoder on the CPU)."""
+    import dataclasses
+    import io
+
+    import kvcompile.codec as codec
+    from kvcompile.ops.kv_decode.definition import decode_chunks
+
+    stream = io.BytesIO(blob)
+    codec.read_header(stream)
+    chunks = [data for _, data in codec.iter_chunks(stream, header)]
+    if len(chunks) != 1:
+        raise StreamingError(f"a published chunk holds {len(chunks)} chunks, not 1")
+    return decode_chunks(dataclasses.replace(header, chunk_tokens=header.tokens), chunks, device)
 
 
 # --- the loader -------------------------------------------------------------------------------
@@ -295,8 +312,8 @@ class StreamingLoader:
                     if header.tokens != spans[index]:
                         raise StreamingError(f"chunk {index} of {self.context!r} holds {header.tokens} tokens, "
                                              f"not {spans[index]}")
-                    keys, values = codec.decode(data, device=self.model.device)
-                    append_context(cache, keys, values)
+                    kv = decode_published_chunk(header, data, self.model.device)
+                    append_context(cache, kv[0], kv[1])
                 report.chunks.append(ChunkRecord(index, choice, len(data), fetch_s, time.perf_counter() - compute,
                                                  self.throughput_bps))
                 if index + 1 < len(spans):

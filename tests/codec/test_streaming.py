@@ -77,6 +77,18 @@ def test_directory_and_socket_sources_serve_the_same_bytes(setup, tmp_path):
     assert not server.is_alive()
 
 
+def test_the_kv_store_is_a_source(setup, tmp_path):
+    from kvcompile.store import open_store
+
+    compiled, ids, store, _, costs = setup
+    with open_store(f"file://{tmp_path}/store") as kv_store:
+        for key, data in store.items():
+            kv_store.put(key, data)
+        cache, report = streaming.StreamingLoader(compiled, kv_store, "ctx", deadline_s=30.0, costs=costs,
+                                                  levels=(2,)).load()
+    assert [c.choice for c in report.chunks] == [2] * CHUNKS and cache.length == CHUNK * CHUNKS
+
+
 def test_a_fast_link_gets_the_best_level_everywhere(setup):
     compiled, ids, store, _, costs = setup
     loader = streaming.StreamingLoader(compiled, store, "ctx", deadline_s=30.0, costs=costs, levels=(1, 2, 3))
