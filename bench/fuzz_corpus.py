@@ -179,7 +179,8 @@ def decode_one(blob: bytes, originals: dict, level: int, timeout_s: float) -> di
     return outcome
 
 
-def run(count: int, seed: int, timeout_s: float = 2.0, out=None, families=("raw", "resealed")) -> dict:
+def run(count: int, seed: int, timeout_s: float = 2.0, out=None, families=("raw", "resealed"),
+        keep_errors: bool = False) -> dict:
     """Decode `count` mutants; -> counts per outcome, survivors, and findings (one example per
     kind of finding: exception type and family)."""
     import kvcompile.codec as codec
@@ -204,14 +205,15 @@ def run(count: int, seed: int, timeout_s: float = 2.0, out=None, families=("raw"
             continue
         key = f"{family}:{result['outcome']}"
         tally[key] = tally.get(key, 0) + 1
-        if result["outcome"] != "error":
+        if result["outcome"] != "error" or (keep_errors and family == "resealed.chunk"):
             survivors.append({"index": index, "family": family, "level": level, "mutation": what,
-                              "outcome": result["outcome"], "finite": result["finite"], "data": data})
+                              "outcome": result["outcome"], "finite": result.get("finite"), "data": data})
     seconds = time.perf_counter() - start
     if out is not None:
         write_corpus(Path(out), survivors, blobs, seed)
     return {"count": count, "seed": seed, "seconds": round(seconds, 2), "tally": dict(sorted(tally.items())),
-            "survivors": len(survivors), "findings": findings}
+            "survivors": sum(item["outcome"] != "error" for item in survivors), "corpus": len(survivors),
+            "findings": findings}
 
 
 def write_corpus(folder: Path, survivors: list, blobs: dict, seed: int) -> None:
@@ -227,9 +229,29 @@ def write_corpus(folder: Path, survivors: list, blobs: dict, seed: int) -> None:
     (folder / "index.json").write_text(json.dumps({"seed": seed, "files": index}, indent=1) + "\n")
 
 
+def decode_through_op(blob: bytes, device: str):
+    """The header and CRCs on the CPU, the chunks through the kv_decode op on `device` (on CUDA
+    the kernel: what compute-sanitizer watches), whole chunks in one launch."""
+    import io
+
+    import kvcompile.codec as codec
+    from kvcompile.ops.kv_decode.definition import decode_chunks
+
+    stream = io.BytesIO(blob)
+    header = codec.read_header(stream)
+    chunks = [data for _, data in codec.iter_chunks(stream, header)]
+    whole = header.tokens // header.chunk_tokens
+    parts = [decode_chunks(header, chunks[:whole], device)] if whole else []
+    if whole < header.chunks:
+        tail = dataclasses.replace(header, chunk_tokens=header.tokens - whole * header.chunk_tokens)
+        parts.append(decode_chunks(tail, chunks[whole:], device))
+    kv = torch.cat(parts, dim=3)
+    return kv[0], kv[1]
+
+
 def replay(folder: Path, device: str) -> dict:
-    """Decode every file of a corpus on `device` and compare with the CPU decoder: the same
-    error, or the same tensors. Run it under compute-sanitizer to check a GPU decoder's reads."""
+    """Decode every file of a corpus with codec.decode and through the kv_decode op on `device`:
+    the same error, or the same tensors. Run it under compute-sanitizer to check a GPU decoder's reads and writes."""
     import kvcompile.codec as codec
 
     index = json.loads((folder / "index.json").read_text())
@@ -237,15 +259,15 @@ def replay(folder: Path, device: str) -> dict:
     for item in index["files"]:
         blob = (folder / item["file"]).read_bytes()
         outcomes = []
-        for where in ("cpu", device):
+        for decode in (codec.decode, lambda data: decode_through_op(data, device)):
             try:
-                keys, values = codec.decode(blob, device=where)
+                keys, values = decode(blob)
                 outcomes.append((keys.cpu(), values.cpu()))
             except codec.BitstreamError:
                 outcomes.append(None)
         cpu, other = outcomes
         same = (cpu is None and other is None) or (cpu is not None and other is not None and all(
-            torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
+            torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
             for a, b in zip(cpu, other)))
         agree += bool(same)
         if not same:
@@ -271,6 +293,8 @@ def main(argv=None) -> int:
     parser.add_argument("--families", default="raw,resealed", help="comma-separated: raw, resealed.chunk, "
                         "resealed.header (resealed = both)")
     parser.add_argument("--memory-gib", type=float, default=3.0, help="heap limit of this process")
+    parser.add_argument("--keep-errors", action="store_true", help="also write the resealed chunk mutants the "
+                        "CPU decoder refuses (their headers are valid, so a GPU decoder reads their chunks)")
     parser.add_argument("--replay", help="instead: decode a corpus folder's files on --device and on the CPU")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
@@ -278,7 +302,8 @@ def main(argv=None) -> int:
         print(json.dumps(replay(Path(args.replay), args.device), indent=1))
         return 0
     limit_memory(args.memory_gib)
-    print(json.dumps(run(args.count, args.seed, args.timeout_s, args.out, tuple(args.families.split(","))), indent=1))
+    print(json.dumps(run(args.count, args.seed, args.timeout_s, args.out, tuple(args.families.split(",")),
+                                args.keep_errors), indent=1))
     return 0
 
 

@@ -5,10 +5,13 @@
 #      "KCache's host-resident V")
 #   2. codec decode on the GPU at two sizes: one 256-token chunk of 8B-shaped KV, and one KCache
 #      step's rows (1 Mi values): GB/s of fp16 produced, the input of bench/sim_codec_streaming.py
-#   3. the fuzz corpus (bench/fuzz_corpus.py, 10,000 mutants) decoded on the GPU and on the CPU,
-#      under compute-sanitizer memcheck: the same outcome each, and no out-of-bounds access
+#   2b. time to first token from a restored context vs prefill, reference model on the GPU
+#   3. the fuzz corpus (bench/fuzz_corpus.py, 10,000 mutants; the survivors and the resealed chunks
+#      the CPU refuses) decoded by the kv_decode kernel and by the CPU decoder, under
+#      compute-sanitizer memcheck: the same outcome each, and no out-of-bounds access
 #   4. the streaming simulation again with the decode rate of step 2
-# Everything lands under $OUT (logs, floors.json, codec_decode.json, fuzz replay, codec_streaming.*).
+# Everything lands under $OUT (logs, floors.json, codec_decode.json, codec_restore.json, fuzz replay,
+# codec_streaming.*).
 #   OUT=/tmp/out bash bench/gpu_codec_runtime.sh        # ~6 min on an H200
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,27 +42,37 @@ out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date
 shapes = {"8B chunk (32 layers, 8 KV heads, 256 tokens, d 128)": (32, 8, 256, 128),
           "KCache step rows (8 seq x 8 heads x 128 rows, d 128)": (1, 8, 8 * 128, 128)}
 generator = torch.Generator().manual_seed(0)
+from kvcompile.ops.kv_decode.definition import decode_chunks
 for name, shape in shapes.items():
     kv = tuple((torch.randn(shape, generator=generator) * 0.5).to(torch.bfloat16) for _ in "kv")
     for level in (1, 2, 3):
         blob = codec.encode(kv, level=level, chunk_tokens=shape[2])
-        codec.decode(blob, device="cuda"); torch.cuda.synchronize()
+        import io
+        stream = io.BytesIO(blob); header = codec.read_header(stream)
+        chunks = [d for _, d in codec.iter_chunks(stream, header)]
+        decode = lambda: decode_chunks(header, chunks, "cuda")  # the kv_decode op: the CUDA kernel
+        decode(); torch.cuda.synchronize()
         best = float("inf")
         for _ in range(5):
             torch.cuda.synchronize(); start = time.perf_counter()
-            codec.decode(blob, device="cuda"); torch.cuda.synchronize()
+            decode(); torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
         fp16 = 2 * 2 * kv[0].numel()
         row = {"shape": name, "level": level, "bytes": len(blob), "decode_us": round(best * 1e6, 1),
-               "gbps_fp16_out": round(fp16 / best / 1e9, 4)}
+               "gbps_fp16_out": round(fp16 / best / 1e9, 4), "note": "one op call incl. host->device copy of the bytes"}
         out["rows"].append(row); print(row)
 json.dump(out, open(f"{sys.argv[1]}/codec_decode.json", "w"), indent=1)
 PY
 echo "decode: ${SECONDS}s"
 
+echo "== 2b. restore vs prefill on the GPU (reference model; restore graph = kv_decode kernel)"
+SECONDS=0
+timeout 240 python3 bench/bench_codec_restore.py --out "$OUT" --device cuda --repeats 5 || echo "restore bench failed"
+echo "restore: ${SECONDS}s"
+
 echo "== 3. fuzz corpus: CPU vs GPU decode, under compute-sanitizer memcheck"
 SECONDS=0
-timeout 200 python3 bench/fuzz_corpus.py --count 10000 --out "$OUT/fuzz_corpus" > "$OUT/fuzz_cpu.json"
+timeout 200 python3 bench/fuzz_corpus.py --count 10000 --keep-errors --out "$OUT/fuzz_corpus" > "$OUT/fuzz_cpu.json"
 tail -20 "$OUT/fuzz_cpu.json"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 --log-file "$OUT/memcheck.log" \

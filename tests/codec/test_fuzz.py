@@ -38,6 +38,8 @@ def test_mutated_bitstreams_fail_with_the_codec_error(tmp_path):
     index = json.loads((tmp_path / "index.json").read_text())
     assert sum(item["family"] != "seed" for item in index["files"]) == report["survivors"]
     assert all((tmp_path / item["file"]).is_file() for item in index["files"])
+    replayed = fuzz("--replay", str(tmp_path), "--device", "cpu")  # through the kv_decode op
+    assert replayed["agree"] == replayed["files"] == len(index["files"])
 
 
 @pytest.mark.slow
