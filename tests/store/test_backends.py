@@ -162,3 +162,16 @@ def test_pieces_that_disagree_with_their_key_are_refused(store_url):
                                                   if k not in ("key", "created", "expires", "payload_bytes", "checksum")})
         with pytest.raises(EntryRefusedError, match="does not match its key \\(cache_kind differ"):
             get_chunk_cache(store, other)
+
+
+def test_redis_pool_is_shared_by_threads(redis_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with open_store(redis_url + "?max_connections=4") as store:
+        def work(i):
+            store.put(f"pool/{i % 5}", bytes([i]) * 50_000, {"i": i})
+            entry = store.get_entry(f"pool/{i % 5}")
+            return entry.payload == bytes([entry.meta["i"]]) * 50_000
+        with ThreadPoolExecutor(16) as threads:
+            assert all(threads.map(work, range(200)))
+        assert 1 <= len(store.pool._connections) <= 4  # the pool made at most 4, the threads waited their turn
