@@ -12,7 +12,7 @@
 #   4. the streaming simulation again with the decode rate of step 2
 # Everything lands under $OUT (logs, floors.json, codec_decode.json, codec_restore.json, fuzz replay,
 # codec_streaming.*).
-#   OUT=/tmp/out bash bench/gpu_codec_runtime.sh        # ~6 min on an H200
+#   OUT=/tmp/out bash bench/gpu_codec_runtime.sh        # ~8 min on an H200
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
