@@ -67,7 +67,9 @@ def profile_for(spec: GraphSpec, max_batch: Optional[int] = None, max_context: O
     never exceeds the model's."""
     model_limit = spec.max_context or 1 << 30
     top = min(max_context or DEFAULT_MAX_CONTEXT, model_limit)
-    return EngineProfile(max_batch=max_batch or EngineProfile.max_batch, max_context=max(top, 2))
+    top = max(top, 2)
+    return EngineProfile(max_batch=max_batch or EngineProfile.max_batch, max_context=top,
+                         opt_context=min(EngineProfile.opt_context, top - 1))
 
 
 def input_shapes(spec: GraphSpec, role: str, profile: EngineProfile) -> Shapes:
