@@ -242,12 +242,21 @@ class StreamReport:
 
 
 class StreamingLoader:
-    """Load a published context into `model`'s cache under a deadline, then run the query."""
+    """Load a published context into `model`'s cache under a deadline (for the whole context to
+    be in the cache; the query's prefill comes after it), then run the query. `levels` limits the
+    levels the planner may pick; `initial_throughput_bps` is its guess before the first fetch."""
 
     def __init__(self, model, source, context: str, deadline_s: float, costs: Optional[Costs] = None,
                  initial_throughput_bps: float = 1.25e9, levels=None):
+        from kvcompile.codec.restore import RestoreMismatchError
+        from kvcompile.fusion.chunks import model_fingerprint
+
         self.model, self.source, self.context = model, source, context
         self.meta = self._meta()
+        expected = model_fingerprint(model.spec, model.model_config)
+        if self.meta.get("fingerprint") and self.meta["fingerprint"] != expected:
+            raise RestoreMismatchError(f"context {context!r} was computed by another model (fingerprint "
+                                       f"{self.meta['fingerprint']}, this model {expected})")
         sizes = {int(level): list(map(int, sizes)) for level, sizes in self.meta["bytes"].items()
                  if levels is None or int(level) in levels}
         if not sizes:
