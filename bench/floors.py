@@ -6,7 +6,9 @@
     host_to_device_bytes_per_s()  pinned host -> device copy (1 GiB); nan without CUDA
     host_gather_bytes_per_s(row)  zero-copy gather of random rows of `row` bytes from pinned host
                                   memory into the device (kvc_host_row_gather, the access pattern
-                                  of KCache's value fetch); nan without CUDA
+                                  of KCache's value fetch), the faster of a 128 MiB and a 1 GiB
+                                  buffer (small rows over a large buffer are slower: the GPU's
+                                  translations of host pages miss); nan without CUDA
     link_rate(row)                the gather rate for any row size, log-interpolated between the
                                   measured sizes (GATHER_ROW_BYTES)
 
@@ -31,6 +33,7 @@ import torch
 
 GATHER_ROW_BYTES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 GATHER_BYTES_PER_CALL = 32 << 20  # ~16x what one KCache decode step fetches per layer
+GATHER_FOOTPRINTS = (128 << 20, 1 << 30)  # host buffer sizes the rows are drawn from
 _from_file: dict = {}  # figures read by use_floors_file, by function name
 
 
@@ -68,10 +71,10 @@ def _best_event_seconds(fn, repeats: int = 5) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def hbm_copy_bytes_per_s(device: str = "") -> float:
+def hbm_copy_bytes_per_s() -> float:
     if "hbm_copy_bytes_per_s" in _from_file:
         return _from_file["hbm_copy_bytes_per_s"]
-    device = torch.device(device) if device else running_device()
+    device = running_device()
     size = (1 << 30) if device.type == "cuda" else (256 << 20)
     source = torch.empty(size, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
@@ -81,10 +84,10 @@ def hbm_copy_bytes_per_s(device: str = "") -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def hbm_read_bytes_per_s(device: str = "") -> float:
+def hbm_read_bytes_per_s() -> float:
     if "hbm_read_bytes_per_s" in _from_file:
         return _from_file["hbm_read_bytes_per_s"]
-    device = torch.device(device) if device else running_device()
+    device = running_device()
     size = (2 << 30) if device.type == "cuda" else (256 << 20)
     source = torch.ones(size // 4, dtype=torch.float32, device=device)  # ones, not zeros
     seconds = _best_seconds(lambda: source.sum(), device)
@@ -92,16 +95,16 @@ def hbm_read_bytes_per_s(device: str = "") -> float:
     return size / seconds
 
 
-def hbm_bytes_per_s(device: str = "") -> float:
+def hbm_bytes_per_s() -> float:
     """The rate a floor divides HBM bytes read by: the faster measured way of moving them."""
-    return max(hbm_read_bytes_per_s(device), hbm_copy_bytes_per_s(device))
+    return max(hbm_read_bytes_per_s(), hbm_copy_bytes_per_s())
 
 
 @functools.lru_cache(maxsize=None)
-def host_to_device_bytes_per_s(device: str = "") -> float:
+def host_to_device_bytes_per_s() -> float:
     if "host_to_device_bytes_per_s" in _from_file:
         return _from_file["host_to_device_bytes_per_s"]
-    device = torch.device(device) if device else running_device()
+    device = running_device()
     if device.type != "cuda":
         return float("nan")  # no host link to measure
     size = 1 << 30
@@ -124,32 +127,47 @@ def _gather_library():
 
 
 @functools.lru_cache(maxsize=None)
-def host_gather_table() -> tuple:
-    """((row bytes, bytes/s), ...) for GATHER_ROW_BYTES: random distinct rows of a 1 GiB pinned
-    buffer, GATHER_BYTES_PER_CALL per call; empty without CUDA."""
-    if "host_gather_bytes_per_s" in _from_file:
-        return tuple((int(row), rate) for row, rate in _from_file["host_gather_bytes_per_s"].items())
+def host_gather_by_footprint() -> dict:
+    """{footprint bytes: ((row bytes, bytes/s), ...)}: random distinct rows of a pinned buffer
+    of each GATHER_FOOTPRINTS size, GATHER_BYTES_PER_CALL (at most half the buffer) per call;
+    empty without CUDA."""
+    if "host_gather_by_footprint" in _from_file:
+        return {int(size): tuple((int(row), rate) for row, rate in table.items())
+                for size, table in _from_file["host_gather_by_footprint"].items()}
     if not torch.cuda.is_available():
-        return ()
+        return {}
     lib = _gather_library()
-    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    host = torch.empty(max(GATHER_FOOTPRINTS), dtype=torch.uint8, pin_memory=True)
     host.random_(0, 256)  # never zeros: timing on zeros can flatter
     out = torch.empty(GATHER_BYTES_PER_CALL, dtype=torch.uint8, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
-    table = []
-    for row_bytes in GATHER_ROW_BYTES:
-        count = GATHER_BYTES_PER_CALL // row_bytes
-        rows = torch.randperm(host.numel() // row_bytes, device="cuda")[:count].to(torch.int32)
+    tables = {}
+    for footprint in GATHER_FOOTPRINTS:
+        table = []
+        for row_bytes in GATHER_ROW_BYTES:
+            count = min(GATHER_BYTES_PER_CALL, footprint // 2) // row_bytes
+            rows = torch.randperm(footprint // row_bytes, device="cuda")[:count].to(torch.int32)
 
-        def gather():
-            code = lib.kvc_host_row_gather(host.data_ptr(), row_bytes, rows.data_ptr(), count,
-                                           out.data_ptr(), stream)
-            if code != 0:
-                raise RuntimeError(lib.kvc_host_row_gather_error().decode())
+            def gather():
+                code = lib.kvc_host_row_gather(host.data_ptr(), row_bytes, rows.data_ptr(), count,
+                                               out.data_ptr(), stream)
+                if code != 0:
+                    raise RuntimeError(lib.kvc_host_row_gather_error().decode())
 
-        table.append((row_bytes, count * row_bytes / _best_event_seconds(gather)))
+            table.append((row_bytes, count * row_bytes / _best_event_seconds(gather)))
+        tables[footprint] = tuple(table)
     del host, out
-    return tuple(table)
+    return tables
+
+
+def host_gather_table() -> tuple:
+    """((row bytes, bytes/s), ...): per row size the fastest footprint's rate (the floor)."""
+    if "host_gather_bytes_per_s" in _from_file and "host_gather_by_footprint" not in _from_file:
+        return tuple((int(row), rate) for row, rate in _from_file["host_gather_bytes_per_s"].items())
+    tables = host_gather_by_footprint()
+    if not tables:
+        return ()
+    return tuple((row, max(dict(table)[row] for table in tables.values())) for row in GATHER_ROW_BYTES)
 
 
 def host_gather_bytes_per_s(row_bytes: int) -> float:
@@ -182,9 +200,12 @@ def measure_all() -> dict:
         hbm_bytes_per_s=hbm_bytes_per_s(),
         host_to_device_bytes_per_s=host_to_device_bytes_per_s(),
         host_gather_bytes_per_s={str(row): rate for row, rate in host_gather_table()},
+        host_gather_by_footprint={str(size): {str(row): rate for row, rate in table}
+                                  for size, table in host_gather_by_footprint().items()},
         method="read: sum of 2 GiB fp32; copy: 1 GiB device copy, read + write counted; H2D: 1 GiB "
                "pinned copy; gather: kvc_host_row_gather of 32 MiB of random distinct rows of a "
-               "1 GiB pinned buffer; each best of 5 after a warm-up",
+               "128 MiB and a 1 GiB pinned buffer, the faster per row size; each best of 5 after "
+               "a warm-up",
     )
 
 
@@ -193,9 +214,10 @@ def use_floors_file(path) -> dict:
     floors = json.loads(Path(path).read_text())
     _from_file.clear()
     _from_file.update({key: floors[key] for key in ("hbm_read_bytes_per_s", "hbm_copy_bytes_per_s",
-                                                     "host_to_device_bytes_per_s", "host_gather_bytes_per_s")
+                                                     "host_to_device_bytes_per_s", "host_gather_bytes_per_s",
+                                                     "host_gather_by_footprint")
                        if key in floors})
-    for cached in (hbm_read_bytes_per_s, hbm_copy_bytes_per_s, host_to_device_bytes_per_s, host_gather_table):
+    for cached in (hbm_read_bytes_per_s, hbm_copy_bytes_per_s, host_to_device_bytes_per_s, host_gather_by_footprint):
         cached.cache_clear()
     return floors
 
@@ -222,7 +244,9 @@ def main() -> None:
           f"{floors['hbm_copy_bytes_per_s'] / 1e9:.0f} GB/s, pinned H2D "
           f"{floors['host_to_device_bytes_per_s'] / 1e9:.1f} GB/s")
     for row, rate in floors["host_gather_bytes_per_s"].items():
-        print(f"  zero-copy gather, {row:>5} B rows: {rate / 1e9:.1f} GB/s")
+        by_size = ", ".join(f"{int(size) >> 20} MiB buffer {table[row] / 1e9:.1f}"
+                            for size, table in floors["host_gather_by_footprint"].items())
+        print(f"  zero-copy gather, {row:>5} B rows: {rate / 1e9:.1f} GB/s ({by_size})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 # The one GPU script of the KCache end-to-end benchmark: installs kvcompile, builds (or reuses)
 # the kernel library, then runs bench/bench_kcache_e2e.py at full size (1B-shaped Llama, bf16,
 # 16K context, 24 GiB GPU KV budget). Everything lands under $OUT (log, kcache_e2e.json/.png).
-#   OUT=/tmp/out bash bench/gpu_kcache_e2e.sh [extra bench args]
+#   OUT=/tmp/out bash bench/gpu_kcache_e2e.sh [extra bench args, e.g. --floors DIR/floors.json]
+# (bench/gpu_kcache.sh --score-sweep leaves score_variant.env: source it first to run the
+# fastest score-kernel variant here too)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
@@ -29,5 +31,5 @@ git log -1 --format='HEAD %h %s' 2>/dev/null; git status --short plugins 2>/dev/
 
 echo "== benchmark"
 SECONDS=0
-timeout 470 python3 bench/bench_kcache_e2e.py --out "$OUT" "$@"
+timeout ${E2E_TIMEOUT:-470} python3 bench/bench_kcache_e2e.py --out "$OUT" "$@"
 echo "bench rc=$? in ${SECONDS}s"

@@ -169,7 +169,11 @@ def kvcompile_attention_ms(compiled, cache, args, device):
         fn = lambda: torch.ops.kvcompile.kcache_attention(  # noqa: E731
             query, key, value, past_key, past_value, bias, scale, topn, config.select.value, config.renormalize)
     else:
-        fn = lambda: torch.ops.kvcompile.cached_attention(query, key, value, past_key, past_value, bias, scale)  # noqa: E731
+        from kvcompile.ops.cached_attention import decode_backends
+
+        def fn():  # one shape repeated, as the CUDA-graph decoder runs it (cuDNN is a candidate)
+            with decode_backends.static_past_length():
+                return torch.ops.kvcompile.cached_attention(query, key, value, past_key, past_value, bias, scale)
     eager_ms = time_calls(fn, device, args.warmup, args.steps)
     graph_ms = time_graph(fn, args.steps) if device.type == "cuda" else None
     return eager_ms, graph_ms, uses_kernels

@@ -87,19 +87,24 @@ class CudaGraphDecoder:
         # Warm-up runs (kernel choices, library loads, cuDNN plans) happen eagerly on a side
         # stream, as capture requires; they write the slot of the next token, which the first
         # real step overwrites, and the mask state is restored afterwards.
+        # The past length is fixed from here on, so the full cache's decode may take a kernel
+        # that plans per shape (cuDNN: decode_backends).
+        from kvcompile.ops.cached_attention import decode_backends
+
         valid, positions = self.valid.clone(), self.positions.clone()
         side = torch.cuda.Stream(self.cache.device)
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._body()
-                self.valid.copy_(valid)
-                self.positions.copy_(positions)
-        torch.cuda.current_stream(self.cache.device).wait_stream(side)
-        # "relaxed": the kcache op asks whether its host buffer is pinned (a driver query that
-        # the strict capture mode refuses, though it enqueues nothing)
-        with torch.cuda.graph(self.graph, capture_error_mode="relaxed"):
-            self.logits, self.new_values = self._body()
+        with decode_backends.static_past_length():
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._body()
+                    self.valid.copy_(valid)
+                    self.positions.copy_(positions)
+            torch.cuda.current_stream(self.cache.device).wait_stream(side)
+            # "relaxed": the kcache op asks whether its host buffer is pinned (a driver query
+            # that the strict capture mode refuses, though it enqueues nothing)
+            with torch.cuda.graph(self.graph, capture_error_mode="relaxed"):
+                self.logits, self.new_values = self._body()
 
     @torch.no_grad()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:

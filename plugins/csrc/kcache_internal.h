@@ -22,6 +22,7 @@ struct KCachePlan {
   int rows_per_select;            // query rows summed into one selection row: heads_per_select * T
   int elem_bytes;
   int mma_scores;                 // 1: tensor-core score kernel (16-bit dtype, head_dim <= 256)
+  int score_loads;                // its 16-byte K loads in flight per lane: 16 (2 CTAs/SM) or 8 (4)
   int group_tile;                 // query rows per score CTA (1, 2, 4 or 8; padded with zeros)
   int head_tiles;                 // ceil(GR / group_tile)
   int score_tile;                 // positions per score CTA
@@ -89,8 +90,6 @@ template <> __device__ inline __nv_bfloat16 from_float(float x) { return __float
 // logits [B, QR, S] = capped(q·k·scale) + bias; tile_stats [B, QR, score_tiles] per score CTA.
 cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
                           MaxSum* tile_stats, cudaStream_t stream);
-// Dynamic shared memory of one tensor-core score CTA (its tile of logits, 8 heads).
-size_t score_mma_smem_bytes(const KCachePlan& p);
 // stats [B, QR] = (max, 1 / sum) over all positions and the head's sink (sinks may be NULL).
 cudaError_t launch_softmax_stats(const KCachePlan& p, const MaxSum* tile_stats, const float* sinks,
                                  MaxSum* stats, cudaStream_t stream);

@@ -77,19 +77,33 @@ template <> struct Mma16<__half> {
 // k = 2t+8+e to dim 8t+4j+2+e; the query fragment (B, 8 columns = query heads) is read from
 // the same dims, so each mma sums exactly the products of 16 dims. The accumulator holds
 // keys (lane/4, lane/4 + 8) x heads (2t, 2t+1).
-constexpr int kMmaRowPad = 4;  // floats of padding per logit row: the staging stores hit 32 banks
+// Logits go straight to global memory from the accumulators (8 consecutive keys of one head
+// per 4 lanes: whole 32-byte sectors) and each lane folds the softmax statistics of its two
+// heads online, so the tile needs no shared-memory staging and no second pass: the CTA is
+// loading K for all but its short epilogue.
+__device__ inline void fold_online(MaxSum& st, float x) {
+  if (x > st.max) {
+    st.sum = st.sum * __expf(st.max - x) + 1.f;  // st.max = -inf: 0 * 0 + 1
+    st.max = x;
+  } else if (x != -INFINITY) {
+    st.sum += __expf(x - st.max);
+  }
+}
 
-template <typename T, int NB>
-__global__ void __launch_bounds__(kScoreThreads, 2)
+// 16-key tiles per warp step: LOADS 16-byte vectors per lane (2 keys x NB dim blocks each).
+__host__ __device__ constexpr int score_m_tiles(int NB, int LOADS) { return LOADS / 2 / NB > 0 ? LOADS / 2 / NB : 1; }
+// CTAs per SM the register budget is set for: 16 loads in flight fit 2, 8 fit 3 unspilled.
+__host__ __device__ constexpr int score_ctas(int NB, int LOADS) { return 2 * NB * score_m_tiles(NB, LOADS) >= 16 ? 2 : 3; }
+
+template <typename T, int NB, int LOADS>
+__global__ void __launch_bounds__(kScoreThreads, score_ctas(NB, LOADS))
 score_mma_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ logits,
                  MaxSum* __restrict__ tile_stats) {
-  constexpr int MT = 8 / NB;  // 16-key tiles per warp step
-  // 16 vectors (256 bytes) in flight per lane per step: MT 16-key tiles x NB blocks x 2 keys.
-  static_assert(MT * NB * 2 == 16, "16 loads per lane per step");
+  constexpr int MT = score_m_tiles(NB, LOADS);
   constexpr int kQStride = 32 * NB + 8;  // halves per query row in shared memory (+16 B: banks)
+  constexpr int kWarps = kScoreThreads / 32;
   __shared__ __align__(16) T q_s[8 * kQStride];
-  extern __shared__ __align__(16) float tile_logits[];  // [8][score_tile + kMmaRowPad]
-  const int stride = p.score_tile + kMmaRowPad;
+  __shared__ MaxSum warp_stats[kWarps][8];
 
   const int tile = blockIdx.x;
   const int kv = blockIdx.y / p.head_tiles;
@@ -117,8 +131,17 @@ score_mma_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ log
   const T* past_keys = static_cast<const T*>(a.key_cache) + b * a.key_cache_stride_b +
                        kv * a.key_cache_stride_h;
   const T* new_key = static_cast<const T*>(a.key) + b * a.key_stride_b + kv * a.key_stride_h;
-  const float* bias = a.attn_bias + b * a.attn_bias_stride_b;
-  constexpr int kWarps = kScoreThreads / 32;
+  // This lane's two query rows (2 t4, 2 t4 + 1): bias rows, logit rows, running statistics.
+  const float* bias_row[2];
+  float* logit_row[2];
+  MaxSum st[2] = {{-INFINITY, 0.f}, {-INFINITY, 0.f}};
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int g = 2 * t4 + e;
+    bias_row[e] = a.attn_bias + b * a.attn_bias_stride_b + (int64_t)((g0 + g) % p.T) * a.attn_bias_stride_t + tile_start;
+    logit_row[e] = logits + ((int64_t)b * p.QR + kv * p.GR + min(g0 + g, p.GR - 1)) * p.S + tile_start;
+  }
+  const bool row_valid[2] = {2 * t4 < gcount, 2 * t4 + 1 < gcount};
 
   for (int base = warp * 16 * MT; base < tile_len; base += kWarps * 16 * MT) {
     uint4 raw[MT][NB][2];
@@ -149,24 +172,41 @@ score_mma_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ log
         const uint32_t a1[4] = {k0.z, k1.z, k0.w, k1.w};
         Mma16<T>::run(acc, a1, qf[blk].z, qf[blk].w);
       }
-      // acc: keys (row_in_tile, row_in_tile + 8) x heads (2 t4, 2 t4 + 1)
+      // acc: keys (row_in_tile, row_in_tile + 8) x query rows (2 t4, 2 t4 + 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = base + mt * 16 + row_in_tile + 8 * half;
         if (r < tile_len) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int g = 2 * t4 + e;  // query row g0 + g: its token's bias row
-            const float bias_r = bias[(int64_t)((g0 + g) % p.T) * a.attn_bias_stride_t + tile_start + r];
-            tile_logits[g * stride + r] = finish_logit(a, acc[2 * half + e], bias_r);
+            if (!row_valid[e]) continue;
+            const float x = finish_logit(a, acc[2 * half + e], bias_row[e][r]);
+            logit_row[e][r] = x;
+            fold_online(st[e], x);
           }
         }
       }
     }
   }
+  // Fold the 8 lanes that share t4 (lane bits 2..4), then the warps through shared memory.
+#pragma unroll
+  for (int e = 0; e < 2; ++e)
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      const MaxSum other{__shfl_xor_sync(0xffffffffu, st[e].max, off), __shfl_xor_sync(0xffffffffu, st[e].sum, off)};
+      st[e] = combine(st[e], other);
+    }
+  if (row_in_tile == 0) {
+    warp_stats[warp][2 * t4] = st[0];
+    warp_stats[warp][2 * t4 + 1] = st[1];
+  }
   __syncthreads();
-  finish_tile(p, tile_logits, stride, b, kv, g0, gcount, tile, tile_start, tile_len, logits,
-              tile_stats);
+  if (threadIdx.x < gcount) {
+    MaxSum total{-INFINITY, 0.f};
+    for (int w = 0; w < kWarps; ++w) total = combine(total, warp_stats[w][threadIdx.x]);
+    const int row = kv * p.GR + g0 + threadIdx.x;
+    tile_stats[((int64_t)b * p.QR + row) * p.score_tiles + tile] = total;
+  }
 }
 
 // ---- FMA score kernel (any dtype, any head_dim) ---------------------------------------------
@@ -299,12 +339,19 @@ cudaError_t launch_scores_t(const kvc_kcache_decode_args& a, const KCachePlan& p
   return cudaGetLastError();
 }
 
-template <typename T, int NB>
+template <typename T, int NB, int LOADS>
 cudaError_t launch_scores_mma(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
                               MaxSum* tile_stats, cudaStream_t stream) {
   const dim3 grid(p.score_tiles, p.Hkv * p.head_tiles, p.B);
-  score_mma_kernel<T, NB><<<grid, kScoreThreads, score_mma_smem_bytes(p), stream>>>(a, p, logits, tile_stats);
+  score_mma_kernel<T, NB, LOADS><<<grid, kScoreThreads, 0, stream>>>(a, p, logits, tile_stats);
   return cudaGetLastError();
+}
+
+template <typename T, int NB>
+cudaError_t launch_scores_mma_loads(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
+                                    MaxSum* tile_stats, cudaStream_t stream) {
+  if (p.score_loads >= 16) return launch_scores_mma<T, NB, 16>(a, p, logits, tile_stats, stream);
+  return launch_scores_mma<T, NB, 8>(a, p, logits, tile_stats, stream);
 }
 
 template <typename T>
@@ -312,9 +359,9 @@ cudaError_t launch_scores_dtype(const kvc_kcache_decode_args& a, const KCachePla
                                 float* logits, MaxSum* tile_stats, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     if (p.mma_scores) {
-      if (p.D <= 64) return launch_scores_mma<T, 2>(a, p, logits, tile_stats, stream);
-      if (p.D <= 128) return launch_scores_mma<T, 4>(a, p, logits, tile_stats, stream);
-      return launch_scores_mma<T, 8>(a, p, logits, tile_stats, stream);
+      if (p.D <= 64) return launch_scores_mma_loads<T, 2>(a, p, logits, tile_stats, stream);
+      if (p.D <= 128) return launch_scores_mma_loads<T, 4>(a, p, logits, tile_stats, stream);
+      return launch_scores_mma_loads<T, 8>(a, p, logits, tile_stats, stream);
     }
   }
   switch (p.group_tile) {
@@ -326,10 +373,6 @@ cudaError_t launch_scores_dtype(const kvc_kcache_decode_args& a, const KCachePla
 }
 
 }  // namespace
-
-size_t score_mma_smem_bytes(const KCachePlan& p) {
-  return sizeof(float) * 8 * (p.score_tile + kMmaRowPad);
-}
 
 cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
                           MaxSum* tile_stats, cudaStream_t stream) {

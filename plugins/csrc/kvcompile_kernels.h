@@ -109,6 +109,27 @@ typedef struct {
 
 int kvc_kv_decode(const kvc_kv_decode_args* args, void* stream);
 
+/* The full cache's decode step: merges the new token into an attention over the past that a
+ * fused kernel computed with its log-sum-exp (natural log). Strides are in elements. */
+typedef struct {
+  int32_t batch, query_heads, kv_heads, head_dim;
+  int32_t dtype;       /* KVC_DTYPE_* of query, key, value, past_out, out */
+  int32_t bias_dtype;  /* KVC_DTYPE_* of new_bias */
+  float scale;
+  const float* sinks;  /* NULL, or [Hq] fp32 device sink logits */
+  const void* query;    int64_t query_stride_b, query_stride_h;        /* [B, Hq, 1, D] */
+  const void* key;      int64_t key_stride_b, key_stride_h;            /* [B, Hkv, 1, D] the new token */
+  const void* value;    int64_t value_stride_b, value_stride_h;        /* [B, Hkv, 1, D] */
+  const void* past_out; int64_t past_out_stride_b, past_out_stride_h;  /* [B, Hq, D] attention over the past */
+  const float* past_lse; int64_t past_lse_stride_b, past_lse_stride_h; /* [B, Hq] its log-sum-exp */
+  const void* new_bias; int64_t new_bias_stride_b;                     /* [B] the new token's bias */
+  void* out;                                                           /* [B, Hq, 1, D] contiguous */
+} kvc_decode_merge_args;
+
+/* Enqueued on `stream`; kvc_decode_merge_error() explains a failure. */
+int kvc_decode_merge(const kvc_decode_merge_args* args, void* stream);
+const char* kvc_decode_merge_error(void);
+
 #ifdef __cplusplus
 }
 #endif

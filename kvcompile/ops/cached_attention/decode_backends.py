@@ -10,6 +10,12 @@ memory-efficient kernel (the reference among them: it takes a bias and returns t
 log-sum-exp), and keeps the fastest. The choice is cached; `chosen()` reports it
 (benchmarks record it). $KVCOMPILE_DECODE_BACKEND forces one candidate by name.
 
+cuDNN builds an execution plan per shape, and an eager decode step has a new past length each
+step: on the H200 the eager full-cache step took 95 ms with cuDNN (a plan per layer per step)
+against 9.4 ms replayed from a CUDA graph, whose past length is fixed. So cuDNN is a candidate
+only inside `static_past_length()` (the CUDA-graph decoder's capture, or a caller that repeats
+one shape); elsewhere decode uses the memory-efficient kernel.
+
 Candidates (all read K and V once: none expands the KV heads):
   efficient_rows  memory-efficient kernel, a KV head's query group as its query rows
   cudnn_rows      cuDNN, the same layout
@@ -17,6 +23,7 @@ Candidates (all read K and V once: none expands the KV heads):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -24,8 +31,22 @@ import torch
 from torch import Tensor
 
 CANDIDATES = ("efficient_rows", "cudnn_rows", "cudnn_gqa")
+PER_SHAPE_PLANS = ("cudnn_rows", "cudnn_gqa")  # candidates only while the past length is static
 _chosen: dict = {}
 _timings: dict = {}
+_static_past = [False]
+
+
+@contextlib.contextmanager
+def static_past_length():
+    """Within: decode calls repeat one past length (a CUDA graph's warm-up and capture), so a
+    backend that plans per shape pays its plan once."""
+    previous = _static_past[0]
+    _static_past[0] = True
+    try:
+        yield
+    finally:
+        _static_past[0] = previous
 
 
 def _lse_rows(lse: Tensor, shape) -> Tensor:
@@ -68,7 +89,7 @@ def attend_past(backend: str, rows: Tensor, key_cache: Tensor, value_cache: Tens
 def _key(rows: Tensor, key_cache: Tensor):
     B, Hkv, G, D = rows.shape
     P = key_cache.shape[2]
-    return (str(rows.device), rows.dtype, D, G, B, Hkv, P.bit_length())  # past length by octave
+    return (str(rows.device), rows.dtype, D, G, B, Hkv, P.bit_length(), _static_past[0])  # past length by octave
 
 
 def _time_ms(fn, repeats: int = 3) -> float:
@@ -88,6 +109,8 @@ def choose(rows: Tensor, key_cache: Tensor, value_cache: Tensor, bias_rows, scal
         return forced
     if not rows.is_cuda:
         return "efficient_rows"  # not reached: CPU decode takes the flash-for-CPU kernel
+    if not _static_past[0]:
+        return "efficient_rows"
     key = _key(rows, key_cache)
     if key in _chosen:
         return _chosen[key]
@@ -115,6 +138,6 @@ def choose(rows: Tensor, key_cache: Tensor, value_cache: Tensor, bias_rows, scal
 def chosen() -> list:
     """[{shape, backend, timings}] for every shape decided in this process."""
     return [dict(shape=dict(device=k[0], dtype=str(k[1]), head_dim=k[2], group=k[3], batch=k[4],
-                            kv_heads=k[5], past_octave=k[6]),
+                            kv_heads=k[5], past_octave=k[6], static_past=k[7]),
                  backend=backend, timings_ms=_timings.get(k))
             for k, backend in _chosen.items()]

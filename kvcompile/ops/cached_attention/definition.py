@@ -79,6 +79,11 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tenso
         bias_rows = bias_past.expand(B, Hkv, G, P)
         backend = decode_backends.choose(rows, key_cache, value_cache, bias_rows, scale)
         out_past, lse_past = decode_backends.attend_past(backend, rows, key_cache, value_cache, bias_rows, scale)
+        from kvcompile.ops.cached_attention import kernels
+
+        if kernels.can_merge(query):  # the new token merged in one launch
+            sink = _sink_logits(sinks, query.device) if sinks is not None else None
+            return kernels.merge(query, key, value, out_past, lse_past, attn_bias[:, 0, 0, P], scale, sink)
     else:
         out_past, lse_past = _attention_with_lse(rows, key_cache, value_cache, bias_past.expand(B, Hkv, G, P), scale)
     # Over the one new key the output is that key's value and the log-sum-exp is its logit.
