@@ -111,3 +111,19 @@ def test_chunks_given_by_key(compiled, tmp_path):
     store.delete(keys[1].piece(0))
     with pytest.raises(ChunkUnavailableError, match="chunk 1 .* cannot be recomputed: pass its token ids"):
         compiled.generate_fused(keys, query, store=store, **FUSED)
+
+
+def test_streaming_loader_reads_from_redis(compiled, redis_url):
+    """The codec's streaming loader takes any `get(key) -> bytes | None`: here the Redis store,
+    with an integrity key, publishing with the store's `put`."""
+    from kvcompile.codec import streaming
+    from kvcompile.codec.saved_kv import prompt_kv
+
+    ids = torch.randint(3, 250, (64,), generator=torch.Generator().manual_seed(5))
+    kv = prompt_kv(compiled, ids)
+    with open_store(redis_url, integrity_key=b"0123456789abcdef-shared") as store:
+        streaming.publish(store.put, "ctx", (kv.keys, kv.values), ids, kv.fingerprint, chunk_tokens=32, levels=(2,))
+        costs = streaming.Costs.linear(1, 1e12, 1.0)  # decoding costs nothing, recomputing a lot: always fetch
+        cache, report = streaming.StreamingLoader(compiled, store, "ctx", deadline_s=60.0, costs=costs,
+                                                  levels=(2,)).load()
+    assert [c.choice for c in report.chunks] == [2, 2] and cache.length == 64
