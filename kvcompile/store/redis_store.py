@@ -175,7 +175,7 @@ class RedisStore(KVStore):
     def stats(self) -> dict:
         index = self._index()
         with self._talking("reading stats"):
-            total = int(self.client.hget(self.size_key, TOTAL_FIELD) or 0)
+            total = self._total()
             memory = self.client.info("memory")
         return {"backend": "redis", "url": self.url, "entries": len(index), "bytes": total,
                 "budget_bytes": self.budget_bytes, "server_used_memory": memory.get("used_memory"),
@@ -215,13 +215,16 @@ class RedisStore(KVStore):
 
     def _evict_to_budget(self) -> int:
         evicted = 0
-        while self.budget_bytes is not None and int(self.client.hget(self.size_key, TOTAL_FIELD) or 0) > self.budget_bytes:
+        while self.budget_bytes is not None and self._total() > self.budget_bytes:
             oldest = self.client.zrange(self.lru_key, 0, 0)
             if not oldest:
                 break
             self._forget(oldest[0].decode())
             evicted += 1
         return evicted
+
+    def _total(self) -> int:
+        return int(self.client.hget(self.size_key, TOTAL_FIELD) or 0)
 
     def close(self) -> None:
         self.pool.disconnect()

@@ -158,8 +158,9 @@ def test_pieces_that_disagree_with_their_key_are_refused(store_url):
         key = put_chunk_cache(store, chunk)
         other = CacheKey(key.fingerprint, key.tokens_hash, key.tokens, "kcache", key.dtype)
         entry = store.get_entry(key.piece(0))
-        store.put(other.piece(0), entry.payload, {k: v for k, v in entry.meta.items()
-                                                  if k not in ("key", "created", "expires", "payload_bytes", "checksum")})
+        from kvcompile.store.entry import STORE_FIELDS
+
+        store.put(other.piece(0), entry.payload, {k: v for k, v in entry.meta.items() if k not in STORE_FIELDS})
         with pytest.raises(EntryRefusedError, match="does not match its key \\(cache_kind differ"):
             get_chunk_cache(store, other)
 
