@@ -70,8 +70,9 @@ def put_chunk_cache(store: KVStore, chunk: ChunkCache, codec_level: Optional[int
     return cache_key_of(chunk, codec_level)
 
 
-def decode_piece(entry: Entry):
-    """An entry's (keys, values), each a list per layer of [1, Hkv, t, D]."""
+def decode_piece(entry: Entry, device="cpu"):
+    """An entry's (keys, values), each a list per layer of [1, Hkv, t, D]; bitstreams are decoded
+    on `device` (by the codec's GPU decoder on a CUDA device), raw KV stays on the host."""
     meta = entry.meta
     layers = int(meta["shape"][0])
     if meta.get("layout") == RAW:
@@ -81,12 +82,12 @@ def decode_piece(entry: Entry):
         return [tensors[f"key.{i}"] for i in range(layers)], [tensors[f"value.{i}"] for i in range(layers)]
     from kvcompile import codec
 
-    keys, values = codec.decode(entry.payload)
+    keys, values = codec.decode(entry.payload, device=device)
     return list(keys.unsqueeze(1)), list(values.unsqueeze(1))
 
 
-def chunk_from_entries(key: CacheKey, entries: Sequence[Optional[Entry]], records_digest: Optional[str] = None
-                       ) -> Optional[ChunkCache]:
+def chunk_from_entries(key: CacheKey, entries: Sequence[Optional[Entry]], records_digest: Optional[str] = None,
+                       device="cpu") -> Optional[ChunkCache]:
     """The cache the pieces make, None if one is missing; EntryRefusedError if they do not agree
     with `key` (another model, kind, dtype, codec level, tokens, or layer records)."""
     if any(entry is None for entry in entries):
@@ -106,7 +107,7 @@ def chunk_from_entries(key: CacheKey, entries: Sequence[Optional[Entry]], record
         if wrong:
             raise EntryRefusedError(f"store entry {entry.key} does not match its key ({', '.join(wrong)} differ); it "
                                     "is not used", entry.key)
-        piece_keys, piece_values = decode_piece(entry)
+        piece_keys, piece_values = decode_piece(entry, device)
         keys.append(piece_keys)
         values.append(piece_values)
         token_ids.extend(meta["token_ids"])
@@ -124,7 +125,7 @@ def chunk_from_entries(key: CacheKey, entries: Sequence[Optional[Entry]], record
 
 
 def get_chunk_caches(store: KVStore, cache_keys: Sequence[CacheKey], records_digest: Optional[str] = None,
-                     on_refused: OnRefused = None) -> List[Optional[ChunkCache]]:
+                     on_refused: OnRefused = None, device="cpu") -> List[Optional[ChunkCache]]:
     """Every cache in one round trip (get_many over all their pieces); None where a piece is
     missing. Refused entries raise, or with `on_refused` are reported there and read as missing."""
     piece_keys = [k.piece_keys() for k in cache_keys]
@@ -134,7 +135,7 @@ def get_chunk_caches(store: KVStore, cache_keys: Sequence[CacheKey], records_dig
         mine = entries[at:at + len(pieces)]
         at += len(pieces)
         try:
-            caches.append(chunk_from_entries(key, mine, records_digest))
+            caches.append(chunk_from_entries(key, mine, records_digest, device))
         except EntryRefusedError as error:
             if on_refused is None:
                 raise

@@ -63,7 +63,8 @@ def resolve_chunks(compiled, chunks: Sequence, store: KVStore, codec_level: Opti
     if wanted:
         start = time.perf_counter()
         try:
-            fetched = get_chunk_caches(store, [key for _, key in wanted.values()], digest, on_refused=refused)
+            fetched = get_chunk_caches(store, [key for _, key in wanted.values()], digest, on_refused=refused,
+                                       device=compiled.device)
         except StoreError as error:
             reachable = False
             report.problems.append(str(error))
