@@ -5,7 +5,8 @@
 #   stage 1 (carry .trt_a: half of the libs wheel, the bindings wheel, TensorRT's public headers)
 #     stashes its part in /tmp, builds the C++ plugin library with CMake against the headers
 #     (warnings as errors), runs the IPluginV3 life-cycle harness on the GPU (enqueue on real
-#     buffers) and compares its outputs with the torch ops; compute-sanitizer memcheck on it.
+#     buffers: kcache_attention, rerotate_keys, kv_decode over a real codec bitstream) and compares
+#     its outputs with the torch ops; compute-sanitizer memcheck on it.
 #   stage 2 (carry .trt_b: the other half; within 30 s of stage 1, while the machine is warm)
 #     joins and installs TensorRT-RTX 1.7 into /tmp/site, exports the reference model with
 #     --target tensorrt (kcache and full caches; TensorRT-RTX builds the engines during export,
@@ -36,12 +37,15 @@ if [ "$STAGE" = 1 ]; then
   echo "build rc=$? (${SECONDS}s)"; tail -3 "$OUT/plugin_build.log"
   nm -D --defined-only "$STASH/build/libkvcompile_trt_plugins.so" | grep " T "
   echo "== life-cycle harness (enqueue on the GPU)"
-  rm -rf "$STASH/dump" && mkdir -p "$STASH/dump"
-  timeout 120 "$STASH/build/kvcompile_plugin_harness" "$STASH/dump" 2>&1 | grep -v "^PASS" | tail -30
+  rm -rf "$STASH/dump" "$STASH/kv_inputs" && mkdir -p "$STASH/dump"
+  python3 plugins/tensorrt/harness/check_against_torch.py "$STASH/kv_inputs" --write-kv-inputs  # a codec bitstream
+  timeout 120 "$STASH/build/kvcompile_plugin_harness" "$STASH/dump" "$STASH/kv_inputs" > "$STASH/harness.log" 2>&1
+  echo "harness exit $? ($(grep -c '^PASS' "$STASH/harness.log") checks passed)"; grep -v "^PASS" "$STASH/harness.log" | tail -30
   echo "== plugin outputs vs the torch ops"
   timeout 120 python3 plugins/tensorrt/harness/check_against_torch.py "$STASH/dump" --json "$OUT/harness_vs_torch.json"
   echo "== compute-sanitizer memcheck on the harness"
-  timeout 150 compute-sanitizer --tool memcheck --print-limit 10 "$STASH/build/kvcompile_plugin_harness" 2>&1 \
+  timeout 150 compute-sanitizer --tool memcheck --print-limit 10 "$STASH/build/kvcompile_plugin_harness" \
+    "" "$STASH/kv_inputs" 2>&1 \
     | grep -E "ERROR SUMMARY|check\(s\) failed|Invalid" | head -12
   exit 0
 fi

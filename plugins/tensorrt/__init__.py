@@ -39,8 +39,8 @@ class PluginSpec:
 
 # The ops with a TensorRT plugin (a <op>_plugin.h/.cpp here and a registration in
 # python_plugins.py). Each must be a registered op with kernels; everything else about the
-# plugin comes from its registry entry. (kv_decode has kernels but no plugin yet.)
-PLUGIN_OPS = ("kcache_attention", "rerotate_keys")
+# plugin comes from its registry entry.
+PLUGIN_OPS = ("kcache_attention", "rerotate_keys", "kv_decode")
 
 
 def plugin_specs() -> List[PluginSpec]:

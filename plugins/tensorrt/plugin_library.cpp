@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "kcache_attention_plugin.h"
+#include "kv_decode_plugin.h"
 #include "plugin_common.h"
 #include "rerotate_keys_plugin.h"
 
@@ -92,7 +93,9 @@ std::vector<float> FieldReader::get_floats(char const* name, std::vector<float> 
 namespace {
 kvcompile::tensorrt::Creator<kvcompile::tensorrt::KCacheAttentionPlugin> kcache_attention_creator;
 kvcompile::tensorrt::Creator<kvcompile::tensorrt::RerotateKeysPlugin> rerotate_keys_creator;
-nvinfer1::IPluginCreatorInterface* const creators[] = {&kcache_attention_creator, &rerotate_keys_creator};
+kvcompile::tensorrt::Creator<kvcompile::tensorrt::KvDecodePlugin> kv_decode_creator;
+nvinfer1::IPluginCreatorInterface* const creators[] = {&kcache_attention_creator, &rerotate_keys_creator,
+                                                       &kv_decode_creator};
 }  // namespace
 
 // TENSORRTAPI exports only while TensorRT builds itself; the library's entry points must be

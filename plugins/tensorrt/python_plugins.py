@@ -1,7 +1,7 @@
 """The kvcompile plugins through TensorRT's Python plugin API (`tensorrt.plugin`, "trtp").
 
 Registered under the same names as the C++ plugins (`kvcompile::kcache_attention`,
-`kvcompile::rerotate_keys`: namespace::name, version 1), with the ONNX node's attributes as
+`kvcompile::rerotate_keys`, `kvcompile::kv_decode`: namespace::name, version 1), with the ONNX node's attributes as
 their attributes, so an ONNX graph exported with `--target tensorrt` resolves to either. Their
 `impl` runs the same kernel library as the torch ops and the C++ plugins, on TensorRT's stream.
 Register one kind only in a process: two creators of one name/version/namespace conflict.
@@ -11,7 +11,8 @@ Register one kind only in a process: two creators of one name/version/namespace 
 
 Whichever bindings are installed are used: `tensorrt`, else `tensorrt_rtx` (its bindings
 wheel's module is `tensorrt_rtx_bindings`). The shape and field logic below is plain Python
-(`output_like_input`, `kept_positions`, `check_kcache_fields`) and is tested without TensorRT.
+(`output_like_input`, `kv_decode_output_shape`, `kept_positions`, `check_kcache_fields`) and is
+tested without TensorRT.
 """
 from __future__ import annotations
 
@@ -86,6 +87,14 @@ def check_kcache_fields(scale: float, topn: int, topn_numerator: int, topn_denom
     return None
 
 
+ONNX_DTYPE_CODES = {1: 0, 10: 1, 16: 2}  # kv_decode's onnx_dtype (TensorProto) -> KVC_DTYPE_*
+
+
+def kv_decode_output_shape(chunks, layers: int, kv_heads: int, head_dim: int, tokens: int) -> Tuple:
+    """[2, L, Hkv, N · tokens, D]; `chunks` may be an int or a shape expression."""
+    return (2, layers, kv_heads, chunks * tokens, head_dim)
+
+
 def sink_list(sinks) -> Optional[list]:
     values = [float(s) for s in sinks]
     return None if len(values) == 1 and values[0] == NO_SINK else values
@@ -100,7 +109,7 @@ def register_python_plugins() -> list:
     (namespace::name). Idempotent within a process."""
     global _registered
     trt, trtp = plugin_api()
-    names = [f"kvcompile::{name}" for name in ("kcache_attention", "rerotate_keys")]
+    names = [f"kvcompile::{name}" for name in ("kcache_attention", "rerotate_keys", "kv_decode")]
     if _registered:
         return names
     import numpy as np
@@ -155,6 +164,32 @@ def register_python_plugins() -> list:
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             k, d, f = (torch.as_tensor(t, device="cuda") for t in (keys, delta, inv_freq))
             torch.as_tensor(outputs[0], device="cuda").copy_(kernels.run(k, d, f, bool(interleaved)))
+
+    @trtp.register("kvcompile::kv_decode")
+    def kv_decode_desc(data: trtp.TensorDesc, chunk_offsets: trtp.TensorDesc, bank_cdf: trtp.TensorDesc,
+                       halves: trtp.TensorDesc, table_base: trtp.TensorDesc, scale_steps: trtp.TensorDesc,
+                       layers: int, kv_heads: int, head_dim: int, tokens: int, group: int, log_scales: int,
+                       onnx_dtype: int) -> trtp.TensorDesc:
+        dtype = {1: trt.float32, 10: trt.float16, 16: trt.bfloat16}.get(onnx_dtype)
+        if dtype is None:
+            raise ValueError(f"kvcompile::kv_decode: onnx_dtype must be 1, 10 or 16, got {onnx_dtype}")
+        shape = kv_decode_output_shape(chunk_offsets.shape_expr[0], layers, kv_heads, head_dim, tokens)
+        return trtp.from_shape_expr(shape, dtype=dtype)
+
+    @trtp.impl("kvcompile::kv_decode")
+    def kv_decode_impl(data: trtp.Tensor, chunk_offsets: trtp.Tensor, bank_cdf: trtp.Tensor, halves: trtp.Tensor,
+                       table_base: trtp.Tensor, scale_steps: trtp.Tensor, layers: int, kv_heads: int, head_dim: int,
+                       tokens: int, group: int, log_scales: int, onnx_dtype: int, outputs: Tuple[trtp.Tensor],
+                       stream: int) -> None:
+        from kvcompile.ops.kv_decode import kernels
+
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            inputs = [torch.as_tensor(t, device="cuda") for t in (data, chunk_offsets, bank_cdf, halves, table_base,
+                                                                   scale_steps)]
+            # unlike the C++ plugin, this one waits for the per-chunk status and raises BitstreamError
+            decoded = kernels.run(*inputs, layers, kv_heads, head_dim, tokens, group, log_scales,
+                                  ONNX_DTYPE_CODES[onnx_dtype])
+            torch.as_tensor(outputs[0], device="cuda").copy_(decoded)
 
     _registered = True
     return names

@@ -18,7 +18,8 @@ from kvcompile.ops import onnx_domain
 from kvcompile.plugins.tensorrt import FIELD_TYPES, HERE, build_library, plugin_specs
 from kvcompile.plugins.tensorrt import python_plugins
 from kvcompile.plugins.tensorrt.python_plugins import (TensorRTUnavailable, check_kcache_fields, kept_positions,
-                                                       output_like_input, register_python_plugins)
+                                                       kv_decode_output_shape, output_like_input,
+                                                       register_python_plugins)
 
 SPECS = {spec.name: spec for spec in plugin_specs()}
 
@@ -38,7 +39,7 @@ def cpp_plugin(name):
 def test_plugins_are_registry_ops_with_kernels():
     from kvcompile.ops import registry
 
-    assert set(SPECS) == {"kcache_attention", "rerotate_keys"}
+    assert set(SPECS) == {"kcache_attention", "rerotate_keys", "kv_decode"}
     assert all(registry.get(name).kernel_symbols for name in SPECS)
     for spec in SPECS.values():
         assert (spec.namespace, spec.version) == (onnx_domain.DOMAIN, str(onnx_domain.DOMAIN_VERSION))
@@ -107,8 +108,20 @@ def test_kept_positions_is_the_config_rounding(fraction):
     assert kept_positions(10, 64, 0, 0) == 10 and kept_positions(100, 64, 0, 0) == 64
 
 
+def test_kv_decode_constants_are_the_codec_and_onnx_ones():
+    from kvcompile.codec import tables
+    from kvcompile.ops.kv_decode.onnx_function import ONNX_DTYPES
+
+    header = (HERE / "kv_decode_plugin.h").read_text()
+    assert int(re.search(r"kBankShapes = (\d+)", header).group(1)) == tables.SHAPES
+    assert python_plugins.ONNX_DTYPE_CODES == {onnx: code for code, onnx in enumerate(ONNX_DTYPES)}
+    source = (HERE / "kv_decode_plugin.cpp").read_text()
+    assert [int(x) for x in re.findall(r"case (\d+): return DataType::k", source)] == list(ONNX_DTYPES)
+
+
 def test_shape_and_field_rules():
     assert output_like_input([(2, 8, 1, 64), (2, 2, 1, 64)]) == (2, 8, 1, 64)
+    assert kv_decode_output_shape(3, layers=4, kv_heads=2, head_dim=8, tokens=32) == (2, 4, 2, 96, 8)
     assert check_kcache_fields(0.125, 64, 0, 0, 0, 1, 0.0) is None
     assert check_kcache_fields(0.125, 0, 0, 0, 0, 1, 0.0) == "topn must be >= 1 when topn_denominator is 0"
     assert check_kcache_fields(0.125, 0, 1, 4, 2, 1, 0.0) == "select_layer must be 0 or 1"
@@ -149,13 +162,16 @@ def test_library_builds_with_warnings_as_errors_and_exports_the_entry_points(bui
 def test_harness_life_cycle(built, tmp_path):
     """Every step but enqueue on any machine; on a GPU enqueue too, compared with the torch ops."""
     build_dir, _ = built
-    dump = tmp_path / "dump"
+    dump, kv_inputs = tmp_path / "dump", tmp_path / "kv_inputs"
     dump.mkdir()
-    run = subprocess.run([str(build_dir / "kvcompile_plugin_harness"), str(dump)], capture_output=True, text=True)
+    script = HERE / "harness" / "check_against_torch.py"
+    subprocess.run([sys.executable, str(script), str(kv_inputs), "--write-kv-inputs"], check=True)
+    run = subprocess.run([str(build_dir / "kvcompile_plugin_harness"), str(dump), str(kv_inputs)],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "0 check(s) failed" in run.stdout
+    assert "== kv_decode_codec_bitstream" in run.stdout
     if "GPU: yes" in run.stdout:
-        script = HERE / "harness" / "check_against_torch.py"
         result = subprocess.run([sys.executable, str(script), str(dump)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert result.stdout.count("EQUAL ") == 6
+        assert result.stdout.count("EQUAL ") == 7  # 4 kcache, 2 rerotate, the bitstream

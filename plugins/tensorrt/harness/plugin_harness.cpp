@@ -4,9 +4,10 @@
 // configurePlugin -> workspace -> serialise fields -> createPlugin (runtime phase) -> clone ->
 // attachToContext -> enqueue on real GPU buffers (when a GPU is present).
 //
-//   kvcompile_plugin_harness [DUMP_DIR]
+//   kvcompile_plugin_harness [DUMP_DIR [KV_INPUT_DIR]]
 //
-// With DUMP_DIR, each case's inputs and output are written there (raw little-endian arrays and
+// KV_INPUT_DIR adds a kv_decode case over a real codec bitstream (check_against_torch.py
+// --write-kv-inputs writes it). With DUMP_DIR, each case's inputs and output are written there (raw little-endian arrays and
 // a JSON description) for plugins/tensorrt/harness/check_against_torch.py, which compares them
 // with the torch ops. Exit status: the number of failed checks.
 #include <cuda_bf16.h>
@@ -17,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <sstream>
 #include <functional>
 #include <string>
 #include <vector>
@@ -55,6 +57,7 @@ char const* type_name(DataType t) {
     case DataType::kBF16: return "bfloat16";
     case DataType::kINT64: return "int64";
     case DataType::kINT32: return "int32";
+    case DataType::kUINT8: return "uint8";
     default: return "other";
   }
 }
@@ -90,6 +93,8 @@ struct Tensor {
         case DataType::kHALF: { __half h = __float2half(static_cast<float>(v)); std::memcpy(&bytes[i * 2], &h, 2); break; }
         case DataType::kBF16: { __nv_bfloat16 h = __float2bfloat16(static_cast<float>(v)); std::memcpy(&bytes[i * 2], &h, 2); break; }
         case DataType::kINT64: { int64_t x = static_cast<int64_t>(v); std::memcpy(&bytes[i * 8], &x, 8); break; }
+        case DataType::kINT32: { int32_t x = static_cast<int32_t>(v); std::memcpy(&bytes[i * 4], &x, 4); break; }
+        case DataType::kUINT8: bytes[i] = static_cast<unsigned char>(v); break;
         default: break;
       }
     }
@@ -162,6 +167,9 @@ struct Case {
   std::vector<Tensor> inputs;
   Tensor output;
   std::vector<int> dynamic_batch_inputs;  // inputs whose dim 0 is a symbol in the shape check
+  // the output's shape expressions, given the inputs' (default: input 0's, the same objects)
+  std::function<bool(std::vector<nvinfer1::DimsExprs> const&, nvinfer1::DimsExprs const&)> shape_ok;
+  bool compare_with_torch = true;  // false: inputs not meaningful to a reference (enqueue still runs)
   std::function<void(std::vector<nvinfer1::DynamicPluginTensorDesc>&)> refused_config;  // a shape it must refuse
   std::function<void(std::vector<nvinfer1::DynamicPluginTensorDesc>&)> refused_format;  // a type/format combination it must refuse
 };
@@ -224,6 +232,90 @@ Case rerotate_case(std::string const& name, DataType type, int interleaved, int6
   };
   c.refused_format = [](std::vector<nvinfer1::DynamicPluginTensorDesc>& io) { io[1].desc.type = DataType::kINT32; };
   return c;
+}
+
+// The codec level's shapes with stand-in bytes: every life-cycle step, and an enqueue the
+// kernel must survive (it checks every offset on the device; the rows are then undefined).
+Case kv_decode_synthetic_case() {
+  int32_t const layers = 2, heads = 2, dim = 8, tokens = 4, chunks = 2;
+  Case c;
+  c.name = "kv_decode_stand_in_bytes";
+  c.plugin = "kv_decode";
+  for (auto const& [name, value] : std::vector<std::pair<std::string, int32_t>>{
+           {"layers", layers}, {"kv_heads", heads}, {"head_dim", dim}, {"tokens", tokens}, {"group", 4},
+           {"log_scales", 1}, {"onnx_dtype", 10}})
+    c.fields.add_int(name, value);
+  c.inputs = {{"data", {64}, DataType::kUINT8}, {"chunk_offsets", {chunks}, DataType::kINT64},
+              {"bank_cdf", {3, 5}, DataType::kINT32}, {"halves", {2 * layers}, DataType::kINT64},
+              {"table_base", {2 * layers}, DataType::kINT64}, {"scale_steps", {256}, DataType::kFLOAT}};
+  c.inputs[0].fill([](int64_t i) { return static_cast<double>((i * 37) % 256); });
+  c.inputs[1].fill([](int64_t i) { return static_cast<double>(32 * i); });
+  c.inputs[2].fill([](int64_t i) { return static_cast<double>((i % 5) * 16384); });
+  c.inputs[3].fill([](int64_t) { return 2.0; });
+  c.inputs[4].fill([](int64_t i) { return static_cast<double>(i % 3); });
+  c.inputs[5].fill([](int64_t i) { return std::pow(2.0, -static_cast<double>(i) / 16.0); });
+  c.output = {"output", {2, layers, heads, chunks * tokens, dim}, DataType::kHALF};
+  c.dynamic_batch_inputs = {0, 1};  // data bytes and chunk count are dynamic
+  c.shape_ok = [layers, heads, dim](std::vector<nvinfer1::DimsExprs> const& in, nvinfer1::DimsExprs const& out) {
+    auto is = [](nvinfer1::IDimensionExpr const* e, int64_t v) { return e && e->isConstant() && e->getConstantValue() == v; };
+    return out.nbDims == 5 && is(out.d[0], 2) && is(out.d[1], layers) && is(out.d[2], heads) && is(out.d[4], dim) &&
+           !out.d[3]->isConstant() && out.d[3] != in[1].d[0];  // chunks (symbolic) * tokens
+  };
+  c.refused_config = [](std::vector<nvinfer1::DynamicPluginTensorDesc>& in) {
+    in[3].desc.dims.d[0] = in[3].min.d[0] = in[3].max.d[0] = in[3].opt.d[0] = 3;  // halves of 3 entries
+  };
+  c.refused_format = [](std::vector<nvinfer1::DynamicPluginTensorDesc>& io) { io[1].desc.type = DataType::kINT32; };
+  c.compare_with_torch = false;
+  return c;
+}
+
+// A real bitstream's inputs, written by check_against_torch.py --write-kv-inputs DIR: DIR/kv_decode.txt
+// holds `field NAME VALUE` and `input NAME DTYPE DIM...` lines, DIR/kv_input.NAME.bin the bytes.
+bool kv_decode_case_from(std::string const& dir, Case& c) {
+  std::ifstream in(dir + "/kv_decode.txt");
+  if (!in) return false;
+  c.name = "kv_decode_codec_bitstream";
+  c.plugin = "kv_decode";
+  int32_t onnx_dtype = 1;
+  int64_t layers = 0, heads = 0, dim = 0, tokens = 0, chunks = 0;
+  std::string kind;
+  while (in >> kind) {
+    std::string name, line;
+    in >> name;
+    std::getline(in, line);
+    std::istringstream rest(line);
+    if (kind == "field") {
+      int32_t value = 0;
+      rest >> value;
+      c.fields.add_int(name, value);
+      if (name == "onnx_dtype") onnx_dtype = value;
+      if (name == "layers") layers = value;
+      if (name == "kv_heads") heads = value;
+      if (name == "head_dim") dim = value;
+      if (name == "tokens") tokens = value;
+    } else {
+      std::string dtype;
+      rest >> dtype;
+      std::vector<int64_t> shape;
+      for (int64_t d; rest >> d;) shape.push_back(d);
+      DataType const type = dtype == "uint8" ? DataType::kUINT8 : dtype == "int64" ? DataType::kINT64
+                          : dtype == "int32" ? DataType::kINT32 : DataType::kFLOAT;
+      Tensor t(name, shape, type);
+      std::ifstream bin(dir + "/kv_input." + name + ".bin", std::ios::binary);
+      t.bytes.assign(std::istreambuf_iterator<char>(bin), std::istreambuf_iterator<char>());
+      if (t.bytes.size() != static_cast<size_t>(t.count()) * element_bytes(type)) return false;
+      if (name == "chunk_offsets") chunks = shape[0];
+      c.inputs.push_back(std::move(t));
+    }
+  }
+  DataType const out_type = onnx_dtype == 10 ? DataType::kHALF : onnx_dtype == 16 ? DataType::kBF16 : DataType::kFLOAT;
+  c.output = {"output", {2, layers, heads, chunks * tokens, dim}, out_type};
+  Case synthetic = kv_decode_synthetic_case();
+  c.dynamic_batch_inputs = synthetic.dynamic_batch_inputs;
+  c.refused_config = synthetic.refused_config;
+  c.refused_format = synthetic.refused_format;
+  c.shape_ok = [](std::vector<nvinfer1::DimsExprs> const&, nvinfer1::DimsExprs const& out) { return out.nbDims == 5; };
+  return c.inputs.size() == 6;
 }
 
 nvinfer1::IPluginCreatorV3One* find_creator(std::string const& name) {
@@ -341,7 +433,7 @@ void run_case(Case& c, std::string const& dump_dir, bool gpu) {
   for (auto const& t : c.inputs) in_types.push_back(t.type);
   DataType out_type{};
   check(build->getOutputDataTypes(&out_type, 1, in_types.data(), n_in) == 0 && out_type == c.output.type,
-        c.name + ": output type is input 0's (" + type_name(c.output.type) + ")");
+        c.name + ": output type " + type_name(c.output.type));
 
   kvcompile::harness::TestExprBuilder builder;
   nvinfer1::IDimensionExpr const* batch = builder.symbol("batch");
@@ -353,10 +445,17 @@ void run_case(Case& c, std::string const& dump_dir, bool gpu) {
   for (int i : c.dynamic_batch_inputs) in_exprs[i].d[0] = batch;
   nvinfer1::DimsExprs out_exprs{};
   int32_t rc = build->getOutputShapes(in_exprs.data(), n_in, nullptr, 0, &out_exprs, 1, builder);
-  bool same = rc == 0 && out_exprs.nbDims == in_exprs[0].nbDims;
-  for (int32_t k = 0; same && k < out_exprs.nbDims; ++k) same = out_exprs.d[k] == in_exprs[0].d[k];
-  check(same, c.name + ": output shape is input 0's, batch symbolic (" +
-                  kvcompile::harness::TestExprBuilder::describe(out_exprs.nbDims ? out_exprs.d[0] : nullptr) + ")");
+  bool same = rc == 0;
+  if (c.shape_ok) {
+    same = same && c.shape_ok(in_exprs, out_exprs);
+  } else {
+    same = same && out_exprs.nbDims == in_exprs[0].nbDims;
+    for (int32_t k = 0; same && k < out_exprs.nbDims; ++k) same = out_exprs.d[k] == in_exprs[0].d[k];
+  }
+  std::string dims;
+  for (int32_t k = 0; rc == 0 && k < out_exprs.nbDims; ++k)
+    dims += (k ? ", " : "") + kvcompile::harness::TestExprBuilder::describe(out_exprs.d[k]);
+  check(same, c.name + ": output shape expressions [" + dims + "]");
 
   std::vector<nvinfer1::DynamicPluginTensorDesc> io = descriptors(c);
   bool all = true;
@@ -393,7 +492,7 @@ void run_case(Case& c, std::string const& dump_dir, bool gpu) {
   if (gpu && attached) {
     auto* runtime = static_cast<nvinfer1::IPluginV3OneRuntime*>(attached->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
     std::vector<unsigned char> result = run_on_gpu(c, runtime, workspace);
-    if (!dump_dir.empty() && !result.empty()) {
+    if (!dump_dir.empty() && !result.empty() && c.compare_with_torch) {
       std::string json = "{\"case\": \"" + c.name + "\", \"plugin\": \"" + c.plugin + "\", \"fields\": " + c.fields.json() + ", \"inputs\": [";
       for (size_t i = 0; i < c.inputs.size(); ++i) {
         std::string file = c.name + "." + c.inputs[i].name + ".bin";
@@ -422,6 +521,7 @@ int main(int argc, char** argv) {
   bool const gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
   std::printf("GPU: %s\n", gpu ? "yes (enqueue runs)" : "no (every step but enqueue)");
   std::printf("(stderr lines 'kvcompile plugin: ...' are the plugins refusing what the harness asks them to refuse)\n");
+  std::string const kv_inputs = argc > 2 ? argv[2] : "";
   std::vector<Case> cases = {
       kcache_case("kcache_f32_head_top64", DataType::kFLOAT, DataType::kFLOAT, 0, 64, 0, 0, 1, 0.f, false),
       kcache_case("kcache_bf16_layer_top32", DataType::kBF16, DataType::kFLOAT, 1, 32, 0, 0, 0, 0.f, false),
@@ -429,7 +529,16 @@ int main(int argc, char** argv) {
       kcache_case("kcache_f32_all_positions", DataType::kFLOAT, DataType::kFLOAT, 0, 1000, 0, 0, 1, 0.f, false),
       rerotate_case("rerotate_f32_half_split", DataType::kFLOAT, 0, 64),
       rerotate_case("rerotate_bf16_interleaved_partial", DataType::kBF16, 1, 32),
+      kv_decode_synthetic_case(),
   };
+  Case from_bitstream;
+  if (!kv_inputs.empty()) {
+    if (kv_decode_case_from(kv_inputs, from_bitstream)) {
+      cases.push_back(from_bitstream);
+    } else {
+      check(false, "kv_decode inputs readable from " + kv_inputs);
+    }
+  }
   for (Case& c : cases) run_case(c, dump_dir, gpu);
   std::printf("%d check(s) failed\n", failures);
   return failures;
