@@ -15,7 +15,8 @@
 #
 #   OUT=/tmp/out bash bench/gpu_tensorrt.sh 1     # then
 #   OUT=/tmp/out bash bench/gpu_tensorrt.sh 2
-# Everything lands under $OUT: gpu_tensorrt_<stage>.log, harness_vs_torch.json, tensorrt_rtx.json.
+# Everything lands under $OUT: gpu_tensorrt_<stage>.log, plugin_build.log, harness_vs_torch.json
+# (stage 1); tensorrt_rtx.json, export_{kcache,full}.log (the builder's log), build_engines_*.sh (stage 2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?stage 1 or 2}
@@ -68,7 +69,7 @@ for CACHE in kcache full; do
   SECONDS=0
   EXTRA=""; [ "$CACHE" = kcache ] && EXTRA="--topn 64"
   timeout 240 python3 -m kvcompile.cli.main export reference --cache "$CACHE" $EXTRA --target tensorrt \
-    --max-context 1024 -o "$STASH/ref-$CACHE" 2>&1 | tail -4
+    --max-context 1024 -o "$STASH/ref-$CACHE" -v 2>&1 | tee "$OUT/export_$CACHE.log" | tail -4  # -v: TensorRT's log too
   echo "export+engines: ${SECONDS}s"
 done
 echo "== fusion's check graph (export --target onnx --fuse)"
@@ -79,57 +80,91 @@ echo "fuse export: ${SECONDS}s"
 
 echo "== parse / build record"
 timeout 300 python3 - "$STASH" "$OUT" <<'PY'
-import json, sys, time
+import json, sys
 from pathlib import Path
+import onnx
+from onnx import TensorProto, helper
 import tensorrt_rtx_bindings as trt
+from kvcompile.core.layout import GraphSpec
 from kvcompile.export.manifest import load_manifest
 from kvcompile.export.tensorrt_engines import build_engine, has_plugin_layers
 from kvcompile.export.tensorrt_target import EngineProfile, input_shapes
-from kvcompile.core.layout import GraphSpec
 
 stash, out = Path(sys.argv[1]), Path(sys.argv[2])
 record = {"tensorrt_rtx": trt.__version__, "has_plugin_layers": has_plugin_layers(trt), "exports": {}}
-for cache in ("kcache", "full"):
-    folder = stash / f"ref-{cache}"
+
+
+def save():  # after every step: a later step that aborts the process loses nothing before it
+    (out / "tensorrt_rtx.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def attempt(key, step):
     try:
-        section = load_manifest(folder, target="tensorrt")["tensorrt"]
-        record["exports"][cache] = {k: section[k] for k in ("builder", "engines", "engines_built", "note")}
-    except Exception as error:  # the export itself failed: say how
-        record["exports"][cache] = {"error": str(error).splitlines()[0]}
-    print(cache, json.dumps(record["exports"][cache])[:600])
-
-# The decode graph AS EXPORTED (kcache nodes naming plugin_namespace="kvcompile"), given to a
-# parser with no kvcompile plugin registered: does it fall back to the local function?
-logger = trt.Logger(trt.Logger.WARNING)
-builder = trt.Builder(logger)
-flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else 0
-network = builder.create_network(flags)
-parser = trt.OnnxParser(network, logger)
-decode = stash / "ref-kcache" / "decode.onnx"
-ok = parser.parse_from_file(str(decode)) if decode.exists() else False
-record["decode_as_exported"] = {"parsed": bool(ok), "errors": [str(parser.get_error(i)) for i in range(parser.num_errors)][:5]}
-print("decode.onnx as exported (plugin-named nodes, no plugin registered):", record["decode_as_exported"])
-
-# fusion's check graph through its local functions
-check = stash / "ref-fuse" / "check.onnx"
-if check.exists():
-    spec = GraphSpec.from_dict(load_manifest(stash / "ref-fuse", target="onnx")["graph_spec"])
-    import onnx
-    names = {i.name for i in onnx.load(str(check), load_external_data=False).graph.input}
-    shapes = {n: s for n, s in input_shapes(spec, "prefill", EngineProfile(max_batch=2, max_context=1024)).items() if n in names}
-    result = build_engine(trt, check, shapes, stash / "check.plan", None, "check")
-    record["fuse_check_graph"] = result.to_dict()
-
-# the runtime on this GPU (TensorRT-RTX refuses compute capability 9.0: recorded, not fatal)
-plan = stash / "ref-kcache" / "engines" / "decode.plan"
-if plan.exists():
-    try:
-        engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
-        record["runtime_deserialize"] = "engine deserialized" if engine is not None else "deserialize returned None"
+        record[key] = step()
     except Exception as error:
-        record["runtime_deserialize"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-    print("runtime:", record["runtime_deserialize"])
-(out / "tensorrt_rtx.json").write_text(json.dumps(record, indent=2) + "\n")
+        record[key] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+    print(key, json.dumps(record[key])[:800])
+    save()
+
+
+for cache in ("kcache", "full"):  # the engines TensorRT-RTX built during `kvcompile export`
+    def exported(folder=stash / f"ref-{cache}"):
+        section = load_manifest(folder, target="tensorrt")["tensorrt"]
+        return {k: section[k] for k in ("builder", "engines", "engines_built", "note")}
+    attempt(f"export_{cache}", exported)
+
+
+def fusion_check_graph():  # fusion's check graph (export --target onnx --fuse) through its local functions
+    folder = stash / "ref-fuse"
+    spec = GraphSpec.from_dict(load_manifest(folder, target="onnx")["graph_spec"])
+    names = {i.name for i in onnx.load(str(folder / "check.onnx"), load_external_data=False).graph.input}
+    shapes = {n: v for n, v in input_shapes(spec, "prefill", EngineProfile(max_batch=2, max_context=1024)).items()
+              if n in names}
+    return build_engine(trt, folder / "check.onnx", shapes, stash / "check.plan", None, "check").to_dict()
+attempt("fuse_check_graph", fusion_check_graph)
+
+
+def kv_decode_graph():  # one kv_decode node (the codec's decoder; not part of the model's graphs)
+    from kvcompile.ops import onnx_domain
+    from kvcompile.ops.kv_decode import onnx_function
+    from kvcompile.ops.kv_decode.definition import level_tables
+
+    cdf, halves, base, steps = level_tables(2, 8)
+    names = ("data", "chunk_offsets", "bank_cdf", "halves", "table_base", "scale_steps")
+    types = (TensorProto.UINT8, TensorProto.INT64, TensorProto.INT32, TensorProto.INT64, TensorProto.INT64,
+             TensorProto.FLOAT)
+    attributes = onnx_function.node_attributes(8, 2, 32, 32, 4, 1, 0)
+    node = helper.make_node("kv_decode", list(names), ["out"], domain=onnx_domain.DOMAIN, **attributes)
+    inputs = [helper.make_tensor_value_info(n, t, [None] * r) for n, t, r in zip(names, types, (1, 1, 2, 1, 1, 1))]
+    output = helper.make_tensor_value_info("out", attributes["onnx_dtype"], [None] * 5)
+    model = helper.make_model(helper.make_graph([node], "kv_decode", inputs, [output]),
+                              functions=onnx_domain.function_protos(["kv_decode"]),
+                              opset_imports=[helper.make_opsetid("", onnx_domain.STANDARD_OPSET),
+                                             helper.make_opsetid(onnx_domain.DOMAIN, onnx_domain.DOMAIN_VERSION)])
+    onnx.save(model, str(stash / "kv_decode.onnx"))
+    fixed = lambda t: (tuple(t.shape),) * 3
+    shapes = {"data": ((4,), (4096,), (1 << 20,)), "chunk_offsets": ((1,), (4,), (64,)), "bank_cdf": fixed(cdf),
+              "halves": fixed(halves), "table_base": fixed(base), "scale_steps": fixed(steps)}
+    return build_engine(trt, stash / "kv_decode.onnx", shapes, stash / "kv_decode.plan", None, "kv_decode").to_dict()
+attempt("kv_decode_graph", kv_decode_graph)
+
+logger = trt.Logger(trt.Logger.WARNING)
+
+
+def runtime_deserialize():  # TensorRT-RTX's runtime on compute capability 9.0 (expected: refused)
+    engine = trt.Runtime(logger).deserialize_cuda_engine((stash / "ref-kcache" / "engines" / "decode.plan").read_bytes())
+    return "engine deserialized" if engine is not None else "deserialize_cuda_engine returned None"
+attempt("runtime_deserialize", runtime_deserialize)
+
+
+def decode_as_exported():  # the decode graph's nodes name plugin_namespace; no plugin is registered
+    builder = trt.Builder(logger)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(1 << int(flag) if flag is not None else 0)
+    parser = trt.OnnxParser(network, logger)
+    parsed = parser.parse_from_file(str(stash / "ref-kcache" / "decode.onnx"))
+    return {"parsed": bool(parsed), "errors": [str(parser.get_error(i)) for i in range(parser.num_errors)][:5]}
+attempt("decode_as_exported", decode_as_exported)  # last: a parser abort would end the process
 PY
 echo "== kvcompile run --backend tensorrt (TensorRT-RTX's runtime on compute capability 9.0)"
 timeout 120 python3 -m kvcompile.cli.main run "$STASH/ref-kcache" --backend tensorrt --prompt "The" \
