@@ -51,17 +51,17 @@ def prefill_s(tokens: int) -> float:
     return (t1 + slope * (tokens - n1)) / 1e3
 
 
-def traces(mean_gbps: float, seconds: float, seed: int = 0) -> dict:
+def traces(mean_gbps: float, seconds: float, seed: int = 0, time_scale: float = 1.0) -> dict:
     """Bandwidth (bytes/s) per BIN_S bin: steady, dropping (to a quarter at 40 ms), bursty
-    (seeded on/off periods of 10-40 ms at 2× and 0.2× the mean)."""
+    (seeded on/off periods of 10-40 ms at 2× and 0.2× the mean); times × time_scale."""
     bins = int(seconds / BIN_S)
     rate = mean_gbps * 1e9 / 8
     steady = np.full(bins, rate)
-    dropping = np.where(np.arange(bins) * BIN_S < 0.04, rate, rate / 4)
+    dropping = np.where(np.arange(bins) * BIN_S < 0.04 * time_scale, rate, rate / 4)
     rng = np.random.default_rng(seed)
     bursty, t, high = np.empty(bins), 0, True
     while t < bins:
-        length = int(rng.integers(10, 41))
+        length = int(rng.integers(10, 41) * time_scale)
         bursty[t:t + length] = rate * (2.0 if high else 0.2)
         t, high = t + length, not high
     return {"steady": steady, "dropping": dropping, "bursty": bursty}
