@@ -68,8 +68,8 @@ for CACHE in kcache full; do
   echo "== export reference --cache $CACHE --target tensorrt (engines built by TensorRT-RTX)"
   SECONDS=0
   EXTRA=""; [ "$CACHE" = kcache ] && EXTRA="--topn 64"
-  timeout 240 python3 -m kvcompile.cli.main export reference --cache "$CACHE" $EXTRA --target tensorrt \
-    --max-context 1024 -o "$STASH/ref-$CACHE" -v 2>&1 | tee "$OUT/export_$CACHE.log" | tail -4  # -v: TensorRT's log too
+  timeout 240 python3 -m kvcompile.cli.main -v export reference --cache "$CACHE" $EXTRA --target tensorrt \
+    --max-context 1024 -o "$STASH/ref-$CACHE" 2>&1 | tee "$OUT/export_$CACHE.log" | tail -4  # -v: TensorRT's log too
   echo "export+engines: ${SECONDS}s"
 done
 echo "== fusion's check graph (export --target onnx --fuse)"
