@@ -168,3 +168,15 @@ def test_cuda_graph_decoder_matches_eager_decode(kind, topn):
         torch.cuda.synchronize()
         past_graph, past_eager = graph_cache.past(layer)[1], eager_cache.past(layer)[1]
         torch.testing.assert_close(past_graph.cpu(), past_eager.cpu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "kcache"])
+def test_generate_with_cuda_graph_equals_eager_generate(kind):
+    model = tiny_model("llama").cuda()
+    config = kvcompile.CacheConfig(kind="kcache", topn=10**6) if kind == "kcache" else kvcompile.CacheConfig()
+    compiled = kvcompile.compile(model, config)
+    input_ids, attention_mask = (t.cuda() for t in padded_batch(seed=9))
+    eager = compiled.generate(input_ids, attention_mask=attention_mask, max_new_tokens=16, pad_token_id=0)
+    graph = compiled.generate(input_ids, attention_mask=attention_mask, max_new_tokens=16, pad_token_id=0,
+                              cuda_graph=True)
+    assert torch.equal(graph, eager)

@@ -107,12 +107,15 @@ class CompiledModel(FusionMethods, RestoreMethods):
                  max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
                  pad_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: Optional[int] = 50, top_p: Optional[float] = 1.0, seed: Optional[int] = None,
-                 on_tokens=None) -> torch.Tensor:
+                 on_tokens=None, cuda_graph: bool = False) -> torch.Tensor:
         """Greedy (or, with do_sample, sampled: transformers' semantics) generation, batched with
-        left padding; returns prompt + new tokens. on_tokens([B] ids) streams each step."""
+        left padding; returns prompt + new tokens. on_tokens([B] ids) streams each step.
+        cuda_graph (CUDA only): decode steps replay one captured graph of the whole step
+        (runtime/cuda_graph.py); every step then attends the prompt + max_new_tokens positions."""
         check_token_ids(input_ids, self.spec.vocab_size)
         eos_token_id, pad_token_id = gen.special_ids(self.model_config, eos_token_id, pad_token_id)
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         return gen.generate(self, self.new_cache, input_ids.to(self.device),
                             attention_mask.to(self.device) if attention_mask is not None else None,
-                            max_new_tokens, eos_token_id, pad_token_id, sampling, on_tokens)
+                            max_new_tokens, eos_token_id, pad_token_id, sampling, on_tokens,
+                            cuda_graph=cuda_graph)

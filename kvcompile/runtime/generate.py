@@ -89,10 +89,12 @@ def generate(
     pad_token_id: Optional[int] = None,
     sampling: Optional[Sampling] = None,
     on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Greedy decoding, or sampling (`sampling`). Returns prompt + new tokens [B, L + n] like HF
     generate: sequences that hit EOS are filled with `pad_token_id` (EOS when none) and the loop
     stops when all did. `on_tokens([B] ids)` is called as each step's tokens are chosen (streaming).
+    cuda_graph: decode steps replay one CUDA graph of the whole step (runtime/cuda_graph.py).
     Inputs are checked first, and a prompt that cannot fit max_new_tokens is refused up front."""
     spec = backend.spec
     check_generation(input_ids, attention_mask, spec.vocab_size, spec.max_context, max_new_tokens)
@@ -102,6 +104,7 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     generator = sampling.generator(input_ids.device) if sampling is not None else None
     generated = []
+    decoder = None
     logits = prefill(backend, cache, input_ids, attention_mask) if max_new_tokens else None
     for step in range(max_new_tokens):
         next_ids = next_tokens(logits[:, -1], sampling, generator).to(input_ids.device)
@@ -115,5 +118,9 @@ def generate(
             if bool(finished.all()):
                 break
         if step + 1 < max_new_tokens:
-            logits = decode_step(backend, cache, next_ids)
+            if cuda_graph and decoder is None:  # captured once the prompt is in the cache
+                from kvcompile.runtime.cuda_graph import CudaGraphDecoder
+
+                decoder = CudaGraphDecoder(backend, cache)
+            logits = decoder.step(next_ids) if decoder is not None else decode_step(backend, cache, next_ids)
     return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1) if generated else input_ids

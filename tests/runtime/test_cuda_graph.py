@@ -43,3 +43,11 @@ def test_a_full_cache_is_refused_and_capture_needs_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA device"):
             compiled.cuda_graph_decoder(cache)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_generate_with_cuda_graph_needs_cuda():
+    _, compiled = compiled_tiny("llama")
+    input_ids, attention_mask = padded_batch(seed=3)
+    with pytest.raises(ValueError, match="CUDA device"):
+        compiled.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, cuda_graph=True)
