@@ -3,7 +3,9 @@
 # (bench/floors.py -> floors.json), runs the GPU tests (kernels, CUDA-graph decoder), runs
 # compute-sanitizer memcheck and racecheck on small decode steps and a prefill chunk, runs the
 # op benchmark against the measured floors. Everything lands under $OUT (logs, floors.json,
-# kcache_op.json, kcache_op.png). ~4 minutes on an H200 with the library prebuilt.
+# kcache_op.json, kcache_op.png). On the H200 (2026-11-29), with the library prebuilt on the CPU
+# machine and carried (build/kvc_cache): floors 13 s, kernel tests 13-17 s, runtime tests ~45 s,
+# op benchmark 15-21 s (+ the --score-sweep), memcheck 14 s, racecheck 28 s.
 #   OUT=/tmp/out bash bench/gpu_kcache.sh [op benchmark args]
 #   STAGES="floors tests bench" ... runs only those of: floors tests sanitizer bench
 set -uo pipefail
