@@ -152,11 +152,17 @@ def load_tensorrt_artifact(artifact_dir) -> TensorRTBackend:
     runtime = trt.Runtime(logger)
     library = folder / section["plugins"]["library"] if section["plugins"].get("library") else \
         folder / "plugins" / "libkvcompile_trt_plugins.so"
-    if library.is_file() and hasattr(runtime, "get_plugin_registry"):
+    from kvcompile.export.tensorrt_engines import has_plugin_layers
+
+    if library.is_file() and has_plugin_layers(trt):  # TensorRT-RTX has no plugins to register
         runtime.get_plugin_registry().load_library(str(library))
     engines = {}
     for role, path in plans.items():
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        try:
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        except Exception as error:  # the bindings raise where the C++ API returns null (e.g. an unsupported GPU)
+            raise RuntimeFailure(f"{trt.__name__} {getattr(trt, '__version__', '?')} could not load {path}: "
+                                 f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         if engine is None:
             raise RuntimeFailure(f"{trt.__name__} {getattr(trt, '__version__', '?')} could not load {path} (built by "
                                  "another TensorRT version, or for another GPU); rebuild it with "
