@@ -1,16 +1,27 @@
-"""Time to first token with KV fusion vs full prefill vs full reuse, on the GPU, in one run.
+"""Time to first token with KV fusion vs full prefill (ours and transformers') vs full reuse, in one run.
 
 An 8B-shaped Llama (hidden 4096, 32 layers, 32/8 heads, bf16, random weights: timing only),
 6 chunks × 512 tokens + a 64-token query. Chunk caches wait in pinned host memory; every fused
-time includes moving them to the GPU and re-rotating their keys. Rows:
-  hf_prefill       transformers (SDPA) forward over all 3136 tokens
-  kvc_prefill      kvcompile's full prefill of the same tokens
-  kvc_reuse        chunk caches placed, only the query computed (recompute_ratio 0)
-  kvc_fuse_15      fusion, 15% of the chunk tokens recomputed (KV-deviation selector)
-Floors measured in the same run: the host→device copy of the chunks' KV, and a forward of
-534 tokens (15% of the chunks + the query); fusion's floor is the larger of the two.
+time includes moving them to the GPU (layer by layer, overlapped: kvcompile/fusion/loading.py)
+and re-rotating their keys, and ends with the first token's logits. Rows (ms, best of --repeats):
+  hf_prefill             transformers (SDPA) forward over all tokens, logits_to_keep=1
+  kvc_prefill            kvcompile's prefill as generate runs it (causal kernel, last logits)
+  kvc_prefill_all_logits the public CompiledModel.prefill, which returns every position's logits
+  kvc_reuse              chunk caches placed, only the query computed (recompute_ratio 0)
+  kvc_fuse_15            fusion, 15% recomputed, the default selector (query_spans)
+  kvc_fuse_15_deviation  fusion, 15% recomputed, CacheBlend's KV deviation at check layer 1
+  kvc_place              the chunk caches' loading and re-rotation alone
+  kvc_fuse_15_codecL     kvc_fuse_15 from KV-codec bitstreams at level L in host memory: the
+                         bitstreams go to the GPU and are decoded there, then fused (the six
+                         chunks share one chunk's bitstream: the encoder runs on the CPU and
+                         decode time does not depend on the values)
+Floors measured in the same run: the host→device copy of the chunks' raw KV, and a standalone
+forward of the tokens fusion recomputes (15% of the chunks + the query; the faster of ours and
+transformers'); fusion's floor is the larger. Every row is also given as a ratio to that floor.
 
-    python bench/bench_fusion_ttft.py --out results/ [--layers 32] [--repeats 5]
+    python bench/bench_fusion_ttft.py --out results/ [--layers 32] [--repeats 5] [--codec-levels 2]
+    python bench/bench_fusion_ttft.py --device cpu --tiny --out /tmp/x   # a smoke run of the code paths
+Writes fusion_ttft.json and fusion_ttft.png into --out.
 """
 from __future__ import annotations
 
@@ -23,80 +34,179 @@ import torch
 
 import kvcompile
 
+TINY = dict(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vocab=512, chunks=3, chunk_tokens=48,
+            query_tokens=8, repeats=2)
 
-def timed(fn, repeats: int, warmup: int = 1) -> float:
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Best wall time of `fn` in ms, the device drained before and after each call."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     best = float("inf")
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best * 1e3
 
 
-def main() -> int:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
+def arguments():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = dict(out=".", layers=32, chunks=6, chunk_tokens=512, query_tokens=64, ratio=0.15, repeats=5)
+    defaults = dict(out=".", layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256,
+                    chunks=6, chunk_tokens=512, query_tokens=64, ratio=0.15, repeats=5, device="cuda",
+                    codec_levels="2")
     for name, default in defaults.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    parser.add_argument("--tiny", action="store_true", help="small shapes (a smoke run, e.g. on the CPU)")
     args = parser.parse_args()
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+    if args.tiny:
+        for name, value in TINY.items():
+            setattr(args, name, value)
+    return args
+
+
+def build_model(args, device):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
                          max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+
+
+def main() -> int:
+    args = arguments()
+    device = torch.device(args.device)
+    model = build_model(args, device)
     started = time.perf_counter()
     compiled = kvcompile.compile(model)
     compile_s = time.perf_counter() - started
     generator = torch.Generator().manual_seed(1)
-    docs = [torch.randint(0, 32000, (args.chunk_tokens,), generator=generator) for _ in range(args.chunks)]
-    query = torch.randint(0, 32000, (args.query_tokens,), generator=generator)
-    full = torch.cat(docs + [query])[None].cuda()
-    chunks = [compiled.precompute_chunk(d) for d in docs]
-    for chunk in chunks:  # the chunk caches wait in pinned host memory
-        chunk.keys = [k.cpu().pin_memory() for k in chunk.keys]
-        chunk.values = [v.cpu().pin_memory() for v in chunk.values]
-    kv_bytes = sum(t.numel() * t.element_size() for c in chunks for t in c.keys + c.values)
+    vocab = min(args.vocab, 32000)
+    docs = [torch.randint(0, vocab, (args.chunk_tokens,), generator=generator) for _ in range(args.chunks)]
+    query = torch.randint(0, vocab, (args.query_tokens,), generator=generator).to(device)
+    full = torch.cat(docs + [query.cpu()])[None].to(device)
     total = full.shape[1]
-    rows = {}
-    with torch.no_grad():
-        rows["hf_prefill"] = timed(lambda: model(full, use_cache=False, logits_to_keep=1), args.repeats)
-        rows["kvc_prefill"] = timed(lambda: compiled.prefill(full), args.repeats)
+    pin = device.type == "cuda"
+    chunks = []
+    for doc in docs:  # the chunk caches wait in (pinned) host memory
+        chunk = compiled.precompute_chunk(doc)
+        chunk.keys = [k.cpu().pin_memory() if pin else k.cpu() for k in chunk.keys]
+        chunk.values = [v.cpu().pin_memory() if pin else v.cpu() for v in chunk.values]
+        chunks.append(chunk)
+    kv_bytes = sum(t.numel() * t.element_size() for c in chunks for t in c.keys + c.values)
+    fusion = compiled.fusion
+    rows, notes = {}, {}
 
-        def fused(ratio):
-            return lambda: compiled.fusion.prefill(compiled.new_cache(1, total), chunks, query, ratio)
-        rows["kvc_reuse"] = timed(fused(0.0), args.repeats)
-        rows[f"kvc_fuse_{round(args.ratio * 100)}"] = timed(fused(args.ratio), args.repeats)
+    def run(name, fn):
+        rows[name] = timed(fn, device, args.repeats)
+        print(f"{name:28s} {rows[name]:9.2f} ms", flush=True)
+
+    def fused(ratio, selector=None, source=chunks, check_layer=None):
+        selector = selector or kvcompile.fusion.selectors.DEFAULT_SELECTOR
+        return lambda: fusion.prefill(compiled.new_cache(1, total), source() if callable(source) else source, query,
+                                      ratio, selector, check_layer, last_logits_only=True)
+
+    percent = round(args.ratio * 100)
+    with torch.no_grad():
+        run("hf_prefill", lambda: model(full, use_cache=False, logits_to_keep=1))
+        with compiled.last_logits_only():
+            run("kvc_prefill", lambda: compiled.prefill(full))
+        run("kvc_prefill_all_logits", lambda: compiled.prefill(full))
+        run("kvc_reuse", fused(0.0))
+        run(f"kvc_fuse_{percent}", fused(args.ratio))
+        run(f"kvc_fuse_{percent}_deviation", fused(args.ratio, "deviation", check_layer=1))
+
+        def place():
+            fusion.place(compiled.new_cache(1, total), chunks).finish()
+        run("kvc_place", place)
+        codec_rows(args, compiled, chunks, device, fused, run, notes, percent)
         # floors: the chunks' KV over the host link, and the forward the recompute amounts to
-        staging = [torch.empty_like(t, device="cuda") for c in chunks for t in c.keys + c.values]
+        staging = [torch.empty_like(t, device=device) for c in chunks for t in c.keys + c.values]
         sources = [t for c in chunks for t in c.keys + c.values]
-        copy_ms = timed(lambda: [d.copy_(s, non_blocking=True) for d, s in zip(staging, sources)], args.repeats)
+        copy_ms = timed(lambda: [d.copy_(s, non_blocking=True) for d, s in zip(staging, sources)], device,
+                        args.repeats)
         recompute_tokens = int(round(args.ratio * args.chunks * args.chunk_tokens)) + args.query_tokens
-        forward_ms = timed(lambda: compiled.prefill(full[:, :recompute_tokens]), args.repeats)
+        part = full[:, :recompute_tokens]
+        hf_forward_ms = timed(lambda: model(part, use_cache=False, logits_to_keep=1), device, args.repeats)
+        with compiled.last_logits_only():
+            our_forward_ms = timed(lambda: compiled.prefill(part), device, args.repeats)
+    forward_ms = min(hf_forward_ms, our_forward_ms)
     floor = max(copy_ms, forward_ms)
     result = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+        "shape": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab")},
         "chunks": args.chunks, "chunk_tokens": args.chunk_tokens, "query_tokens": args.query_tokens,
-        "ratio": args.ratio, "compile_s": round(compile_s, 1), "chunk_kv_bytes": kv_bytes,
+        "ratio": args.ratio, "repeats": args.repeats, "compile_s": round(compile_s, 1), "chunk_kv_bytes": kv_bytes,
         "ms": {k: round(v, 2) for k, v in rows.items()},
-        "floors_ms": {"host_to_device_copy": round(copy_ms, 2), f"forward_{recompute_tokens}_tokens": round(forward_ms, 2),
-                      "fusion_floor": round(floor, 2)},
+        "floors_ms": {"host_to_device_copy": round(copy_ms, 2),
+                      f"hf_forward_{recompute_tokens}_tokens": round(hf_forward_ms, 2),
+                      f"kvc_forward_{recompute_tokens}_tokens": round(our_forward_ms, 2), "fusion_floor": round(floor, 2)},
         "speedup_vs_hf_prefill": {k: round(rows["hf_prefill"] / v, 2) for k, v in rows.items()},
-        "ratio_to_floor": {k: round(v / floor, 2) for k, v in rows.items() if k.startswith("kvc_fuse") or k == "kvc_reuse"},
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "ratio_to_floor": {k: round(v / floor, 2) for k, v in rows.items()},
+        "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fusion_ttft.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / "fusion_ttft.png")
     print(json.dumps(result, indent=1))
     return 0
+
+
+def codec_rows(args, compiled, chunks, device, fused, run, notes, percent) -> None:
+    """kvc_fuse_<ratio>_codec<L>: fusion from bitstreams in host memory, decoded on the device."""
+    from kvcompile.fusion import ChunkCache
+
+    for level in [int(x) for x in args.codec_levels.split(",") if x.strip()]:
+        name = f"kvc_fuse_{percent}_codec{level}"
+        try:
+            started = time.perf_counter()
+            blob = chunks[0].encode(level)
+            notes[f"codec{level}_encode_s"] = round(time.perf_counter() - started, 1)
+            notes[f"codec{level}_bytes_per_chunk"] = len(blob)
+            notes[f"codec{level}_raw_bytes_per_chunk"] = sum(t.numel() * t.element_size()
+                                                            for t in chunks[0].keys + chunks[0].values)
+
+            def decoded():  # the codec reads the bitstream from host memory and decodes it on the device
+                return [chunk.with_decoded(blob, device) for chunk in chunks]
+            run(name, fused(args.ratio, source=decoded))
+        except Exception as error:  # noqa: BLE001  (a row that cannot run is reported, the others stand)
+            notes[name] = f"not measured: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            print(f"{name}: {notes[name]}", flush=True)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["ms"])
+    values = [result["ms"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.barh(names[::-1], values[::-1], color="tab:blue")
+    for bar, name in zip(bars, names[::-1]):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f" {result['ms'][name]:.1f} ms ({result['ratio_to_floor'][name]:.2f}× floor)", va="center", fontsize=7)
+    ax.axvline(result["floors_ms"]["fusion_floor"], color="black", linestyle="--", label="fusion floor")
+    ax.set_xlabel("time to first token (ms)")
+    shape = result["shape"]
+    ax.set_title(f"KV fusion TTFT, {result['device']}, {shape['layers']} layers, {result['chunks']}×"
+                 f"{result['chunk_tokens']} + {result['query_tokens']} tokens", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

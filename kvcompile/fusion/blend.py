@@ -13,6 +13,13 @@ For a prompt `chunk_1 … chunk_k query` whose chunks were each precomputed alon
      stale rows hidden); their new K/V are written into their rows, the query's appended.
 Decoding then continues from the fused cache with the model's cache kind (full or kcache).
 r = 1 recomputes everything (= full prefill); r = 0 recomputes only the query (= full reuse).
+
+The chunks load layer by layer on a side stream while the graphs compute (fusion/loading.py);
+on the torch runtime the graphs are variants of the compiled one (built once, sharing its
+weights): they wait for each layer's load just before reading it (passes/layer_ready_graph.py),
+the check pass attends with the causal kernel (passes/causal_prefill_graph.py), and the
+recompute can return the last token's logits only (passes/last_logits_graph.py). The host waits
+once, for the chosen rows.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import torch
 from kvcompile.core.records import WindowKind
 from kvcompile.errors import ConfigError, UnsupportedAttentionError, UsageError
 from kvcompile.fusion.chunks import ChunkCache, model_fingerprint
+from kvcompile.fusion.loading import LayerLoads
 from kvcompile.fusion.selectors import (DEFAULT_SELECTOR, TokenSelector, chunk_heads, kv_deviation,
                                         query_attention, question_attention_peaks, span_tokens, top_tokens)
 from kvcompile.runtime.masks import step_biases
@@ -60,6 +68,7 @@ class Fusion:
         self._check_graphs: dict = {}
         self._learned_positions: Optional[bool] = None
         self._inverse_frequencies: dict = {}
+        self._variants: dict = {}
 
     # chunk caches -------------------------------------------------------------------------
     @torch.no_grad()
@@ -85,11 +94,38 @@ class Fusion:
                 self._check_graphs[layer] = check_layer_graph(self.compiled.graph_module, layer)
         return self._check_graphs[layer]
 
+    def variant(self, name: str, layer: Optional[int] = None):
+        """A torch-runtime graph made for fusion, built once (None on ONNX Runtime):
+        "recompute" / "recompute_last": the compiled graph waiting per layer (all logits / the last);
+        "probe": the check graph cut after `layer`, waiting per layer; "check": the same cut, with
+        the causal kernel (for a pass over every token from position 0, no past)."""
+        if not hasattr(self.compiled, "graph_module"):
+            return None
+        key = (name, layer)
+        if key not in self._variants:
+            from kvcompile.passes.causal_prefill_graph import causal_prefill_graph
+            from kvcompile.passes.last_logits_graph import last_logits_graph
+            from kvcompile.passes.layer_ready_graph import layer_ready_graph
+
+            build = {"recompute": lambda: layer_ready_graph(self.compiled.graph_module),
+                     "recompute_last": lambda: layer_ready_graph(last_logits_graph(self.compiled.graph_module)),
+                     "probe": lambda: layer_ready_graph(self.check_graph(layer)),
+                     "check": lambda: causal_prefill_graph(self.check_graph(layer))}
+            self._variants[key] = build[name]()
+        return self._variants[key]
+
+    def windows_cut(self, tokens: int) -> bool:
+        """Whether some layer's window hides part of a `tokens`-long prompt from its end (then the
+        bias is not the causal one and the causal kernel does not apply)."""
+        return any(window.kind is not WindowKind.NONE and window.size < tokens for window in self.spec.bias_windows())
+
     # the fused prefill --------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, cache, chunks: Sequence[ChunkCache], query_ids, recompute_ratio: float = 0.15,
-                selector=DEFAULT_SELECTOR, check_layer: Optional[int] = None) -> torch.Tensor:
-        """Fill the empty `cache` (batch 1) with chunks + query; returns the query's logits [1, Tq, V]."""
+                selector=DEFAULT_SELECTOR, check_layer: Optional[int] = None,
+                last_logits_only: bool = False) -> torch.Tensor:
+        """Fill the empty `cache` (batch 1) with chunks + query; returns the query's logits [1, Tq, V]
+        ([1, 1, V], its last token's, with `last_logits_only`)."""
         selector = TokenSelector.parse(selector, "token selector")
         check_layer = self.resolve_check_layer(selector, check_layer)
         if not 0.0 <= recompute_ratio <= 1.0:
@@ -100,20 +136,24 @@ class Fusion:
         if query.shape[1] == 0:
             raise ConfigError("the query is empty: fusion needs at least one query token")
         lengths = [chunk.length for chunk in chunks]
-        self.place(cache, chunks)
+        loads = self.place(cache, chunks)
         total = sum(lengths)
         count = total if recompute_ratio >= 1.0 else int(round(recompute_ratio * total))
-        selected = torch.zeros(0, dtype=torch.long)
-        if 0 < count < total:
-            selected = self.select(cache, chunks, query, lengths, count, selector, check_layer)
-        elif count >= total:
-            selected = torch.arange(total)
-        chunk_ids = torch.cat([chunk.token_ids for chunk in chunks]).to(self.compiled.device)
-        return self.recompute(cache, chunk_ids, selected, query)
+        try:
+            with loads.awaited():
+                selected = torch.zeros(0, dtype=torch.long)
+                if 0 < count < total:
+                    selected = self.select(cache, chunks, query, lengths, count, selector, check_layer, loads)
+                elif count >= total:
+                    selected = torch.arange(total)
+                chunk_ids = torch.cat([chunk.token_ids for chunk in chunks]).to(self.compiled.device)
+                return self.recompute(cache, chunk_ids, selected, query, loads, last_logits_only)
+        finally:
+            loads.finish()
 
-    def place(self, cache, chunks: Sequence[ChunkCache]) -> None:
-        """Every chunk's K/V at its offset: keys re-rotated per layer (all chunks in one call per
-        layer, each token moved by its chunk's offset), values as they are; one append."""
+    def place(self, cache, chunks: Sequence[ChunkCache]) -> LayerLoads:
+        """Every chunk's K/V at its offset, loaded layer by layer (LayerLoads: keys re-rotated,
+        each token moved by its chunk's offset, values as they are); returns the loads in flight."""
         if cache.length:
             raise ConfigError("the fused prefill starts from an empty cache")
         device = self.compiled.device
@@ -133,29 +173,19 @@ class Fusion:
                         f"by multiples of {record.window.size} positions (chunk {index} would start at {offset})")
             offsets.append(offset)
             offset += chunk.length
-        delta = torch.cat([torch.full((c.length,), o, dtype=torch.long) for c, o in zip(chunks, offsets)])
-        delta = delta.to(device)[None]
-        keys, values = [], []
-        for layer, record in enumerate(self.spec.layers):
-            # pinned host tensors copy asynchronously; the rotation waits for them on the stream
-            key = torch.cat([c.keys[layer].to(device, non_blocking=True) for c in chunks], dim=2)
-            keys.append(self.reposition(key, layer, delta))
-            values.append(torch.cat([c.values[layer].to(device, non_blocking=True) for c in chunks], dim=2))
-        positions = torch.arange(offset, device=device)[None]
-        cache.reserve(offset)
-        cache.append(keys, values, torch.ones_like(positions, dtype=torch.bool), positions)
+        return LayerLoads(cache, chunks, offsets, self.reposition)
 
     def reposition(self, keys, layer: int, delta):
         from kvcompile.ops.rerotate_keys.reposition import reposition_keys, rope_inverse_frequencies
 
-        if layer not in self._inverse_frequencies:  # per layer, once: the rope functions are slow-ish
-            self._inverse_frequencies[layer] = rope_inverse_frequencies(self.spec.layers[layer],
-                                                                        self.compiled.model_config)
-        inv_freq = self._inverse_frequencies[layer]
+        key = (layer, keys.device)
+        if key not in self._inverse_frequencies:  # per layer and device, once: no host copy per call
+            inv_freq = rope_inverse_frequencies(self.spec.layers[layer], self.compiled.model_config)
+            self._inverse_frequencies[key] = inv_freq.to(keys.device) if inv_freq is not None else None
+        inv_freq = self._inverse_frequencies[key]
         if inv_freq is None:
             return keys
-        return reposition_keys(keys, self.spec.layers[layer], self.compiled.model_config, delta,
-                               inv_freq=inv_freq.to(keys.device))
+        return reposition_keys(keys, self.spec.layers[layer], self.compiled.model_config, delta, inv_freq=inv_freq)
 
     def learned_positions(self) -> bool:
         if self._learned_positions is None:
@@ -175,11 +205,11 @@ class Fusion:
         return exported if exported is not None else selector.default_check_layer(self.spec.num_layers)
 
     def select(self, cache, chunks, query, lengths: List[int], count: int, selector: TokenSelector,
-               check_layer: int) -> torch.Tensor:
+               check_layer: int, loads: LayerLoads) -> torch.Tensor:
         if selector is TokenSelector.CHUNK_HEAD:
             return chunk_heads(lengths, count)
         if selector is TokenSelector.QUERY_SPANS:
-            return self.select_by_question_probe(cache, query, lengths, count, check_layer)
+            return self.select_by_question_probe(cache, query, lengths, count, check_layer, loads)
         total = sum(lengths)
         ids = torch.cat([torch.cat([c.token_ids for c in chunks]).to(query.device)[None], query], dim=1)
         positions = torch.arange(ids.shape[1], device=query.device)[None]
@@ -191,9 +221,12 @@ class Fusion:
         pasts = []
         for record in self.spec.layers:
             pasts += [past[0], host_past if record.host_values else past[0]]
-        outputs = self.check_graph(check_layer)(ids, positions, *biases, *pasts)
+        check = (self.variant("check", check_layer) if not self.windows_cut(ids.shape[1]) else None) \
+            or self.check_graph(check_layer)
+        outputs = check(ids, positions, *biases, *pasts)
         new_keys, new_values, check_query = list(outputs[0:-1:2]), list(outputs[1:-1:2]), outputs[-1]
         rows = torch.arange(total)
+        loads.wait(range(check_layer + 1))  # the reused rows are read and overwritten below
         if selector is TokenSelector.DEVIATION:
             old_key, old_value = cache.past(check_layer)
             old_value = old_value.transpose(1, 2) if self.spec.layers[check_layer].host_values else old_value
@@ -207,7 +240,8 @@ class Fusion:
                          {i: new_values[i][:, :, :total] for i in layers})
         return top_tokens(score.cpu(), count, exclude_first=lengths[0])
 
-    def select_by_question_probe(self, cache, query, lengths: List[int], count: int, layer: int) -> torch.Tensor:
+    def select_by_question_probe(self, cache, query, lengths: List[int], count: int, layer: int,
+                                 loads: LayerLoads) -> torch.Tensor:
         """QUERY_SPANS: the question alone through layers 0..`layer` over the reused cache (the
         check graph, fed the cache as its past); the chunk tokens its heads look at hardest seed
         spans. Nothing is written back: the question is computed again after the recompute."""
@@ -217,12 +251,18 @@ class Fusion:
         biases = step_biases(self.spec, cache.valid, cache.positions, valid, positions, cache.dtype)
         past_keys, past_values = cache.past_all()
         pasts = [t for pair in zip(past_keys, past_values) for t in pair]
-        outputs = self.check_graph(layer)(query, positions, *biases, *pasts)
+        probe = self.variant("probe", layer)
+        graph = probe or self.check_graph(layer)  # (a check layer the model lacks is refused here)
+        if probe is None:  # ONNX Runtime: its graph cannot wait per layer
+            loads.wait(range(layer + 1))
+        outputs = graph(query, positions, *biases, *pasts)
+        loads.wait([layer])
         keys = torch.cat([past_keys[layer], outputs[2 * layer]], dim=2)
         score = question_attention_peaks(outputs[-1], keys, self.spec.layers[layer].scale, total)
         return span_tokens(score.cpu(), count, exclude_first=lengths[0])
 
-    def recompute(self, cache, chunk_ids, selected: torch.Tensor, query) -> torch.Tensor:
+    def recompute(self, cache, chunk_ids, selected: torch.Tensor, query, loads: Optional[LayerLoads] = None,
+                  last_logits_only: bool = False) -> torch.Tensor:
         """The chosen rows and the query through every layer, over the fused cache."""
         device = self.compiled.device
         selected = selected.to(device)
@@ -234,7 +274,17 @@ class Fusion:
         valid = torch.ones_like(ids, dtype=torch.bool)
         biases = step_biases(self.spec, cache.valid, cache.positions, valid, positions, cache.dtype)
         past_keys, past_values = cache.past_all()
-        logits, new_keys, new_values = self.compiled.step(ids, positions, biases, past_keys, past_values)
+        graph = self.variant("recompute_last" if last_logits_only else "recompute")
+        if graph is not None:  # waits for each layer's load inside
+            outputs = graph(ids, positions, *biases, *[t for pair in zip(past_keys, past_values) for t in pair])
+            logits, new_keys, new_values = outputs[0], list(outputs[1::2]), list(outputs[2::2])
+        else:
+            if loads is not None:
+                loads.finish()
+            logits, new_keys, new_values = self.compiled.step(ids, positions, biases, past_keys, past_values)
+            logits = logits[:, -1:] if last_logits_only else logits
+        if loads is not None:
+            loads.finish()  # the rows written below were loaded on the side stream
         chosen = selected.shape[0]
         if chosen:
             cache.write_rows(selected, {i: k[:, :, :chosen] for i, k in enumerate(new_keys)},
@@ -243,7 +293,7 @@ class Fusion:
         cache.reserve(cache.length + query.shape[1])
         cache.append([k[:, :, chosen:] for k in new_keys], [v[:, :, chosen:] for v in new_values],
                      valid[:, chosen:], positions[:, chosen:])
-        return logits[:, chosen:]
+        return logits if last_logits_only else logits[:, chosen:]
 
 
 @torch.no_grad()
@@ -257,7 +307,7 @@ def generate_fused(compiled, chunks, query_ids, recompute_ratio: float = 0.15, m
     total = sum(chunk.length for chunk in chunks) + int(torch.as_tensor(query_ids).numel())
     check_fits(total, max_new_tokens, compiled.spec.max_context)
     cache = compiled.new_cache(1, total + max_new_tokens)
-    logits = fusion.prefill(cache, chunks, query_ids, recompute_ratio, selector, check_layer)
+    logits = fusion.prefill(cache, chunks, query_ids, recompute_ratio, selector, check_layer, last_logits_only=True)
     tokens = []
     for step in range(max_new_tokens):
         next_ids = logits[:, -1].argmax(dim=-1)

@@ -3,7 +3,10 @@
 A chunk cache is only valid for the model, dtype and cache kind that computed it, and for
 positions the model has: `check_usable` refuses anything else with one line, before any of
 its tensors are used. Files are safetensors (no pickle): the tensors `key.i` / `value.i`
-([1, Hkv, L, D] per layer) and `token_ids`, and a JSON header in the metadata.
+([1, Hkv, L, D] per layer) and `token_ids`, and a JSON header in the metadata; or, saved with a
+`codec_level`, `token_ids` and one `codec` tensor holding the KV codec's bitstream of every
+layer's K/V (kvcompile.codec; levels 1-3 are lossy, see docs/CODEC.md), decoded on loading —
+on the GPU by its decoder when loaded to a CUDA device.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -71,16 +74,44 @@ class ChunkCache:
             raise ChunkMismatchError(f"{name} would sit at positions {offset}..{offset + self.length - 1}, beyond the "
                                      f"model's context of {max_context} positions")
 
+    # the KV codec ---------------------------------------------------------------------------
+    def encode(self, level: int) -> bytes:
+        """Every layer's K/V as one codec bitstream (kvcompile.codec.encode of [layers, Hkv, L, D])."""
+        from kvcompile import codec
+
+        shapes = {tuple(t.shape) for t in self.keys + self.values}
+        if len(shapes) != 1:
+            raise ChunkMismatchError(f"the KV codec needs every layer's K and V of one shape; this chunk's are "
+                                     f"{sorted(shapes)}: save it without a codec level")
+        return codec.encode((torch.cat([k.cpu() for k in self.keys]), torch.cat([v.cpu() for v in self.values])),
+                            level=level, fingerprint=self.fingerprint)
+
+    def with_decoded(self, blob: bytes, device="cpu") -> "ChunkCache":
+        """This chunk's identity with K/V decoded from `blob` (a bitstream of `encode`) on `device`."""
+        from kvcompile import codec
+
+        keys, values = codec.decode(blob, device=device)
+        if keys.shape[0] != len(self.keys) or keys.shape[2] != self.length:
+            raise ChunkMismatchError(f"the bitstream holds {keys.shape[0]} layers of {keys.shape[2]} tokens, the "
+                                     f"chunk {len(self.keys)} layers of {self.length}")
+        return ChunkCache(self.token_ids, list(keys.split(1)), list(values.split(1)), self.fingerprint, self.dtype,
+                          self.cache_kind, dict(self.meta))
+
     # files --------------------------------------------------------------------------------
-    def save(self, path) -> Path:
+    def save(self, path, codec_level: Optional[int] = None) -> Path:
+        """Write the chunk to `path`: raw K/V, or with `codec_level` the codec's bitstream of them."""
         from safetensors.torch import save_file
 
         tensors = {"token_ids": self.token_ids.cpu().contiguous()}
-        for i, (key, value) in enumerate(zip(self.keys, self.values)):
-            tensors[f"key.{i}"] = key.cpu().contiguous()
-            tensors[f"value.{i}"] = value.cpu().contiguous()
+        if codec_level is None:
+            for i, (key, value) in enumerate(zip(self.keys, self.values)):
+                tensors[f"key.{i}"] = key.cpu().contiguous()
+                tensors[f"value.{i}"] = value.cpu().contiguous()
+        else:
+            tensors["codec"] = torch.frombuffer(bytearray(self.encode(codec_level)), dtype=torch.uint8)
         header = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "dtype": self.dtype,
-                  "cache_kind": self.cache_kind, "layers": len(self.keys), "meta": self.meta}
+                  "cache_kind": self.cache_kind, "layers": len(self.keys), "meta": self.meta,
+                  "codec_level": codec_level}
         path = Path(path)
         temporary = path.with_name(f".{path.name}.writing")
         save_file(tensors, str(temporary), metadata={"kvcompile": json.dumps(header)})
@@ -101,6 +132,16 @@ class ChunkCache:
         if header.get("format") != FORMAT or header.get("version") != VERSION:
             raise ChunkMismatchError(f"{path} is not a kvcompile chunk cache of version {VERSION}")
         layers = int(header["layers"])
+        if header.get("codec_level") is not None:  # the bitstream, decoded where the K/V are wanted
+            from kvcompile.codec import BitstreamError
+
+            empty = [torch.empty(0)] * layers
+            chunk = cls(tensors["token_ids"].cpu(), empty, empty, header["fingerprint"], header["dtype"],
+                        header["cache_kind"], header.get("meta", {}))
+            try:
+                return chunk.with_decoded(tensors["codec"].cpu().numpy().tobytes(), device=device)
+            except BitstreamError as error:
+                raise ChunkMismatchError(f"chunk cache {path}: {str(error).splitlines()[0]}") from None
         return cls(tensors["token_ids"], [tensors[f"key.{i}"] for i in range(layers)],
                    [tensors[f"value.{i}"] for i in range(layers)], header["fingerprint"], header["dtype"],
                    header["cache_kind"], header.get("meta", {}))

@@ -1,6 +1,7 @@
 """CompiledModel: the rewritten graph plus the runtime around it (the Python compile API)."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -59,6 +60,7 @@ class CompiledModel(FusionMethods, RestoreMethods):
             # e.g. aten.to.device(inv_freq, device('cpu'), ...) passes the device positionally
             node.args = tuple(device if isinstance(a, torch.device) else a for a in node.args)
         self.graph_module.recompile()
+        self._variants, self._fusion = {}, None  # graphs derived from the old one pointed at the old device
         return self
 
     # backend protocol ---------------------------------------------------------------------
@@ -66,12 +68,44 @@ class CompiledModel(FusionMethods, RestoreMethods):
         """One graph call; `biases` is the list of masks (one per spec.bias_windows()), or one tensor."""
         device = self.device
         biases = [biases] if isinstance(biases, torch.Tensor) else biases
-        outputs = self.graph_module(
+        outputs = self.graph_for(input_ids, biases, past_keys)(
             input_ids.to(device), position_ids.to(device), *(b.to(device) for b in biases),
             *interleave(past_keys, past_values)
         )
         logits, rest = outputs[0], outputs[1:]
         return logits, list(rest[0::2]), list(rest[1::2])
+
+    def graph_for(self, input_ids, biases, past_keys):
+        """The compiled graph, or a variant of it made once (same weights): a step with no past
+        whose biases are exactly causal attends with the causal kernel
+        (passes/causal_prefill_graph.py: a prefill at the speed of transformers' SDPA path), and
+        inside `last_logits_only()` only the last position's logits are computed
+        (passes/last_logits_graph.py)."""
+        from kvcompile.passes.causal_prefill_graph import bias_inputs, causal_flags, causal_prefill_graph
+        from kvcompile.passes.last_logits_graph import last_logits_graph
+
+        past_length = past_keys[0].shape[2] if past_keys else 0
+        causal = causal_flags([b.to(self.device) for b in biases], past_length) if input_ids.shape[1] > 1 \
+            else (False,) * len(biases)
+        last = getattr(self, "_last_logits_depth", 0) > 0
+        if not (any(causal) or last):
+            return self.graph_module
+        variants = self.__dict__.setdefault("_variants", {})
+        if (causal, last) not in variants:
+            names = {name for name, flag in zip(bias_inputs(self.graph_module, len(biases)), causal) if flag}
+            graph = causal_prefill_graph(self.graph_module, names) if names else self.graph_module
+            variants[(causal, last)] = last_logits_graph(graph) if last else graph
+        return variants[(causal, last)]
+
+    @contextlib.contextmanager
+    def last_logits_only(self):
+        """Inside, every step returns the logits of each sequence's last position only ([B, 1, V]):
+        what picking the next token needs (generate runs in it; transformers' logits_to_keep=1)."""
+        self._last_logits_depth = getattr(self, "_last_logits_depth", 0) + 1
+        try:
+            yield self
+        finally:
+            self._last_logits_depth -= 1
 
     # KV fusion: precompute_chunk / generate_fused / fusion come from FusionMethods ----------
 
@@ -115,7 +149,8 @@ class CompiledModel(FusionMethods, RestoreMethods):
         check_token_ids(input_ids, self.spec.vocab_size)
         eos_token_id, pad_token_id = gen.special_ids(self.model_config, eos_token_id, pad_token_id)
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-        return gen.generate(self, self.new_cache, input_ids.to(self.device),
-                            attention_mask.to(self.device) if attention_mask is not None else None,
-                            max_new_tokens, eos_token_id, pad_token_id, sampling, on_tokens,
-                            cuda_graph=cuda_graph)
+        with self.last_logits_only():  # the loop reads logits[:, -1] only
+            return gen.generate(self, self.new_cache, input_ids.to(self.device),
+                                attention_mask.to(self.device) if attention_mask is not None else None,
+                                max_new_tokens, eos_token_id, pad_token_id, sampling, on_tokens,
+                                cuda_graph=cuda_graph)

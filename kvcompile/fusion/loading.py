@@ -1,0 +1,99 @@
+"""Layer-wise loading of chunk caches into the fused cache, overlapped with compute.
+
+CacheBlend's pipelining: while layer i computes, layer i + 1's chunk K/V are still on their way
+from host memory, so slower storage costs no time to first token. Here every layer's copy (host
+or device chunk tensors -> the cache's rows) and its keys' re-rotation are enqueued at once on
+a side CUDA stream, each layer closing with an event; the graphs fusion runs wait for layer i's
+event just before layer i first reads its cache (passes/layer_ready_graph.py inserts
+`wait_for_layer` there), so the compute stream never waits for a layer it does not need yet
+and the host never waits at all. Pinned host tensors make the copies truly asynchronous.
+
+On the CPU, or for a cache with host-resident values (kcache: the host writes those rows
+itself), everything is done in order at once and the waits are no-ops.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+# the events of the loads the running graph belongs to (None: nothing to wait for)
+_READY_EVENTS: ContextVar[Optional[list]] = ContextVar("kvcompile_fusion_ready_events", default=None)
+
+
+def wait_for_layer(layer: int, tensor: torch.Tensor) -> torch.Tensor:
+    """Make the current stream wait until layer `layer`'s chunk K/V are in place; returns `tensor`
+    (called from inside the graphs, at the first reader of that layer's cache)."""
+    events = _READY_EVENTS.get()
+    if events is not None and events[layer] is not None:
+        torch.cuda.current_stream(tensor.device).wait_event(events[layer])
+    return tensor
+
+
+class LayerLoads:
+    """Fill an empty cache's first rows with `chunks` at `offsets`: values as they are, keys
+    re-rotated by `reposition(keys, layer, delta)`; layer by layer, on a side stream on CUDA."""
+
+    def __init__(self, cache, chunks: Sequence, offsets: List[int], reposition: Callable):
+        self.cache = cache
+        total = offsets[-1] + chunks[-1].length
+        device = cache.device
+        self.overlapped = device.type == "cuda" and not any(cache.is_host_layer(i) for i in range(len(cache.keys)))
+        self.events: List[Optional[torch.cuda.Event]] = [None] * len(cache.keys)
+        self.stream = torch.cuda.Stream(device) if self.overlapped else None
+        cache.reserve(total)
+        # each token's shift: its chunk's offset (repeat_interleave with output_size: no host sync)
+        lengths = torch.tensor([c.length for c in chunks], device=device)
+        delta = torch.repeat_interleave(torch.tensor(offsets, device=device), lengths, output_size=total)[None]
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(device))  # the cache buffers exist
+        for layer in range(len(cache.keys)):
+            with torch.cuda.stream(self.stream) if self.stream is not None else _no_stream():
+                self.load_layer(layer, chunks, offsets, total, delta, reposition)
+                if self.stream is not None:
+                    self.events[layer] = torch.cuda.Event()
+                    self.events[layer].record(self.stream)
+        cache.valid = torch.ones(1, total, dtype=torch.bool, device=device)
+        cache.positions = torch.arange(total, device=device)[None]
+        cache.length = total
+
+    def load_layer(self, layer: int, chunks, offsets, total: int, delta, reposition) -> None:
+        cache = self.cache
+        host_values = cache.is_host_layer(layer)
+        for chunk, offset in zip(chunks, offsets):
+            rows = slice(offset, offset + chunk.length)
+            cache.keys[layer][:, :, rows].copy_(chunk.keys[layer], non_blocking=True)
+            if host_values:  # [B, cap, Hkv, D] in host memory
+                cache.values[layer][:, rows].copy_(chunk.values[layer].transpose(1, 2))
+            else:
+                cache.values[layer][:, :, rows].copy_(chunk.values[layer], non_blocking=True)
+        keys = cache.keys[layer][:, :, :total]
+        moved = reposition(keys, layer, delta)
+        if moved is not keys:  # NoPE layers keep their keys
+            keys.copy_(moved)
+
+    def wait(self, layers) -> None:
+        """The current stream waits for these layers (before reading or writing their rows outside a graph)."""
+        for layer in layers:
+            if self.events[layer] is not None:
+                torch.cuda.current_stream(self.cache.device).wait_event(self.events[layer])
+
+    def finish(self) -> None:
+        """Everything loaded before anything after the fused prefill runs."""
+        self.wait(range(len(self.events)))
+
+    @contextmanager
+    def awaited(self):
+        """Graphs run inside wait for each layer's event before reading it (wait_for_layer)."""
+        token = _READY_EVENTS.set(self.events if self.overlapped else None)
+        try:
+            yield
+        finally:
+            _READY_EVENTS.reset(token)
+
+
+@contextmanager
+def _no_stream():
+    yield

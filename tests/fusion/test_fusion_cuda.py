@@ -1,0 +1,108 @@
+"""KV fusion on CUDA: chunk caches in pinned host memory load layer by layer on a side stream
+(kvcompile/fusion/loading.py) while the graphs wait per layer; the results equal the CPU's."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcompile
+from family_checks import build
+from kvcompile.fusion import ChunkCache
+from kvcompile.runtime import generate as gen
+from kvcompile.runtime.eval_runner import prefill_isolated
+
+pytestmark = pytest.mark.gpu
+TOLERANCE = 1e-3  # fp32 on both, different kernels
+
+
+def documents(seed=0, lengths=(37, 29, 41), query=6):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 250, (n,), generator=generator) for n in lengths], \
+        torch.randint(3, 250, (query,), generator=generator)
+
+
+def pinned(chunk: ChunkCache) -> ChunkCache:
+    chunk.keys = [k.cpu().pin_memory() for k in chunk.keys]
+    chunk.values = [v.cpu().pin_memory() for v in chunk.values]
+    return chunk
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen2", "cohere2"))  # plain; sliding + full; sliding + NoPE
+def test_overlapped_loading_gives_full_prefill_and_full_reuse(family):
+    compiled = kvcompile.compile(build(family).cuda())
+    docs, query = documents()
+    chunks = [pinned(compiled.precompute_chunk(d)) for d in docs]
+    assert chunks[0].keys[0].is_pinned()
+    full = torch.cat(docs + [query])[None].cuda()
+    expected, _ = compiled.prefill(full)
+    fused = compiled.fusion.prefill(compiled.new_cache(1, 256), chunks, query, recompute_ratio=1.0)
+    assert (fused - expected[:, -query.shape[0]:]).abs().max().item() <= TOLERANCE
+    cache, offset = compiled.new_cache(1, 256), 0
+    for doc in docs:
+        prefill_isolated(compiled, cache, doc[None].cuda(), first_position=offset)
+        offset += doc.shape[0]
+    reused = gen.prefill(compiled, cache, query[None].cuda())
+    fused = compiled.fusion.prefill(compiled.new_cache(1, 256), chunks, query, recompute_ratio=0.0)
+    assert (fused - reused).abs().max().item() <= TOLERANCE
+
+
+def test_partial_recompute_on_cuda_equals_the_cpu_for_the_same_rows(monkeypatch):
+    model = build("llama")
+    on_cpu = kvcompile.compile(model)
+    docs, query = documents(seed=1)
+    rows = torch.tensor([40, 41, 42, 43, 70, 71, 90, 91, 92, 100])
+    monkeypatch.setattr(type(on_cpu.fusion), "select", lambda self, *args, **kwargs: rows)
+    expected = on_cpu.fusion.prefill(on_cpu.new_cache(1, 256), [on_cpu.precompute_chunk(d) for d in docs], query, 0.1)
+    on_cuda = kvcompile.compile(build("llama").cuda())
+    chunks = [pinned(on_cuda.precompute_chunk(d)) for d in docs]
+    got = on_cuda.fusion.prefill(on_cuda.new_cache(1, 256), chunks, query, 0.1)
+    assert (got.cpu() - expected).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("selector", ("query_spans", "deviation", "chunk_head", "query_attention"))
+def test_every_selector_runs_on_cuda_and_decodes(selector):
+    compiled = kvcompile.compile(build("llama").cuda())
+    docs, query = documents(seed=2)
+    chunks = [pinned(compiled.precompute_chunk(d)) for d in docs]
+    out = compiled.generate_fused(chunks, query, 0.2, 8, selector=selector)
+    assert out.shape == (1, 8) and out.is_cuda
+
+
+@pytest.mark.parametrize("kind", ("full", "kcache"))
+def test_fused_cache_continues_into_decoding(kind):
+    config = kvcompile.CacheConfig(kind="kcache", topn=10**6) if kind == "kcache" else kvcompile.CacheConfig()
+    compiled = kvcompile.compile(build("qwen2").cuda(), config)
+    docs, query = documents(seed=3)
+    chunks = [pinned(compiled.precompute_chunk(d)) for d in docs]
+    full = torch.cat(docs + [query])[None].cuda()
+    expected = compiled.generate(full, max_new_tokens=12)[:, full.shape[1]:]
+    assert torch.equal(compiled.generate_fused(chunks, query, 1.0, 12), expected)
+
+
+def test_prefill_takes_the_causal_kernel_and_agrees_in_bf16():
+    compiled = kvcompile.compile(build("llama").cuda().to(torch.bfloat16))
+    ids = torch.randint(3, 250, (1, 300)).cuda()
+    logits, _ = compiled.prefill(ids)
+    assert any(key[0] == (True,) for key in compiled._variants)
+    spec = compiled.spec
+    from kvcompile.runtime.masks import step_biases
+
+    positions = torch.arange(300, device="cuda")[None]
+    empty = torch.zeros(1, 0, dtype=torch.long, device="cuda")
+    biases = step_biases(spec, empty.bool(), empty, torch.ones_like(ids, dtype=torch.bool), positions, torch.bfloat16)
+    past = torch.zeros(1, spec.kv_heads, 0, spec.head_dim, dtype=torch.bfloat16, device="cuda")
+    reference = compiled.graph_module(ids, positions, *biases, *[past] * (2 * spec.num_layers))[0]
+    assert (logits.float() - reference.float()).abs().max().item() <= 2e-2 * max(1.0, reference.abs().max().item())
+
+
+def test_compressed_chunk_cache_decodes_on_the_gpu(tmp_path):
+    compiled = kvcompile.compile(build("llama").cuda())
+    docs, query = documents(seed=4, lengths=(40, 30))
+    chunks = [compiled.precompute_chunk(d) for d in docs]
+    path = chunks[1].save(tmp_path / "chunk.safetensors", codec_level=1)
+    on_gpu, on_cpu = ChunkCache.load(path, device="cuda"), ChunkCache.load(path)
+    assert on_gpu.keys[0].is_cuda
+    for a, b in zip(on_gpu.keys + on_gpu.values, on_cpu.keys + on_cpu.values):
+        assert (a.cpu() - b).abs().max().item() <= 1e-5
+    out = compiled.generate_fused([chunks[0], on_gpu], query, 0.2, 6)
+    assert out.shape == (1, 6)
