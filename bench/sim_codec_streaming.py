@@ -79,23 +79,27 @@ def arrival(trace: np.ndarray, start_s: float, size: float) -> float:
 
 
 def simulate(trace, chunk_sizes: dict, chunk_tokens: list, costs: Costs, choose, query_tokens: int) -> dict:
-    """Network then GPU, chunk after chunk; `choose(index, now_s, throughput)` picks a choice."""
+    """Network then GPU, chunk after chunk, as the loader runs them: consecutive text chunks wait
+    and are recomputed in one prefill when their run ends. `choose(index, now_s, throughput,
+    gpu_backlog_s, text_run_tokens)` picks each chunk's choice."""
     net_free = gpu_free = 0.0
-    throughput, choices, text_run = None, [], 0
+    throughput, choices, run, run_start = None, [], 0, 0
+
+    def flush(gpu_free):  # the pending text run's one prefill
+        return max(gpu_free, net_free) + costs.recompute_s(run, run_start) if run else gpu_free
     for index, tokens in enumerate(chunk_tokens):
-        choice = choose(index, net_free, throughput)
+        choice = choose(index, net_free, throughput, max(0.0, gpu_free - net_free), run)
         size = chunk_sizes[choice][index]
         arrived = arrival(trace, net_free, size)
         throughput = size / max(arrived - net_free, 1e-9)
-        if choice == TEXT:  # consecutive text chunks run as one prefill (the loader does the same)
-            cached = sum(chunk_tokens[:index])
-            work = costs.recompute_s(text_run + tokens, cached) - (costs.recompute_s(text_run, cached) if text_run else 0)
-            text_run += tokens
+        if choice == TEXT:
+            run, run_start = run + tokens, run_start if run else sum(chunk_tokens[:index])
         else:
-            work, text_run = costs.decode_s(choice, tokens), 0
-        gpu_free = max(gpu_free, arrived) + work
+            gpu_free, run = flush(gpu_free), 0
+            gpu_free = max(gpu_free, arrived) + costs.decode_s(choice, tokens)
         net_free = arrived
         choices.append(choice)
+    gpu_free = flush(gpu_free)
     ttft = gpu_free + prefill_s(query_tokens)
     return {"ttft_ms": round(float(ttft) * 1e3, 2), "context_ready_ms": round(float(gpu_free) * 1e3, 2),
             "bytes": int(sum(chunk_sizes[c][i] for i, c in enumerate(choices))), "choices": [str(c) for c in choices]}
@@ -140,9 +144,12 @@ def run(args) -> dict:
                          "bytes": int(sum(sizes[TEXT])), "choices": ["text (one prefill)"]}}
         for fixed in ["8bit", *sorted(bits)]:
             rows[f"level {fixed}" if fixed != "8bit" else "8-bit"] = simulate(
-                trace, sizes, chunk_tokens, costs, lambda i, now, tp, fixed=fixed: fixed, args.query_tokens)
+                trace, sizes, chunk_tokens, costs, lambda i, now, tp, backlog, run, fixed=fixed: fixed,
+                args.query_tokens)
         rows["adaptive"] = simulate(trace, sizes, chunk_tokens, costs,
-                                    lambda i, now, tp: planner.choose(i, now, tp if tp else initial), args.query_tokens)
+                                    lambda i, now, tp, backlog, run: planner.choose(i, now, tp if tp else initial,
+                                                                                    backlog, run),
+                                    args.query_tokens)
         results[name] = {"mean_gbps": round(float(trace[: int(0.3 / BIN_S)].mean()) * 8 / 1e9, 2), "rows": rows}
     return {"date": datetime.date.today().isoformat(), "device": "simulation (CPU); inputs below",
             "context_tokens": args.context, "chunk_tokens": args.chunk_tokens, "query_tokens": args.query_tokens,

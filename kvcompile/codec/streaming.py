@@ -175,10 +175,12 @@ class Costs:
 
 @dataclass
 class Planner:
-    """CacheGen's rule: for chunk i, the best (lowest) level such that the bytes of chunks i..n-1
-    at that level, at the throughput just measured, arrive before the deadline. When none does,
-    the chunk is sent as text if recomputing the rest of the context from text (consecutive text
-    chunks run as one prefill) is quicker than fetching the rest at the smallest level."""
+    """CacheGen's rule: for chunk i, the best (lowest) level such that chunks i..n-1 at that level,
+    at the throughput just measured, are in the cache before the deadline. When none is, the
+    chunk is sent as text if recomputing the rest of the context from text (consecutive text
+    chunks run as one prefill) is quicker than fetching the rest at the smallest level.
+    Fetching and decoding overlap, so the rest takes the longer of the two pipelines: the
+    network's bytes (then one decode), or the decoder's backlog plus every remaining decode."""
 
     sizes: Dict[int, List[int]]  # level -> bytes of each chunk
     text_bytes: List[int]
@@ -186,18 +188,30 @@ class Planner:
     costs: Costs
     deadline_s: float  # for the context to be in the cache
 
-    def choose(self, index: int, elapsed_s: float, throughput_bps: float):
+    def finish_s(self, choice, index: int, throughput_bps: float, backlog_s: float, text_run: int = 0) -> float:
+        """Seconds until chunks index.. are in the cache if all of them come as `choice`;
+        `text_run`: tokens of the text chunks just before, waiting to be recomputed in one prefill
+        (which text continues, and anything else runs first)."""
+        cached = sum(self.chunk_tokens[:index]) - text_run
+        if choice == TEXT:
+            network = sum(self.text_bytes[index:]) / throughput_bps
+            return max(network, backlog_s) + self.costs.recompute_s(text_run + sum(self.chunk_tokens[index:]), cached)
+        network = sum(self.sizes[choice][index:]) / throughput_bps
+        decodes = [self.costs.decode_s(choice, tokens) for tokens in self.chunk_tokens[index:]]
+        flush = self.costs.recompute_s(text_run, cached) if text_run else 0.0
+        return max(network + decodes[-1], backlog_s + flush + sum(decodes))
+
+    def choose(self, index: int, elapsed_s: float, throughput_bps: float, backlog_s: float = 0.0,
+               text_run: int = 0):
+        """`backlog_s`: decoding still queued (chunks fetched, not yet decoded); `text_run`: see finish_s."""
         left = self.deadline_s - elapsed_s
         levels = sorted(self.sizes)
         for level in levels:
-            remaining = sum(self.sizes[level][index:]) / throughput_bps
-            if remaining + self.costs.decode_s(level, self.chunk_tokens[index]) <= left:
+            if self.finish_s(level, index, throughput_bps, backlog_s, text_run) <= left:
                 return level
         smallest = levels[-1]
-        cached, rest = sum(self.chunk_tokens[:index]), sum(self.chunk_tokens[index:])
-        fetch = sum(self.sizes[smallest][index:]) / throughput_bps + self.costs.decode_s(smallest, self.chunk_tokens[index])
-        recompute = sum(self.text_bytes[index:]) / throughput_bps + self.costs.recompute_s(rest, cached)
-        return TEXT if recompute < fetch else smallest
+        text = self.finish_s(TEXT, index, throughput_bps, backlog_s, text_run)
+        return TEXT if text < self.finish_s(smallest, index, throughput_bps, backlog_s, text_run) else smallest
 
 
 def decode_published_chunk(header, blob: bytes, device) -> torch.Tensor:
@@ -303,7 +317,10 @@ class StreamingLoader:
                 data, fetch_s = pending.result()
                 self.throughput_bps = len(data) / max(fetch_s, 1e-9)
                 if index + 1 < len(spans):  # the next chunk's level, from this chunk's throughput
-                    next_choice = self.planner.choose(index + 1, time.perf_counter() - start, self.throughput_bps)
+                    run = sum(t.shape[0] for t in text) + (spans[index] if choice == TEXT else 0)
+                    backlog = 0.0 if choice == TEXT else self.planner.costs.decode_s(choice, spans[index])
+                    next_choice = self.planner.choose(index + 1, time.perf_counter() - start, self.throughput_bps,
+                                                      backlog, run)
                     pending = fetcher.submit(self._fetch, index + 1, next_choice)
                 compute = time.perf_counter()
                 if choice == TEXT:  # consecutive text chunks are recomputed in one prefill

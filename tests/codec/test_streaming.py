@@ -129,6 +129,10 @@ def test_the_planner_picks_the_best_level_that_fits():
     assert planner.choose(0, 0.0, 0.3e6) == 2  # 200 KB in 0.67 s (400 KB would take 1.33 s)
     assert planner.choose(0, 0.8, 0.3e6) == streaming.TEXT  # 0.2 s left: recompute (0.05 s) beats 0.09 s
     assert planner.choose(3, 0.99, 10e6) == 3  # nothing fits; fetching the smallest (0.0125 s) beats 0.05 s
+    slow_decoder = streaming.Costs(lambda level, tokens: 0.3, lambda tokens, cached: 0.05)
+    planner = streaming.Planner(sizes, [1000] * 4, [256] * 4, slow_decoder, deadline_s=1.0)
+    assert planner.choose(0, 0.0, 1e9) == streaming.TEXT  # the link is fast, but 4 decodes take 1.2 s
+    assert planner.choose(2, 0.0, 1e9) == 1 and planner.choose(2, 0.0, 1e9, backlog_s=0.5) == streaming.TEXT
 
 
 def test_a_missing_context_or_chunk_is_one_line(setup):
