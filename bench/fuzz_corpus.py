@@ -170,7 +170,8 @@ def decode_one(blob: bytes, originals: dict, level: int, timeout_s: float) -> di
         reference = originals[level]
         outcome = {"outcome": "same" if (keys.shape == reference[0].shape and torch.equal(keys, reference[0])
                                          and torch.equal(values, reference[1])) else "differs",
-                   "shape": list(keys.shape), "finite": bool(torch.isfinite(keys).all() and torch.isfinite(values).all())}
+                   "shape": list(keys.shape),
+                   "finite": bool(torch.isfinite(keys).all() and torch.isfinite(values).all())}
         if keys.shape != values.shape or keys.dim() != 4:
             raise AssertionError(f"decoded K/V of shapes {tuple(keys.shape)} / {tuple(values.shape)}")
     elapsed = time.perf_counter() - start

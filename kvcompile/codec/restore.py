@@ -43,7 +43,8 @@ def open_context(source):
     elif hasattr(source, "read"):
         stream = source
     else:
-        raise codec.BitstreamError(f"a compressed context is bytes, a path or a file object, not {type(source).__name__}")
+        raise codec.BitstreamError(f"a compressed context is bytes, a path or a file object, "
+                                   f"not {type(source).__name__}")
     return codec.read_header(stream), stream
 
 

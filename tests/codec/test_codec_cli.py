@@ -51,7 +51,8 @@ def test_encode_inspect_decode_round_trip(saved, tmp_path, capsys):
     assert main(["codec", "encode", str(saved), "--level", "1", "--chunk-tokens", "64", "-o", str(blob)]) == 0
     printed = capsys.readouterr().out
     layers = SavedKV.load(saved).keys.shape[0]
-    assert sum(line.startswith("│") and "×" in line for line in printed.splitlines()) == layers + 1  # one row per layer + the total
+    rows = sum(line.startswith("│") and "×" in line for line in printed.splitlines())
+    assert rows == layers + 1  # one row per layer + the total
     assert "vs fp16" in printed and "vs 8-bit" in printed and "total" in printed
     assert main(["codec", "inspect", str(blob)]) == 0
     inspected = capsys.readouterr().out

@@ -139,7 +139,8 @@ def test_a_missing_context_or_chunk_is_one_line(setup):
     compiled, _, store, _, costs = setup
     with pytest.raises(streaming.StreamingError, match="no context 'other'"):
         streaming.StreamingLoader(compiled, store, "other", deadline_s=1.0, costs=costs)
-    foreign = dict(store, **{"ctx/meta": json.dumps(dict(json.loads(store["ctx/meta"]), fingerprint="0" * 16)).encode()})
+    meta = dict(json.loads(store["ctx/meta"]), fingerprint="0" * 16)
+    foreign = dict(store, **{"ctx/meta": json.dumps(meta).encode()})
     with pytest.raises(kvcompile.errors.InputError, match="computed by another model"):
         streaming.StreamingLoader(compiled, foreign, "ctx", deadline_s=1.0, costs=costs)
     partial = {k: v for k, v in store.items() if k != "ctx/1/level1"}
