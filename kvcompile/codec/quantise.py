@@ -94,10 +94,13 @@ def dequantise(symbols: np.ndarray, scales: np.ndarray, side: Side) -> np.ndarra
     return (symbols.astype(np.float32) - half) / half * scales[:, :, None].astype(np.float32)
 
 
+# Measured on the reference model (docs/CODEC.md, "Levels"): its keys need more precision than its
+# values, and its deep layers' keys more than its shallow ones' (the opposite of LMCache's
+# schedule, which gives shallow layers more bins).
 LEVELS: Dict[int, Level] = {
     0: Level(Side(127, 127, 1.0), Side(127, 127, 1.0), "lossless for per-(layer, token) 8-bit input",
              log_scales=False),
-    1: Level(Side(15, 15, 1.0), Side(7, 7, 1.0), "near-lossless"),
-    2: Level(Side(7, 7, 1.0), Side(3, 3, 1.0), "default"),
-    3: Level(Side(7, 5, 0.25), Side(2, 2, 1.0), "aggressive"),
+    1: Level(Side(15, 15, 1.0), Side(7, 7, 1.0), "near-lossless: K 31 levels, V 15"),
+    2: Level(Side(7, 11, 0.5), Side(3, 2, 0.5), "default: K 15 levels then 23 in the deep half, V 7 then 5"),
+    3: Level(Side(5, 7, 0.5), Side(2, 2, 1.0), "aggressive: K 11 levels then 15, V 5"),
 }

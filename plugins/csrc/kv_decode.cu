@@ -40,7 +40,7 @@ __device__ inline void fail(int32_t* status, int chunk, int code) { atomicMax(st
 template <typename T, int G>
 __device__ inline void store_group(T* dst, const float* v, bool vector_ok) {
   if (G == 4 && sizeof(T) == 2 && vector_ok) {
-    T packed[4] = {to_cache<T>(v[0]), to_cache<T>(v[1]), to_cache<T>(v[2]), to_cache<T>(v[3])};
+    alignas(8) T packed[4] = {to_cache<T>(v[0]), to_cache<T>(v[1]), to_cache<T>(v[2]), to_cache<T>(v[3])};
     *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(packed);
   } else {
 #pragma unroll

@@ -1,0 +1,138 @@
+"""Quality of each codec level on the reference model: prefill a context, round-trip its KV cache
+through kvcompile.codec (encode -> bytes -> decode), continue from the decoded cache.
+
+    python bench/bench_codec_quality.py --out docs/codec_quality.json      # ~10 min on 2 CPU cores
+
+Per level: held-out bits per byte of the continuation (the first `--context` bytes of each
+2048-byte window are the compressed context, the rest is scored), retrieval accuracy (the whole
+prompt but its last token is the compressed context) and cross-chunk accuracy (full prefill,
+compressed the same way); plus the cache's size against fp16 and against 8-bit per-(layer, token)
+quantisation of the same KV ("none" is the uncompressed baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import kvcompile.codec as codec
+from kvcompile.eval import HFRunner
+from kvcompile.eval.cross_chunk import score_cross_chunk
+from kvcompile.eval.perplexity import heldout_windows
+from kvcompile.eval.retrieval import score_retrieval
+
+
+def eight_bit_bytes(layers: int, heads: int, tokens: int, dim: int) -> int:
+    """int8 per element + an fp32 scale per (layer, token), for K and for V."""
+    return 2 * layers * tokens * (heads * dim + 4)
+
+
+class CodecRunner(HFRunner):
+    """HFRunner whose prompts' KV caches pass through the codec at `level` (None: untouched)
+    before decoding continues; records the sizes it saw."""
+
+    def __init__(self, model, level):
+        super().__init__(model)
+        self.level = level
+        self.sizes = {"codec": 0, "fp16": 0, "8bit": 0}
+
+    def round_trip(self, cache: DynamicCache, batch: int) -> DynamicCache:
+        keys = torch.stack([layer.keys for layer in cache.layers], dim=1)  # [B, L, Hkv, T, D]
+        values = torch.stack([layer.values for layer in cache.layers], dim=1)
+        if self.level is not None:
+            decoded = []
+            for row in range(batch):
+                blob = codec.encode((keys[row], values[row]), level=self.level)
+                self.sizes["codec"] += len(blob)
+                decoded.append(codec.decode(blob))
+            keys = torch.stack([k for k, _ in decoded]).to(keys.dtype)
+            values = torch.stack([v for _, v in decoded]).to(values.dtype)
+        _, layers, heads, tokens, dim = keys.shape
+        self.sizes["fp16"] += batch * 2 * keys[0].numel() * 2
+        self.sizes["8bit"] += batch * eight_bit_bytes(layers, heads, tokens, dim)
+        out = DynamicCache()
+        for layer in range(layers):
+            out.update(keys[:, layer].contiguous(), values[:, layer].contiguous(), layer)
+        return out
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> DynamicCache:
+        cache = DynamicCache()
+        positions = torch.arange(ids.shape[1])
+        self.model(input_ids=ids, position_ids=positions[None].expand(ids.shape[0], -1),
+                   cache_position=positions, past_key_values=cache, use_cache=True)
+        return self.round_trip(cache, ids.shape[0])
+
+    @torch.no_grad()
+    def greedy(self, prompts, max_new_tokens: int) -> list[list[int]]:
+        results = []
+        for prompt in prompts:  # one at a time: the codec takes one sequence's cache
+            ids = self._ids([list(prompt)])
+            cache = self.prefill(ids[:, :-1])
+            results.append(self._decode(ids[:, -1:], cache, start=ids.shape[1] - 1,
+                                        max_new_tokens=max_new_tokens)[0])
+        return results
+
+    @torch.no_grad()
+    def continuation_bits(self, window: list[int], context: int) -> tuple[float, int]:
+        ids = self._ids([window])
+        cache = self.prefill(ids[:, :context])
+        positions = torch.arange(context, ids.shape[1])
+        logits = self.model(input_ids=ids[:, context:], position_ids=positions[None],
+                            cache_position=positions, past_key_values=cache, use_cache=True).logits
+        # logits at the context's last position are not computed: score bytes context+1..
+        nats = F.cross_entropy(logits[0, :-1].float(), ids[0, context + 1:], reduction="sum")
+        return float(nats) / math.log(2), ids.shape[1] - context - 1
+
+
+def evaluate_level(model, level, args) -> dict:
+    runner = CodecRunner(model, level)
+    began = time.perf_counter()
+    bits = count = 0
+    for window in heldout_windows(2048, args.windows):
+        b, n = runner.continuation_bits(window, args.context)
+        bits, count = bits + b, count + n
+    retrieval = score_retrieval(runner, (512, 1024), args.count, 0, batch_size=args.count)
+    cross = score_cross_chunk(runner, args.count, 0, modes=("full_prefill",))
+    sizes = runner.sizes
+    row = {"level": level, "bpb": bits / count, "retrieval": {k: v for k, v in retrieval.items() if k.isdigit()},
+           "cross_chunk": {kind: cross[kind]["full_prefill"] for kind in ("chain", "direct")},
+           "bytes": sizes, "seconds": round(time.perf_counter() - began, 1)}
+    if level is not None:
+        row["vs_fp16"] = sizes["fp16"] / sizes["codec"]
+        row["vs_8bit"] = sizes["8bit"] / sizes["codec"]
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="none,0,1,2,3")
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
+    from kvcompile.reference import WEIGHTS_DIR
+    model = AutoModelForCausalLM.from_pretrained(WEIGHTS_DIR, dtype=torch.float32).eval()
+    rows = []
+    for name in args.levels.split(","):
+        row = evaluate_level(model, None if name == "none" else int(name), args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": "python bench/bench_codec_quality.py " + " ".join(argv or []),
+                       "model": "bundled reference model (float32 on CPU)", "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

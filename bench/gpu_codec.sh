@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The one GPU script of the KV codec's decoder (issue 13): GPU tests of kv_decode, compute-sanitizer
+# memcheck of the decoder on valid and corrupted chunks, then bench/bench_codec_gpu.py (ours beside
+# nvCOMP ANS and LMCache's torchac_cuda, links, recompute, floors). Everything lands under $OUT.
+#   OUT=/tmp/out bash bench/gpu_codec.sh
+# Peers travel as files in the git-ignored .whl/ (carry it): the nvidia-nvcomp-cu13 and
+# nvidia-libnvcomp-cu13 wheels and the torchac_cuda sdist, built here against this machine's torch.
+# A kernel library built beforehand may be named by $KVCOMPILE_KERNELS_LIB (skips the nvcc build).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_install.sh
+gpu_log codec
+
+echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+
+WHL=${WHL:-.whl}  # the folder carrying the peers' wheels and sdist
+echo "== install"
+SECONDS=0
+if ls "$WHL"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+install_kvcompile || exit 1
+# LMCache's coder builds in the background while the tests run (16 cores; ~1-2 min)
+if ls "$WHL"/torchac_cuda-*.tar.gz >/dev/null 2>&1; then
+  mkdir -p /tmp/torchac && tar xzf "$WHL"/torchac_cuda-*.tar.gz -C /tmp/torchac
+  (cd /tmp/torchac/torchac_cuda-* && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=12 \
+     python3 setup.py build_ext --inplace >"$OUT/torchac_build.log" 2>&1; echo "torchac build rc=$?" >>"$OUT/torchac_build.log") &
+  TORCHAC_BUILD=$!
+fi
+echo "install: ${SECONDS}s"
+
+echo "== build"
+SECONDS=0
+python3 -c "from kvcompile.plugins import build, load_kernels; import os; print(os.environ.get('KVCOMPILE_KERNELS_LIB') or build.library_path()); load_kernels()" || exit 1
+echo "build+load: ${SECONDS}s"
+
+echo "== gpu tests"
+SECONDS=0
+timeout 90 python3 -m pytest tests/ops/test_kv_decode.py -q -p no:cacheprovider -m gpu -o addopts="" 2>&1 | tail -15
+echo "gpu tests: ${SECONDS}s"
+
+echo "== compute-sanitizer memcheck: valid chunks of every level, then corrupted ones"
+SECONDS=0
+cat > /tmp/codec_memcheck.py <<'PY'
+import io, random, torch
+import kvcompile.codec as codec, kvcompile.ops
+from kvcompile.ops.kv_decode.definition import decode_chunks
+rng = random.Random(0)
+ok = rejected = 0
+for level in sorted(codec.LEVELS):
+    g = torch.Generator().manual_seed(level)
+    k = torch.randn(2, 2, 80, 16, generator=g).half(); v = torch.randn(2, 2, 80, 16, generator=g).half()
+    blob = codec.encode((k, v), level=level, chunk_tokens=32)
+    K, V = codec.decode(blob, device="cuda")
+    assert torch.equal(K.cpu(), codec.decode(blob)[0]); ok += 1
+    s = io.BytesIO(blob); h = codec.read_header(s); chunks = [d for _, d in codec.iter_chunks(s, h)]
+    for trial in range(40):
+        bad = bytearray(chunks[trial % 2])
+        for _ in range(rng.choice([1, 2, 8])):
+            bad[rng.randrange(len(bad))] = rng.randrange(256)
+        if trial % 5 == 0:
+            bad = bad[:rng.randrange(len(bad))]
+        try:
+            decode_chunks(h, [bytes(bad) + b"\0" * (-len(bad) % 4)], device="cuda"); ok += 1
+        except codec.BitstreamError:
+            rejected += 1
+torch.cuda.synchronize()
+print("memcheck script: decoded", ok, "rejected", rejected)
+PY
+timeout 100 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/codec_memcheck.py 2>&1 | tail -12
+echo "memcheck: ${SECONDS}s"
+
+if [ -n "${TORCHAC_BUILD:-}" ]; then
+  wait "$TORCHAC_BUILD"; tail -3 "$OUT/torchac_build.log"
+  export PYTHONPATH=$(ls -d /tmp/torchac/torchac_cuda-*):$PYTHONPATH
+fi
+
+echo "== benchmark"
+SECONDS=0
+timeout 200 python3 bench/bench_codec_gpu.py --out "$OUT" "$@"
+echo "bench: ${SECONDS}s"
