@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The TensorRT GPU script, as two back-to-back calls (one call carries at most 64 MiB, and the
-# TensorRT-RTX libs wheel alone is 95 MB, so it travels split in two git-ignored folders):
+# The TensorRT GPU script, as two back-to-back calls (one call carries at most 64 MiB; the
+# TensorRT-RTX 1.7.1.116 libs wheel is 95 MB, so its contents travel as one tar.xz of 69 MB split
+# in halves between two git-ignored folders):
 #
-#   stage 1 (carry .trt_a: half of the libs wheel, the bindings wheel, TensorRT's public headers)
+#   stage 1 (carry .trt_a: half of the libs tar.xz, the bindings wheel, TensorRT's public headers)
 #     stashes its part in /tmp, builds the C++ plugin library with CMake against the headers
 #     (warnings as errors), runs the IPluginV3 life-cycle harness on the GPU (enqueue on real
 #     buffers: kcache_attention, rerotate_keys, kv_decode over a real codec bitstream) and compares
 #     its outputs with the torch ops; compute-sanitizer memcheck on it.
-#   stage 2 (carry .trt_b: the other half; within 30 s of stage 1, while the machine is warm)
-#     joins and installs TensorRT-RTX 1.7 into /tmp/site, exports the reference model with
+#   stage 2 (carry .trt_b: the other half and its sha256; within 30 s of stage 1, while the machine
+#     is warm) joins, checks and unpacks the libs and installs the bindings into /tmp/site, exports the reference model with
 #     --target tensorrt (kcache and full caches; TensorRT-RTX builds the engines during export,
 #     kvcompile nodes through their local functions), parses the decode graph as exported (nodes
 #     naming the plugin namespace) and the fusion check graph, and records what worked.
@@ -27,7 +28,7 @@ mkdir -p "$STASH"
 
 if [ "$STAGE" = 1 ]; then
   SECONDS=0
-  cp .trt_a/libs.part.aa .trt_a/*.whl "$STASH"/ && tar -xJf .trt_a/trt_include.tar.xz -C "$STASH" || exit 1
+  cp .trt_a/rtx_libs.tar.xz.part_a .trt_a/*.whl "$STASH"/ && tar -xJf .trt_a/trt_include.tar.xz -C "$STASH" || exit 1
   echo "stashed part a and the headers in $STASH (${SECONDS}s)"
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   install_kvcompile || exit 1
@@ -53,11 +54,14 @@ fi
 
 # stage 2 ----------------------------------------------------------------------------------------
 SECONDS=0
-WHEEL=tensorrt_rtx_cu13_libs-1.7.1.116-py3-none-manylinux_2_28_x86_64.whl
-[ -f "$STASH/libs.part.aa" ] || { echo "stage 1's part is not in $STASH: run stage 1 right before (machine released?)"; exit 1; }
-cat "$STASH/libs.part.aa" .trt_b/libs.part.ab > "$STASH/$WHEEL" && (cd "$STASH" && sha256sum -c "$OLDPWD/.trt_b/libs.sha256") || exit 1
+[ -f "$STASH/rtx_libs.tar.xz.part_a" ] || { echo "stage 1's part is not in $STASH: run stage 1 right before (machine released?)"; exit 1; }
+cat "$STASH/rtx_libs.tar.xz.part_a" .trt_b/rtx_libs.tar.xz.part_b > "$STASH/rtx_libs.tar.xz" \
+  && (cd "$STASH" && sha256sum -c "$OLDPWD/.trt_b/rtx_libs.sha256") || exit 1
+# the bindings wheel through pip; the libs wheel's files (tensorrt_rtx_libs/ and its dist-info,
+# repacked as tar.xz to travel) unpacked beside it: what pip would have installed
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  "$STASH/$WHEEL" "$STASH"/tensorrt_rtx_cu13_bindings-*.whl 2>&1 | tail -2
+  "$STASH"/tensorrt_rtx_cu13_bindings-*.whl 2>&1 | tail -2
+tar -xJf "$STASH/rtx_libs.tar.xz" -C /tmp/site || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import tensorrt_rtx_bindings as t; print('TensorRT-RTX', t.__version__)" || exit 1
 echo "installed (${SECONDS}s)"
