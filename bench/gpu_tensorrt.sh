@@ -9,10 +9,21 @@
 #     buffers: kcache_attention, rerotate_keys, kv_decode over a real codec bitstream) and compares
 #     its outputs with the torch ops; compute-sanitizer memcheck on it.
 #   stage 2 (carry .trt_b: the other half and its sha256; within 30 s of stage 1, while the machine
-#     is warm) joins, checks and unpacks the libs and installs the bindings into /tmp/site, exports the reference model with
-#     --target tensorrt (kcache and full caches; TensorRT-RTX builds the engines during export,
-#     kvcompile nodes through their local functions), parses the decode graph as exported (nodes
-#     naming the plugin namespace) and the fusion check graph, and records what worked.
+#     is warm) joins, checks and unpacks the libs and installs the bindings into /tmp/site,
+#     exports the reference model with --target tensorrt (kcache and full caches; TensorRT-RTX
+#     builds the engines during export, kvcompile nodes through their local functions), builds
+#     fusion's check graph and a one-node kv_decode graph, parses the decode graph as exported
+#     (nodes naming the plugin namespace), and records what worked.
+#
+# Preparing the folders (here, once; .gitignore ignores /.trt*/):
+#   pip download --no-deps tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116 \
+#     --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 -d /tmp/rtx
+#   (cd /tmp/rtx && unzip -q tensorrt_rtx_cu13_libs-*.whl && tar -cf - tensorrt_rtx_libs \
+#     tensorrt_rtx_cu13_libs-1.7.1.116.dist-info | xz -T0 -6 > rtx_libs.tar.xz && sha256sum rtx_libs.tar.xz \
+#     > rtx_libs.sha256 && split -n 2 rtx_libs.tar.xz rtx_libs.part.)
+#   mkdir -p .trt_a .trt_b && cp /tmp/rtx/rtx_libs.part.aa .trt_a/rtx_libs.tar.xz.part_a
+#   cp /tmp/rtx/tensorrt_rtx_cu13_bindings-*.whl .trt_a/ && cp /tmp/rtx/rtx_libs.part.ab .trt_b/rtx_libs.tar.xz.part_b
+#   cp /tmp/rtx/rtx_libs.sha256 .trt_b/ && tar -C <NVIDIA/TensorRT checkout> -cJf .trt_a/trt_include.tar.xz include
 #
 #   OUT=/tmp/out bash bench/gpu_tensorrt.sh 1     # then
 #   OUT=/tmp/out bash bench/gpu_tensorrt.sh 2
