@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "computed alone and reused (re-rotated to its place)")
     fusion.add_argument("--recompute-ratio", type=ratio_in_unit, default=0.15,
                         help="share of the chunk tokens recomputed")
-    fusion.add_argument("--selector", choices=("query_spans", "deviation", "chunk_head", "query_attention"),
+    fusion.add_argument("--selector", choices=("query_spans", "deviation", "gradual_deviation", "chunk_head",
+                                               "query_attention"),
                         default="query_spans",
                         help="which tokens are recomputed")
     kv_files = run.add_argument_group("KV files (kvcompile codec)")

@@ -210,6 +210,12 @@ class Fusion:
             return chunk_heads(lengths, count)
         if selector is TokenSelector.QUERY_SPANS:
             return self.select_by_question_probe(cache, query, lengths, count, check_layer, loads)
+        if selector is TokenSelector.GRADUAL_DEVIATION:  # 2x the budget at layer 1, narrowed at check_layer
+            if check_layer <= 1:
+                return self.select(cache, chunks, query, lengths, count, TokenSelector.DEVIATION, check_layer, loads)
+            candidates = self.select(cache, chunks, query, lengths, min(2 * count, sum(lengths) - lengths[0]),
+                                     TokenSelector.DEVIATION, 1, loads)
+            return self.narrow_by_deviation(cache, chunks, candidates, count, check_layer, loads)
         total = sum(lengths)
         ids = torch.cat([torch.cat([c.token_ids for c in chunks]).to(query.device)[None], query], dim=1)
         positions = torch.arange(ids.shape[1], device=query.device)[None]
@@ -239,6 +245,34 @@ class Fusion:
         cache.write_rows(rows, {i: new_keys[i][:, :, :total] for i in layers},
                          {i: new_values[i][:, :, :total] for i in layers})
         return top_tokens(score.cpu(), count, exclude_first=lengths[0])
+
+    def narrow_by_deviation(self, cache, chunks, candidates: torch.Tensor, count: int, layer: int,
+                            loads: LayerLoads) -> torch.Tensor:
+        """Gradual filtering's later check: the candidates alone through layers 0..`layer` at their
+        positions over the fused cache (their own stale rows hidden, the rest reused), ranked by
+        the deviation of their K/V at `layer` from the reused; the top `count`, sorted."""
+        device = cache.device
+        rows = candidates.to(device)
+        ids = torch.cat([c.token_ids for c in chunks]).to(device)[rows][None]
+        positions = cache.positions[:, rows]
+        keep = cache.valid.clone()
+        cache.valid[:, rows] = False
+        biases = step_biases(self.spec, cache.valid, cache.positions, torch.ones_like(ids, dtype=torch.bool), positions,
+                             cache.dtype)
+        cache.valid = keep
+        past_keys, past_values = cache.past_all()
+        probe = self.variant("probe", layer)
+        graph = probe or self.check_graph(layer)
+        if probe is None:
+            loads.wait(range(layer + 1))
+        outputs = graph(ids, positions, *biases, *[t for pair in zip(past_keys, past_values) for t in pair])
+        loads.wait([layer])
+        old_key, old_value = cache.past(layer)
+        old_value = old_value.transpose(1, 2) if self.spec.layers[layer].host_values else old_value
+        score = kv_deviation(outputs[2 * layer], outputs[2 * layer + 1], old_key[:, :, rows],
+                             old_value.to(device)[:, :, rows])
+        best = score.topk(min(count, rows.numel())).indices.cpu()
+        return candidates[best].sort().values
 
     def select_by_question_probe(self, cache, query, lengths: List[int], count: int, layer: int,
                                  loads: LayerLoads) -> torch.Tensor:

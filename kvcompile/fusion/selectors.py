@@ -7,6 +7,9 @@ prefill recomputes the top `count`:
   CHUNK_HEAD      EPIC: the first tokens of every chunk after the first (where a chunk that was
                   computed alone differs most: its first tokens saw no context at all).
   QUERY_ATTENTION A³: the tokens the question attends to most at the check layer.
+  GRADUAL_DEVIATION CacheBlend's gradual filtering: DEVIATION at layer 1 keeps twice the budget;
+                  those candidates alone run to the check layer (2/3 of the depth by default)
+                  over the fused cache, and the deviation there keeps the budget.
   QUERY_SPANS     the question alone runs over the *reused* cache up to a deep probe layer (cheap:
                   only its own tokens are computed); the chunk tokens it attends to most are seeds,
                   and each seed brings the span around it, mostly the tokens after it. Why spans:
@@ -29,17 +32,19 @@ class TokenSelector(NamedMode):
     CHUNK_HEAD = "chunk_head"
     QUERY_ATTENTION = "query_attention"
     QUERY_SPANS = "query_spans"
+    GRADUAL_DEVIATION = "gradual_deviation"
 
     @property
     def needs_check_layer(self) -> bool:
         """Whether it runs the check pass over every token (the others need no graph, or only
         the question's tokens: QUERY_SPANS)."""
-        return self in (TokenSelector.DEVIATION, TokenSelector.QUERY_ATTENTION)
+        return self in (TokenSelector.DEVIATION, TokenSelector.QUERY_ATTENTION, TokenSelector.GRADUAL_DEVIATION)
 
     def default_check_layer(self, num_layers: int) -> int:
         """CacheBlend's check layer 1; the question's probe reads a layer at 2/3 of the depth
         (the reference model's question finds its line at layers 5-7 of 8, not before)."""
-        layer = (2 * num_layers) // 3 if self is TokenSelector.QUERY_SPANS else 1
+        deep = (TokenSelector.QUERY_SPANS, TokenSelector.GRADUAL_DEVIATION)
+        layer = (2 * num_layers) // 3 if self in deep else 1
         return min(layer, num_layers - 1)
 
 
@@ -87,17 +92,17 @@ def span_tokens(score: torch.Tensor, count: int, exclude_first: int = 0, before:
     """Sorted rows of the spans [seed - before, seed + after] around the best-scored seeds, taken
     in score order until `count` rows are chosen (the first chunk's rows are exact: never)."""
     total = score.shape[0]
-    chosen = torch.zeros(total, dtype=torch.bool)
     budget = min(count, total - exclude_first)
+    chosen = bytearray(total)  # plain Python in the loop: no per-seed tensor ops on the critical path
     taken = 0
     for seed in score[exclude_first:].argsort(descending=True).add(exclude_first).tolist():
         if taken >= budget:
             break
-        span = torch.arange(max(exclude_first, seed - before), min(total, seed + after + 1))
-        span = span[~chosen[span]][: budget - taken]
-        chosen[span] = True
-        taken += span.numel()
-    return chosen.nonzero().flatten()
+        for row in range(max(exclude_first, seed - before), min(total, seed + after + 1)):
+            if not chosen[row] and taken < budget:
+                chosen[row] = 1
+                taken += 1
+    return torch.tensor([row for row in range(total) if chosen[row]], dtype=torch.long)
 
 
 def chunk_heads(lengths: List[int], count: int) -> torch.Tensor:

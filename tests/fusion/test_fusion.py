@@ -72,7 +72,8 @@ def test_kcache_model_fuses_too():
     assert torch.equal(compiled.generate_fused(chunks, query, recompute_ratio=1.0, max_new_tokens=12), expected)
 
 
-@pytest.mark.parametrize("selector", ["query_spans", "deviation", "chunk_head", "query_attention"])
+@pytest.mark.parametrize("selector", ["query_spans", "deviation", "gradual_deviation", "chunk_head",
+                                      "query_attention"])
 def test_partial_recompute_runs_for_every_selector(selector):
     _, compiled = compiled_family("llama")
     docs, query = documents(seed=3)
