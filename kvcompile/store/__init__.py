@@ -21,7 +21,6 @@ from typing import Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kvcompile.store.base import EntryInfo, KVStore, normalise_integrity_key
-from kvcompile.store.chunks import get_chunk_cache, put_chunk_cache  # noqa: F401
 from kvcompile.store.entry import Entry  # noqa: F401
 from kvcompile.store.errors import (ChunkUnavailableError, EntryRefusedError, EntryTooLargeError,  # noqa: F401
                                     StoreError, StoreUnavailableError, StoreURLError)
@@ -76,3 +75,12 @@ def open_store(url: Optional[str] = None, integrity_key=None, **options) -> KVSt
 
 __all__ = ["open_store", "KVStore", "EntryInfo", "CacheKey", "put_chunk_cache", "get_chunk_cache",
            "StoreError", "StoreUnavailableError", "EntryRefusedError", "StoreURLError", "DEFAULT_URL"]
+
+
+def __getattr__(name):
+    # The chunk-cache helpers need torch; loading them lazily keeps `kvcompile --help` (which
+    # builds the store parser from this package) free of it.
+    if name in ("get_chunk_cache", "put_chunk_cache"):
+        from kvcompile.store import chunks
+        return getattr(chunks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

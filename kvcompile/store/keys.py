@@ -18,7 +18,6 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 
 from kvcompile.store.errors import StoreURLError
 
@@ -35,6 +34,7 @@ def check_key(key: str) -> str:
 
 def tokens_hash(token_ids) -> str:
     """sha256 of the token ids as little-endian int64 (the same ids hash the same everywhere)."""
+    import torch  # here, not at the top: `kvcompile --help` builds the store parser without torch
     ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).cpu().contiguous()
     return hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()[:32]
 
@@ -61,6 +61,7 @@ class CacheKey:
 
     @classmethod
     def for_tokens(cls, token_ids, fingerprint: str, cache_kind: str, dtype: str, codec_level: Optional[int] = None):
+        import torch
         count = int(torch.as_tensor(token_ids).numel())
         return cls(fingerprint, tokens_hash(token_ids), count, cache_kind, str(dtype).removeprefix("torch."),
                    codec_level)
