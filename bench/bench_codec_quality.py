@@ -129,7 +129,9 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"command": "python bench/bench_codec_quality.py " + " ".join(argv or []),
+            import sys
+
+            json.dump({"command": "python bench/bench_codec_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
                        "model": "bundled reference model (float32 on CPU)", "rows": rows}, f, indent=1)
     return 0
 
