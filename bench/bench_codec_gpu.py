@@ -26,11 +26,15 @@ import json
 import math
 import os
 import time
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
 
+# Workers are spawned, not forked: a fork of a process whose torch (or CUDA) threads are running
+# can hang in the child (it did, encoding the random model's KV).
+_SPAWN = multiprocessing.get_context("spawn")
 BENCH_LEVEL = 9  # a bench-only level: 15 levels each side (31 symbols) for K and V
 LINKS_GBPS = (10, 25, 100)
 
@@ -67,7 +71,7 @@ def _encode_one(args):
 def encode_chunks(level, layers, heads, dim, chunk_rows, workers):
     """chunk_rows: list of {"k", "v": [L, T, C] float32} -> (chunk bytes list, wall seconds)."""
     began = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_SPAWN) as pool:
         results = list(pool.map(_encode_one, [(level, layers, heads, dim, rows) for rows in chunk_rows]))
     return [data for data, _ in results], time.perf_counter() - began
 
@@ -223,7 +227,7 @@ def random_8b(tokens: int, levels, workers: int, device: str = "cuda", layers: i
     sizes = {}
     fp16 = 2 * keys[:, :, :sample].numel() * 2
     eight = 2 * keys.shape[0] * sample * (keys.shape[1] * keys.shape[3] + 4)
-    with ProcessPoolExecutor(max_workers=min(workers, len(levels))) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(levels)), mp_context=_SPAWN) as pool:
         blobs = dict(zip(levels, pool.map(_encode_level, [(lvl, keys[:, :, :sample], values[:, :, :sample])
                                                           for lvl in levels])))
     for level, size in blobs.items():
