@@ -55,7 +55,6 @@ def test_chosen_tables_code_close_to_the_entropy():
     rng = np.random.default_rng(1)
     symbols = np.clip(np.rint(rng.laplace(7, 1.5, (256, 256))), 0, 14).astype(np.int64)
     centre, shape = tables.choose(symbols, 15)
-    index = np.arange(15)
     counts = np.zeros((256, 15))
     np.add.at(counts, (np.arange(256)[:, None], symbols), 1)
     p = counts / 256
@@ -65,7 +64,7 @@ def test_chosen_tables_code_close_to_the_entropy():
     words = rans.encode(streams, tables.bank(15), shape.reshape(64, 4))
     bits = sum(w.size for w in words) * 16 / symbols.size
     assert bits <= entropy * 1.06 + 0.04, (bits, entropy)
-    assert (centre == 7).mean() > 0.9 and index.size == 15
+    assert (centre == 7).mean() > 0.9  # the Laplace's centre is found
 
 
 def test_scale_codes_never_clip():
