@@ -6,7 +6,12 @@
 # Peers travel as files in the git-ignored .whl/ (carry it): the nvidia-nvcomp-cu13 and
 # nvidia-libnvcomp-cu13 wheels and the torchac_cuda sdist, built here against this machine's torch.
 # A kernel library built beforehand may be named by $KVCOMPILE_KERNELS_LIB (skips the nvcc build).
+# PARTS picks what runs (default: all three), e.g. PARTS="tests bench" with `--skip-8b` for the
+# decoder alone: GPU tests of both kernels (v1, v2) and the decode benchmark (v1, v2, peers).
+# MEMCHECK_KERNEL (default v2) is the kernel compute-sanitizer checks.
 set -uo pipefail
+PARTS=${PARTS:-tests memcheck bench}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
 gpu_log codec
@@ -36,27 +41,32 @@ SECONDS=0
 python3 -c "from kvcompile.plugins import build, load_kernels; import os; print(os.environ.get('KVCOMPILE_KERNELS_LIB') or build.library_path()); load_kernels()" || exit 1
 echo "build+load: ${SECONDS}s"
 
-echo "== gpu tests"
+if part tests; then
+echo "== gpu tests (both kernels)"
 SECONDS=0
-timeout 90 python3 -m pytest tests/ops/test_kv_decode.py -q -p no:cacheprovider -m gpu -o addopts="" 2>&1 | tail -15
+timeout 100 python3 -m pytest tests/ops/test_kv_decode.py -q -p no:cacheprovider -m gpu -o addopts="" 2>&1 | tail -15
 echo "gpu tests: ${SECONDS}s"
+fi
 
-echo "== compute-sanitizer memcheck: valid chunks of every level, then corrupted ones"
+if part memcheck; then
+echo "== compute-sanitizer memcheck of kernel ${MEMCHECK_KERNEL:-v2}: valid chunks of every level, then corrupted ones"
 SECONDS=0
+export KVCOMPILE_KV_DECODE_KERNEL=${MEMCHECK_KERNEL:-v2}
 cat > /tmp/codec_memcheck.py <<'PY'
 import io, random, torch
 import kvcompile.codec as codec, kvcompile.ops
 from kvcompile.ops.kv_decode.definition import decode_chunks
 rng = random.Random(0)
 ok = rejected = 0
-for level in sorted(codec.LEVELS):
+# 32 channels: every block spans many (side, layer)s (v2's slow path); 1024: v2's fast path
+for level, shape in [(lv, sh) for lv in sorted(codec.LEVELS) for sh in ((2, 2, 80, 16), (2, 8, 48, 128))]:
     g = torch.Generator().manual_seed(level)
-    k = torch.randn(2, 2, 80, 16, generator=g).half(); v = torch.randn(2, 2, 80, 16, generator=g).half()
+    k = torch.randn(*shape, generator=g).half(); v = torch.randn(*shape, generator=g).half()
     blob = codec.encode((k, v), level=level, chunk_tokens=32)
     K, V = codec.decode(blob, device="cuda")
     assert torch.equal(K.cpu(), codec.decode(blob)[0]); ok += 1
     s = io.BytesIO(blob); h = codec.read_header(s); chunks = [d for _, d in codec.iter_chunks(s, h)]
-    for trial in range(40):
+    for trial in range(24):
         bad = bytearray(chunks[trial % 2])
         for _ in range(rng.choice([1, 2, 8])):
             bad[rng.randrange(len(bad))] = rng.randrange(256)
@@ -70,14 +80,18 @@ torch.cuda.synchronize()
 print("memcheck script: decoded", ok, "rejected", rejected)
 PY
 timeout 100 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/codec_memcheck.py 2>&1 | tail -12
+unset KVCOMPILE_KV_DECODE_KERNEL
 echo "memcheck: ${SECONDS}s"
+fi
 
 if [ -n "${TORCHAC_BUILD:-}" ]; then
   wait "$TORCHAC_BUILD"; tail -3 "$OUT/torchac_build.log"
   export PYTHONPATH=$(ls -d /tmp/torchac/torchac_cuda-*):$PYTHONPATH
 fi
 
+if part bench; then
 echo "== benchmark"
 SECONDS=0
 timeout 200 python3 bench/bench_codec_gpu.py --out "$OUT" "$@"
 echo "bench: ${SECONDS}s"
+fi

@@ -13,29 +13,17 @@
 // table id against the bank; a stream that runs out of words, has words left over or ends in the
 // wrong state marks its chunk's status. Reads stay inside the chunk, writes inside the cache,
 // whatever the bytes say. Nothing here synchronises the stream; the caller reads `status`.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
+//
+// This is kernel v1; kv_decode_v2.cu holds v2 (the default), and kvc_kv_decode_with picks one.
+#include <stdlib.h>
+#include <string.h>
 
-#include "kvcompile_kernels.h"
+#include "kv_decode_common.h"
 
 namespace kvc_codec {
 namespace {
 
-constexpr uint32_t kStateLow = 1u << 16;
 constexpr int kThreads = 128;
-
-template <typename T> __device__ inline T to_cache(float x);
-template <> __device__ inline float to_cache(float x) { return x; }
-template <> __device__ inline __half to_cache(float x) { return __float2half_rn(x); }
-template <> __device__ inline __nv_bfloat16 to_cache(float x) { return __float2bfloat16_rn(x); }
-
-__device__ inline uint32_t load_u32(const uint8_t* p) {  // 4-byte aligned by the layout checks
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
-__device__ inline void fail(int32_t* status, int chunk, int code) { atomicMax(status + chunk, code); }
 
 template <typename T, int G>
 __device__ inline void store_group(T* dst, const float* v, bool vector_ok) {
@@ -201,8 +189,20 @@ cudaError_t launch_group(const kvc_kv_decode_args& a, cudaStream_t stream) {
 }  // namespace
 }  // namespace kvc_codec
 
+// KVC_KV_DECODE_DEFAULT: $KVCOMPILE_KV_DECODE_KERNEL=v1 picks v1, anything else v2.
+static int default_kernel() {
+  const char* name = getenv("KVCOMPILE_KV_DECODE_KERNEL");
+  return name && strcmp(name, "v1") == 0 ? KVC_KV_DECODE_V1 : KVC_KV_DECODE_V2;
+}
+
 extern "C" int kvc_kv_decode(const kvc_kv_decode_args* args, void* stream_handle) {
+  return kvc_kv_decode_with(args, stream_handle, KVC_KV_DECODE_DEFAULT);
+}
+
+extern "C" int kvc_kv_decode_with(const kvc_kv_decode_args* args, void* stream_handle, int kernel) {
   using namespace kvc_codec;
+  if (kernel == KVC_KV_DECODE_DEFAULT) kernel = default_kernel();
+  if (kernel != KVC_KV_DECODE_V1 && kernel != KVC_KV_DECODE_V2) return KVC_ERR_ARGUMENT;
   if (!args) return KVC_ERR_ARGUMENT;
   const kvc_kv_decode_args& a = *args;
   if (a.layers < 1 || a.kv_heads < 1 || a.head_dim < 1 || a.capacity < 0 || a.chunks < 0) return KVC_ERR_ARGUMENT;
@@ -220,6 +220,8 @@ extern "C" int kvc_kv_decode(const kvc_kv_decode_args* args, void* stream_handle
   if (reinterpret_cast<uintptr_t>(a.data) & 3) return KVC_ERR_ARGUMENT;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   cudaError_t err;
+  if (a.dtype != KVC_DTYPE_F32 && a.dtype != KVC_DTYPE_F16 && a.dtype != KVC_DTYPE_BF16) return KVC_ERR_ARGUMENT;
+  if (kernel == KVC_KV_DECODE_V2 && launch_v2(a, stream, &err)) return err == cudaSuccess ? KVC_OK : KVC_ERR_CUDA;
   switch (a.dtype) {
     case KVC_DTYPE_F32: err = launch_group<float>(a, stream); break;
     case KVC_DTYPE_F16: err = launch_group<__half>(a, stream); break;

@@ -3,6 +3,7 @@ bit for bit), its ONNX body run by ONNX Runtime equals the torch op, and corrupt
 codec's error on every path without reading or writing out of bounds."""
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -17,6 +18,7 @@ from kvcompile.ops.kv_decode.definition import decode_chunks, level_tables
 op = torch.ops.kvcompile.kv_decode
 
 
+@functools.lru_cache(maxsize=None)  # the GPU tests decode the same blobs with both kernels
 def encoded(level, dtype=torch.float16, layers=3, heads=2, tokens=96, dim=8, chunk_tokens=32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(layers, heads, tokens, dim, generator=generator)
@@ -107,17 +109,22 @@ def test_onnx_body_matches_torch_op(level, dtype):
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+KERNELS = ("v1", "v2")  # plugins/csrc/kv_decode.cu, kv_decode_v2.cu: the same bits, two speeds
 
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("level", sorted(codec.LEVELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_kernel_equals_the_cpu_decoder(level, dtype):
+def test_kernel_equals_the_cpu_decoder(level, dtype, kernel, monkeypatch):
     from kvcompile.ops.kv_decode import kernels
 
+    monkeypatch.setenv("KVCOMPILE_KV_DECODE_KERNEL", kernel)  # the library's default, read per call
     assert kernels.kernels_available()
-    for shape in ((3, 2, 96, 8), (2, 3, 64, 5), (4, 8, 256, 64)):  # 15 channels: one channel a stream
+    # 15 channels: one channel a stream, many (side, layer)s a block (v2's slow path);
+    # 1024 channels: a (side, layer) fills whole 256-stream blocks (v2's fast path)
+    for shape in ((3, 2, 96, 8), (2, 3, 64, 5), (4, 8, 256, 64), (2, 8, 40, 128)):
         layers, heads, tokens, dim = shape
         blob, header, chunks = encoded(level, dtype, layers, heads, tokens, dim, chunk_tokens=32)
         got = decode_chunks(header, chunks, device="cuda")
@@ -130,9 +137,40 @@ def test_kernel_equals_the_cpu_decoder(level, dtype):
     assert got_keys.is_cuda and torch.equal(got_keys.cpu(), keys) and torch.equal(got_values.cpu(), values)
 
 
+def launch_guarded(header, chunks, kernel, pad=4096):
+    """Decode `chunks` with `kernel` into a cache that sits between two sentinel regions ->
+    (status [N], the cache, whether the sentinels are intact)."""
+    from kvcompile.ops.kv_decode import kernels
+    from kvcompile.ops.kv_decode.definition import level_tables
+
+    device = torch.device("cuda")
+    offsets, at = [], 0
+    for data in chunks:
+        offsets.append(at)
+        at += len(data)
+    data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).to(device)
+    tokens = header.chunk_tokens
+    table = torch.tensor([[o, len(d), tokens, i * tokens] for i, (o, d) in enumerate(zip(offsets, chunks))],
+                         dtype=torch.int64, device=device)
+    shape = (2, header.layers, header.kv_heads, len(chunks) * tokens, header.head_dim)
+    n = int(np.prod(shape))
+    sentinel = -12345.0
+    buffer = torch.full((pad + n + pad,), sentinel, dtype=torch.float32, device=device)
+    out = buffer[pad:pad + n].view(shape)
+    status = torch.zeros(len(chunks), dtype=torch.int32, device=device)
+    tables = kernels._kernel_tables(*level_tables(header.level, header.layers, device))
+    kernels.launch(data, table, tables, out, header.layers, header.kv_heads, header.head_dim, header.group,
+                   int(header.level != codec.LOSSLESS_LEVEL), 0, status, kernel=kernel)
+    torch.cuda.synchronize()
+    intact = bool((buffer[:pad] == sentinel).all() and (buffer[pad + n:] == sentinel).all())
+    return status.cpu(), out, intact
+
+
 @pytest.mark.gpu
 @cuda
-def test_kernel_rejects_corrupt_chunks_and_stays_in_bounds():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_rejects_corrupt_chunks_and_stays_in_bounds(kernel, monkeypatch):
+    monkeypatch.setenv("KVCOMPILE_KV_DECODE_KERNEL", kernel)
     _, header, chunks = encoded(2, torch.float16, tokens=64, chunk_tokens=32)
     rng = np.random.default_rng(0)
     failures = 0
@@ -149,3 +187,30 @@ def test_kernel_rejects_corrupt_chunks_and_stays_in_bounds():
     with pytest.raises(codec.BitstreamError):
         decode_chunks(header, [chunks[0], chunks[1][:-8]], device="cuda")
     torch.cuda.synchronize()  # no launch error left behind
+
+
+@pytest.mark.gpu
+@cuda
+def test_kernels_agree_on_status_and_stay_inside_the_cache():
+    """v1 and v2 give every corrupted chunk the same KVC_DECODE_* code, the same bits for the
+    chunks that survive, and neither writes a byte outside the cache (fp32: sentinels around it)."""
+    for level, shape in ((2, (2, 8, 64, 128)), (1, (3, 2, 64, 8)), (0, (2, 2, 64, 16))):
+        layers, heads, tokens, dim = shape
+        _, header, chunks = encoded(level, torch.float32, layers, heads, tokens, dim, chunk_tokens=32)
+        rng = np.random.default_rng(level)
+        for trial in range(60):
+            bad = bytearray(chunks[1])
+            for _ in range(int(rng.integers(1, 6))):
+                bad[int(rng.integers(len(bad)))] = int(rng.integers(256))
+            if trial % 4 == 0:
+                bad = bad[:int(rng.integers(len(bad)))]
+            bad = bytes(bad) + b"\0" * (-len(bad) % 4)
+            results = [launch_guarded(header, [chunks[0], bad], kernel) for kernel in KERNELS]
+            (s1, out1, ok1), (s2, out2, ok2) = results
+            assert ok1 and ok2, (level, trial)
+            assert torch.equal(s1, s2), (level, trial, s1, s2)
+            assert s1[0] == 0
+            good = out1[:, :, :, :32]
+            assert torch.equal(good, out2[:, :, :, :32])
+            if s1[1] == 0:
+                assert torch.equal(out1, out2)

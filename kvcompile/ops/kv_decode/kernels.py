@@ -4,6 +4,10 @@ KvDecodeArgs mirrors `kvc_kv_decode_args` in plugins/csrc/kvcompile_kernels.h fi
 SYMBOLS declares the C function (the kernel loader reads it from the registry). The kernel
 checks every offset and length on the device and reports per chunk in a status array, which
 `run` reads back (one synchronisation) to raise BitstreamError for a corrupt chunk.
+
+Two kernels decode the same bits (plugins/csrc/kv_decode.cu, v1; kv_decode_v2.cu, v2): `launch`
+takes `kernel` ("v1", "v2" or None for the library's default, v2 unless
+$KVCOMPILE_KV_DECODE_KERNEL=v1), so a benchmark can time both in one process.
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ from kvcompile.plugins import kernels_available as plugin_kernels_available
 
 _int, _i64, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 
-SYMBOLS = (KernelSymbol("kvc_kv_decode", ctypes.c_int, (ctypes.c_void_p, ctypes.c_void_p)),)
+SYMBOLS = (KernelSymbol("kvc_kv_decode", ctypes.c_int, (ctypes.c_void_p, ctypes.c_void_p)),
+           KernelSymbol("kvc_kv_decode_with", ctypes.c_int, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)))
+KERNELS = {None: 0, "v1": 1, "v2": 2}  # KVC_KV_DECODE_DEFAULT, _V1, _V2
 
 _CODES = {1: "invalid argument", 2: "CUDA launch error"}
 # KVC_DECODE_* status of a chunk
@@ -59,9 +65,12 @@ def _kernel_tables(bank_cdf: Tensor, halves: Tensor, table_base: Tensor, scale_s
 
 
 def launch(data: Tensor, chunk_table: Tensor, tables, out: Tensor, layers: int, kv_heads: int, head_dim: int,
-           group: int, log_scales: int, dtype: int, status: Tensor) -> None:
+           group: int, log_scales: int, dtype: int, status: Tensor, kernel=None) -> None:
     """Enqueue the decoder on the current stream: chunk_table [N, 4] int64 (offset, bytes, tokens,
-    first token) on the device; out [2, L, H, capacity, D]; status [N] int32 zeroed."""
+    first token) on the device; out [2, L, H, capacity, D]; status [N] int32 zeroed; kernel one
+    of KERNELS."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kv_decode: kernel must be one of {sorted(k for k in KERNELS if k)} or None, got {kernel!r}")
     from kvcompile.codec import tables as bank
 
     lib = load_kernels()
@@ -73,7 +82,8 @@ def launch(data: Tensor, chunk_table: Tensor, tables, out: Tensor, layers: int, 
         bank_cdf=cdf16.data_ptr(), bank_rows=cdf16.shape[0], bank_width=cdf16.shape[1], bank_shapes=bank.SHAPES,
         scale_steps=steps.data_ptr(), keys=out[0].data_ptr(), values=out[1].data_ptr(), status=status.data_ptr())
     with torch.cuda.device(data.device):
-        code = lib.kvc_kv_decode(ctypes.byref(args), torch.cuda.current_stream(data.device).cuda_stream)
+        code = lib.kvc_kv_decode_with(ctypes.byref(args), torch.cuda.current_stream(data.device).cuda_stream,
+                                      KERNELS[kernel])
     if code != 0:
         raise RuntimeError(f"kvcompile kernel library: kvc_kv_decode failed with code {code} "
                            f"({_CODES.get(code, 'unknown')})")
