@@ -108,6 +108,12 @@ typedef struct {
 } kvc_kv_decode_args;
 
 int kvc_kv_decode(const kvc_kv_decode_args* args, void* stream);
+/* The same with the kernel named: v1 (a thread per rANS stream, binary search, words read from
+ * global memory) or v2 (words staged warp by warp in shared memory, bucket lookup of the symbol;
+ * v1 where v2's tables exceed its shared memory). DEFAULT is v2 unless
+ * $KVCOMPILE_KV_DECODE_KERNEL=v1. Same output bits and status either way. */
+enum { KVC_KV_DECODE_DEFAULT = 0, KVC_KV_DECODE_V1 = 1, KVC_KV_DECODE_V2 = 2 };
+int kvc_kv_decode_with(const kvc_kv_decode_args* args, void* stream, int kernel);
 
 /* The full cache's decode step: merges the new token into an attention over the past that a
  * fused kernel computed with its log-sum-exp (natural log). Strides are in elements. */
