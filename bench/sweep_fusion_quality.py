@@ -8,6 +8,10 @@ alone (CompiledModel.precompute_chunk) and fused with the question (generate_fus
 
     python bench/sweep_fusion_quality.py --out docs/ [--samples 40] [--ratios 0.05,0.1,0.15,0.2,0.3]
 Writes fusion_quality.json and fusion_quality.png into --out, and prints a markdown table.
+
+    python bench/sweep_fusion_quality.py --combine docs/a.json docs/b.json --out docs/ --name fusion_quality
+puts the selectors of several runs (each against its own full prefill / full reuse) in one table
+and one plot, without running anything.
 """
 from __future__ import annotations
 
@@ -58,7 +62,10 @@ def main() -> int:
     parser.add_argument("--check-layer", type=int, default=None, help="default: each selector's own")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="fusion_quality", help="file name of the JSON and PNG")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="runs to put in one table and plot")
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.combine, Path(args.out), args.name)
     ratios = [float(r) for r in args.ratios.split(",")]
     selectors = args.selectors.split(",")
     model = kvcompile.load_model("reference").to(args.device)
@@ -99,6 +106,47 @@ def table(results: dict) -> str:
             cells.append(f"{chain[mode]:.0%} ({recovered(chain, mode):.0%} of gap; direct {direct[mode]:.0%})")
         lines.append(f"| {selector} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def combine(paths, out: Path, name: str) -> int:
+    """One table and one plot of the selectors of several runs (rows name run and check layer)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    lines = ["| selector (check layer) | run | " + " | ".join(f"{r:.0%}" for r in runs[0]["ratios"]) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in runs[0]["ratios"]) + " |"]
+    curves = []
+    for path, run in zip(paths, runs):
+        chain = run["scores"]["chain"]
+        layers = run.get("check_layers") or {s: run.get("check_layer") for s in run["selectors"]}
+        where = f"{Path(path).name}, {run['device']}, n={run['samples']}, prefill {chain['full_prefill']:.0%}, " \
+                f"reuse {chain['full_reuse']:.0%}"
+        for selector in run["selectors"]:
+            cells = [f"{chain[f'fuse:{selector}:{r}']:.0%} ({recovered(chain, f'fuse:{selector}:{r}'):.0%})"
+                     for r in run["ratios"]]
+            label = f"{selector} ({layers[selector]})" if selector != "chunk_head" else selector
+            lines.append(f"| {label} | {where} | " + " | ".join(cells) + " |")
+            curves.append((label, run["ratios"], [recovered(chain, f"fuse:{selector}:{r}") for r in run["ratios"]]))
+    table_text = "\n".join(lines)
+    print(table_text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"runs": list(paths), "table": table_text}, indent=1) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, ratios, gap in curves:
+        ax.plot([100 * r for r in ratios], [100 * g for g in gap], marker="o", label=label)
+    ax.axhline(100, color="black", linestyle="--", label="full prefill")
+    ax.axhline(0, color="gray", linestyle=":", label="full reuse")
+    ax.axhline(90, color="tab:red", linewidth=0.6, label="target at 15%")
+    ax.set_xlabel("tokens recomputed (% of chunk tokens)")
+    ax.set_ylabel("reuse→prefill gap recovered (%)")
+    ax.set_title("KV fusion selectors, reference model's cross-chunk task", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=120)
+    return 0
 
 
 def plot(results: dict, path: Path) -> None:
