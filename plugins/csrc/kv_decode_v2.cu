@@ -27,6 +27,7 @@ namespace {
 constexpr int kBlock = 256;              // streams (threads) per block
 constexpr int kRing = 32;                // staged words per stream; a power of two
 constexpr int kRingStride = kBlock + 2;  // uint16s per ring row: each row starts one bank later
+constexpr int kFills = 4;                // streams whose rings one round of the warp tops up
 constexpr int kBatchSymbols = 16;        // symbols between top-ups; <= kRing / 2 keeps refills >= 16 words
 constexpr int kBucketShift = 10;         // 64 buckets of 1024 slots per table
 constexpr int kBuckets = 65536 >> kBucketShift;
@@ -109,13 +110,24 @@ __device__ __forceinline__ void decode_stream(const kvc_kv_decode_args& a, Work<
     const bool wants = ok && filled < end && filled - cursor < (uint32_t)kBatchSymbols;
     const uint32_t target = !wants ? filled : end - cursor > (uint32_t)kRing ? cursor + kRing : end;
     uint32_t need = __ballot_sync(0xFFFFFFFFu, wants);
-    while (need) {
-      const int j = __ffs(need) - 1;
-      need &= need - 1;
-      const uint32_t from = __shfl_sync(0xFFFFFFFFu, filled, j);
-      const uint32_t to = __shfl_sync(0xFFFFFFFFu, target, j);  // to - from <= kRing
-      const uint32_t at = from + lane;
-      if (at < to) ring[(at & (kRing - 1)) * kRingStride + warp0 + j] = w.word[at];
+    while (need) {  // kFills streams per round, their loads in flight together
+      int j[kFills];
+      uint32_t at[kFills], to[kFills];
+      uint16_t got[kFills];
+#pragma unroll
+      for (int k = 0; k < kFills; ++k) {
+        j[k] = need ? __ffs(need) - 1 : 0;
+        const uint32_t from = __shfl_sync(0xFFFFFFFFu, filled, j[k]);
+        const uint32_t upto = __shfl_sync(0xFFFFFFFFu, target, j[k]);  // upto - from <= kRing
+        at[k] = from + lane;
+        to[k] = need ? upto : 0;
+        need &= need - 1;
+      }
+#pragma unroll
+      for (int k = 0; k < kFills; ++k) got[k] = at[k] < to[k] ? w.word[at[k]] : 0;
+#pragma unroll
+      for (int k = 0; k < kFills; ++k)
+        if (at[k] < to[k]) ring[(at[k] & (kRing - 1)) * kRingStride + warp0 + j[k]] = got[k];
     }
     filled = target;
     __syncwarp();
