@@ -13,7 +13,7 @@
 // - Dequantisation reads (q - half) / half from a table the block builds with the same IEEE
 //   division v1 does per symbol, and the batch's scales are loaded before its symbols decode.
 //
-// The tables a block needs (the bank rows of the one or two (side, layer)s its 256 streams span)
+// The tables a block needs (the bank rows of the one or two (side, layer)s its 128 streams span)
 // are built in shared memory at the block's start. A block whose streams span more (side, layer)s
 // or whose rows do not fit decodes with v1's binary search over the bank in global memory, still
 // with staged words ("slow" below). Every bound v1 checks is checked here in the same order, so a
@@ -24,7 +24,7 @@
 namespace kvc_codec {
 namespace {
 
-constexpr int kBlock = 256;              // streams (threads) per block
+constexpr int kBlock = 128;              // streams (threads) per block: a chunk of an 8B model spans 128 SMs
 constexpr int kRing = 32;                // staged words per stream; a power of two
 constexpr int kRingStride = kBlock + 2;  // uint16s per ring row: each row starts one bank later
 constexpr int kFills = 4;                // streams whose rings one round of the warp tops up
@@ -186,7 +186,7 @@ __device__ __forceinline__ void decode_stream(const kvc_kv_decode_args& a, Work<
 }
 
 template <typename T, int G>
-__global__ void __launch_bounds__(kBlock, 4) decode_kernel_v2(kvc_kv_decode_args a, int max_rows) {
+__global__ void __launch_bounds__(kBlock, 8) decode_kernel_v2(kvc_kv_decode_args a, int max_rows) {
   extern __shared__ __align__(16) uint8_t shared[];
   const int width = a.bank_width;
   uint32_t* ranges = reinterpret_cast<uint32_t*>(shared);  // [max_rows, width]: start | (stop - 1) << 16

@@ -124,8 +124,9 @@ def test_kernel_equals_the_cpu_decoder(level, dtype, kernel, monkeypatch):
     monkeypatch.setenv("KVCOMPILE_KV_DECODE_KERNEL", kernel)  # the library's default, read per call
     assert kernels.kernels_available()
     # 15 channels: one channel a stream, many (side, layer)s a block (v2's slow path);
-    # 1024 channels: a (side, layer) fills whole 256-stream blocks (v2's fast path)
-    for shape in ((3, 2, 96, 8), (2, 3, 64, 5), (4, 8, 256, 64), (2, 8, 40, 128)):
+    # 256 channels: two (side, layer)s a block, K's and V's in one; 512 and 1024: a (side, layer)
+    # fills whole 128-stream blocks (v2's fast path)
+    for shape in ((3, 2, 96, 8), (2, 3, 64, 5), (4, 8, 256, 64), (2, 8, 40, 128), (3, 4, 64, 64)):
         layers, heads, tokens, dim = shape
         blob, header, chunks = encoded(level, dtype, layers, heads, tokens, dim, chunk_tokens=32)
         got = decode_chunks(header, chunks, device="cuda")
