@@ -4,8 +4,8 @@
 // - Words are staged, not read one by one from global memory. v1's thread reads its own stream's
 //   16-bit words, so the 32 loads of a warp hit 32 far-apart places. Here each stream owns a ring
 //   of kRing words in shared memory, and before every batch of kBatchSymbols symbols the warp
-//   tops up the rings that could run dry: one stream at a time, the 32 lanes copy up to 32
-//   consecutive words of that stream (one coalesced load). A symbol consumes at most one word,
+//   tops up the rings that could run dry, kFills streams a round: for each, the 32 lanes copy up
+//   to 32 consecutive words of it (one coalesced load). A symbol consumes at most one word,
 //   so a ring holding min(kBatchSymbols, words left) words never runs dry inside a batch.
 // - The symbol of a slot is found by a bucket lookup (slot >> kBucketShift gives the first
 //   symbol that can hold it) and a short upward walk over packed (start, stop - 1) ranges, in
