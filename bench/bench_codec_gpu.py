@@ -306,22 +306,31 @@ def main(argv=None) -> int:
     print("workload and encode", round(time.perf_counter() - began, 1), "s", json.dumps(report["sizes"]), flush=True)
 
     ours = {}
-    cpu = {i: chunk.decode_chunk_rows(header, 0, chunks_bytes[i]) for i in (0, N - 1)}
+    cpu = chunk.decode_chunk_rows(header, 0, chunks_bytes[0])  # the CPU decoder is slow: one chunk
+    first_out = None
     for kernel in args.kernels.split(","):
-        out, timings = bench_ours(chunks_bytes, L, H, D, T, args.repeats, kernel)
-        # bit-exact against the CPU decoder (two chunks)
-        for i in (0, N - 1):
+        try:  # a kernel that fails or differs is reported; the other kernel and the peers still run
+            out, timings = bench_ours(chunks_bytes, L, H, D, T, args.repeats, kernel)
+            # bit-exact: chunk 0 against the CPU decoder, every chunk against the first kernel's output
             for side, which in enumerate(chunk.SIDES):
-                want = torch.from_numpy(cpu[i][which]).reshape(L, T, H, D).permute(0, 2, 1, 3).to(torch.float16)
-                assert torch.equal(out[side, :, :, i * T:(i + 1) * T].cpu(), want), \
-                    f"{kernel}: chunk {i} {which} differs from the CPU"
+                want = torch.from_numpy(cpu[which]).reshape(L, T, H, D).permute(0, 2, 1, 3).to(torch.float16)
+                assert torch.equal(out[side, :, :, :T].cpu(), want), f"{kernel}: chunk 0 {which} differs from the CPU"
+            if first_out is None:
+                first_out = out
+            else:
+                assert torch.equal(out, first_out), f"{kernel} differs from the first kernel on some chunk"
+            del out
+        except Exception as error:
+            ours[kernel] = {"error": f"{type(error).__name__}: {error}"}
+            print("ours", kernel, ours[kernel], flush=True)
+            continue
         for timing in timings.values():
             timing["GBps_of_fp16_kv"] = kv_bytes / timing["best_s"] / 1e9
         timings["bit_exact_vs_cpu"] = True
         ours[kernel] = timings
         print("ours", kernel, json.dumps(timings), flush=True)
-        del out
-    fastest = min(ours, key=lambda k: ours[k]["all_chunks_one_launch"]["best_s"])
+    del first_out
+    fastest = min((k for k in ours if "error" not in ours[k]), key=lambda k: ours[k]["all_chunks_one_launch"]["best_s"])
     ours.update(fastest=fastest, all_chunks_one_launch=ours[fastest]["all_chunks_one_launch"],
                 one_chunk_per_launch=ours[fastest]["one_chunk_per_launch"], bit_exact_vs_cpu=True)
     report["ours"] = ours
@@ -379,7 +388,7 @@ def plot(report: dict, path: str) -> None:
         return
     bars = []
     for kernel in ("v1", "v2"):
-        if kernel in report["ours"]:
+        if "all_chunks_one_launch" in report["ours"].get(kernel, {}):
             bars += [(f"ours {kernel}, 12 chunks/launch", report["ours"][kernel]["all_chunks_one_launch"]["GBps_of_fp16_kv"]),
                      (f"ours {kernel}, 1 chunk/launch", report["ours"][kernel]["one_chunk_per_launch"]["GBps_of_fp16_kv"])]
     if "decode" in report.get("nvcomp_ans", {}):
