@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sim_codec_streaming import BIN_S, arrival, traces  # noqa: E402
+from sim_codec_streaming import BIN_S, arrival, plot_ttft_bars, traces  # noqa: E402
 
 import kvcompile  # noqa: E402
 from kvcompile.codec import streaming  # noqa: E402
@@ -129,29 +129,15 @@ def main(argv=None) -> int:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["traces"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), sharey=True)
-    for ax, name in zip(axes, names):
-        rows = result["traces"][name]["rows"]
-        labels = list(rows)
-        values = [rows[label]["ttft_s"] * 1e3 for label in labels]
-        ax.bar(range(len(labels)), values, color=["#999999", "#d62728", "#9ecae1", "#6baed6", "#3182bd", "#31a354"])
-        ax.axhline(result["deadline_s"] * 1e3, color="black", linestyle="--", linewidth=1, label="deadline")
-        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
-        ax.set_title(f"{name} (mean {result['traces'][name]['mean_mbps']} Mbit/s over 3 s)")
-        for x, value in enumerate(values):
-            ax.text(x, value, f"{value:.0f}", ha="center", va="bottom", fontsize=8)
-    axes[0].set_ylabel("time to first token, ms (measured)")
-    axes[0].legend()
-    fig.suptitle(f"The streaming loader measured: reference model, {result['context_tokens']}-token context, "
-                 f"{result['device']}, emulated links", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_ttft_bars(
+        path,
+        {name: (f"{name} (mean {trace['mean_mbps']} Mbit/s over 3 s)",
+                {label: row["ttft_s"] * 1e3 for label, row in trace["rows"].items()})
+         for name, trace in result["traces"].items()},
+        deadline_ms=result["deadline_s"] * 1e3,
+        ylabel="time to first token, ms (measured)",
+        title=f"The streaming loader measured: reference model, {result['context_tokens']}-token context, "
+              f"{result['device']}, emulated links")
 
 
 if __name__ == "__main__":

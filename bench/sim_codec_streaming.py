@@ -162,28 +162,40 @@ def run(args) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    plot_ttft_bars(
+        path,
+        {name: (f"{name} (mean {trace['mean_gbps']} Gbps over 0.3 s)",
+                {label: row["ttft_ms"] for label, row in trace["rows"].items()})
+         for name, trace in result["traces"].items()},
+        deadline_ms=result["deadline_ms"],
+        ylabel="time to first token, ms",
+        title=f"Streaming an 8B-shaped context of {result['context_tokens']} tokens "
+              f"(simulated; decode {result['inputs']['decode_gbps_fp16_out']} GB/s, H200 prefill fit)")
+
+
+def plot_ttft_bars(path: Path, panels: dict[str, tuple[str, dict[str, float]]], *, deadline_ms: float,
+                   ylabel: str, title: str) -> None:
+    """One bar panel per trace (panels: name -> (panel title, {row label: TTFT in ms})) against
+    the deadline; the simulated and the measured streaming results are drawn alike."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(result["traces"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), sharey=True)
-    for ax, name in zip(axes, names):
-        rows = result["traces"][name]["rows"]
-        labels = list(rows)
-        values = [rows[label]["ttft_ms"] for label in labels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), sharey=True)
+    for ax, (panel_title, ttft_ms) in zip(axes, panels.values()):
+        labels = list(ttft_ms)
+        values = [ttft_ms[label] for label in labels]
         colours = ["#999999", "#d62728", "#9ecae1", "#6baed6", "#3182bd", "#31a354"][: len(labels)]
         ax.bar(range(len(labels)), values, color=colours)
-        ax.axhline(result["deadline_ms"], color="black", linestyle="--", linewidth=1, label="deadline")
+        ax.axhline(deadline_ms, color="black", linestyle="--", linewidth=1, label="deadline")
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
-        ax.set_title(f"{name} (mean {result['traces'][name]['mean_gbps']} Gbps over 0.3 s)")
+        ax.set_title(panel_title)
         for x, value in enumerate(values):
             ax.text(x, value, f"{value:.0f}", ha="center", va="bottom", fontsize=8)
-    axes[0].set_ylabel("time to first token, ms")
+    axes[0].set_ylabel(ylabel)
     axes[0].legend()
-    fig.suptitle(f"Streaming an 8B-shaped context of {result['context_tokens']} tokens "
-                 f"(simulated; decode {result['inputs']['decode_gbps_fp16_out']} GB/s, H200 prefill fit)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
