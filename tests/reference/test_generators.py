@@ -5,25 +5,13 @@ import re
 import numpy as np
 import pytest
 
+from assignment_program import run_program
 from kvcompile.eval import cross_chunk, retrieval
 from kvcompile.eval.splits import seeded_rng, split_of
 from kvcompile.reference.corpus import SequenceMixer, is_heldout, module_key
 from kvcompile.frontend.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
-
-
-def run_program(text: str) -> tuple[dict, list[tuple[str, str]]]:
-    """Interpret the assignment language: final environment and (name, expected) per assert."""
-    env, asserts = {}, []
-    for line in text.splitlines():
-        if m := re.fullmatch(r"assert (\w+) == (\d+)", line):
-            asserts.append((env[m[1]], m[2]))
-        elif m := re.fullmatch(r"(\w+) = (\w+)", line):
-            env[m[1]] = m[2] if m[2].isdigit() else env[m[2]]
-        else:
-            assert line.startswith("# part "), line
-    return env, asserts
 
 
 @pytest.mark.parametrize("context", retrieval.CONTEXT_LENGTHS)

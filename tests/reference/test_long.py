@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from assignment_program import run_program
 from kvcompile.eval import HFRunner, evaluate, format_report, suite_for_context
 from kvcompile.eval import cross_chunk
 from kvcompile.frontend.tokenizer import ByteTokenizer
@@ -22,19 +23,6 @@ from kvcompile.reference.corpus import SequenceMixer
 
 TOK = ByteTokenizer()
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def run_program(text: str) -> tuple[dict, list[tuple[str, str]]]:
-    """Interpret the assignment language: final environment and (value, asserted) per assert."""
-    env, asserts = {}, []
-    for line in text.splitlines():
-        if m := re.fullmatch(r"assert (\w+) == (\d+)", line):
-            asserts.append((env[m[1]], m[2]))
-        elif m := re.fullmatch(r"(\w+) = (\w+)", line):
-            env[m[1]] = m[2] if m[2].isdigit() else env[m[2]]
-        else:
-            assert line.startswith("# part "), line
-    return env, asserts
 
 
 def tiny_long_model(seed: int = 0):
