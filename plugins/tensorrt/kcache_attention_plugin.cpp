@@ -11,8 +11,6 @@ namespace {
 
 enum Input { kQuery = 0, kKey, kValue, kKeyCache, kValueHost, kAttnBias };
 
-size_t align256(size_t bytes) { return (bytes + 255) & ~size_t(255); }
-
 // The kernel library's argument struct for these shapes (strides of contiguous tensors, in
 // elements). Pointers are left NULL; the workspace query fills in stand-ins.
 kvc_kcache_decode_args shape_args(int64_t B, int64_t Hq, int64_t Hkv, int64_t P, int64_t D, int32_t dtype) {
@@ -68,12 +66,8 @@ KCacheAttentionPlugin::~KCacheAttentionPlugin() {
 
 nvinfer1::IPluginV3* KCacheAttentionPlugin::create(std::string const& name, FieldReader const& fields,
                                                    nvinfer1::TensorRTPhase) {
-  for (char const* required : {"scale", "topn", "topn_numerator", "topn_denominator", "select_layer", "renormalize"}) {
-    if (!fields.has(required)) {
-      log_error(std::string(kName) + " " + name + ": field " + required + " is missing");
-      return nullptr;
-    }
-  }
+  if (!has_fields(fields, {"scale", "topn", "topn_numerator", "topn_denominator", "select_layer", "renormalize"}, name))
+    return nullptr;
   auto* plugin = new KCacheAttentionPlugin(name);
   plugin->scale_ = fields.get_float("scale", 1.f);
   plugin->topn_ = fields.get_int("topn", 0);
@@ -90,12 +84,7 @@ nvinfer1::IPluginV3* KCacheAttentionPlugin::create(std::string const& name, Fiel
   else if (plugin->select_layer_ != KVC_SELECT_HEAD && plugin->select_layer_ != KVC_SELECT_LAYER) problem = "select_layer must be 0 or 1";
   else if (plugin->renormalize_ != 0 && plugin->renormalize_ != 1) problem = "renormalize must be 0 or 1";
   else if (!(plugin->softcap_ >= 0.f) || std::isinf(plugin->softcap_)) problem = "softcap must be finite and >= 0";
-  if (!problem.empty()) {
-    log_error(std::string(kName) + " " + name + ": " + problem);
-    delete plugin;
-    return nullptr;
-  }
-  return plugin;
+  return unless_problem(plugin, problem);
 }
 
 bool KCacheAttentionPlugin::has_sinks() const noexcept {
@@ -115,46 +104,39 @@ int32_t KCacheAttentionPlugin::kept_positions(int64_t context) const noexcept {
 int32_t KCacheAttentionPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
                                                nvinfer1::DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept {
   if (nbInputs != kInputs || nbOutputs != 1) return -1;
-  for (int32_t i = 0; i < kInputs; ++i) {
-    if (in[i].desc.dims.nbDims != 4) {
-      log_error(std::string(kName) + " " + name_ + ": input " + std::to_string(i) + " must be 4-D");
-      return -1;
-    }
-  }
+  int32_t const ranks[kInputs] = {4, 4, 4, 4, 4, 4};
+  if (!inputs_have_ranks(in, ranks)) return -1;
   // The kernels serve decode steps only: the decode graph fixes tokens to 1, and prefill
   // graphs keep this node's local function (docs/TENSORRT.md).
   if (in[kQuery].max.d[2] != 1) {
-    log_error(std::string(kName) + " " + name_ + ": the plugin runs decode steps (tokens == 1); build the "
-              "prefill graph without the plugin library so its nodes inline their ONNX function");
+    report("the plugin runs decode steps (tokens == 1); build the "
+           "prefill graph without the plugin library so its nodes inline their ONNX function");
     return -1;
   }
   int64_t const D = in[kQuery].desc.dims.d[3];
   int64_t const Hq = in[kQuery].desc.dims.d[1], Hkv = in[kKey].desc.dims.d[1];
   int64_t const element_bytes = in[kQuery].desc.type == DataType::kFLOAT ? 4 : 2;
   if (D > 0 && (D > 512 || (D * element_bytes) % 16)) {
-    log_error(std::string(kName) + " " + name_ + ": head_dim " + std::to_string(D) +
-              " must be <= 512 and its rows a multiple of 16 bytes (the kernels' vector loads)");
+    report("head_dim " + std::to_string(D) +
+           " must be <= 512 and its rows a multiple of 16 bytes (the kernels' vector loads)");
     return -1;
   }
   if (Hq > 0 && Hkv > 0 && Hq % Hkv) {
-    log_error(std::string(kName) + " " + name_ + ": query heads must be a multiple of KV heads");
+    report("query heads must be a multiple of KV heads");
     return -1;
   }
   if (has_sinks() && Hq > 0 && static_cast<int64_t>(sinks_.size()) != Hq) {
-    log_error(std::string(kName) + " " + name_ + ": " + std::to_string(sinks_.size()) + " sink logits for " +
-              std::to_string(Hq) + " query heads");
+    report(std::to_string(sinks_.size()) + " sink logits for " + std::to_string(Hq) + " query heads");
     return -1;
   }
   return 0;
 }
 
-bool KCacheAttentionPlugin::supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut,
-                                                      int32_t nbInputs, int32_t nbOutputs) noexcept {
-  if (nbInputs != kInputs || nbOutputs != 1 || pos < 0 || pos > kInputs) return false;
-  nvinfer1::PluginTensorDesc const& desc = inOut[pos].desc;
-  if (desc.format != nvinfer1::TensorFormat::kLINEAR || !is_float_type(desc.type)) return false;
+bool KCacheAttentionPlugin::supports_type(int32_t pos, DataType type,
+                                          nvinfer1::DynamicPluginTensorDesc const* inOut) const noexcept {
+  if (!is_float_type(type)) return false;
   if (pos == kAttnBias) return true;  // any float type: converted to float32 in enqueue
-  return pos == kQuery || desc.type == inOut[kQuery].desc.type;
+  return pos == kQuery || type == inOut[kQuery].desc.type;
 }
 
 size_t KCacheAttentionPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
@@ -178,7 +160,7 @@ size_t KCacheAttentionPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc
   a.out = stand_in;
   size_t kernel_bytes = 0;
   if (kvc_kcache_decode_workspace_size(&a, &kernel_bytes) != KVC_OK) {
-    log_error(std::string(kName) + " " + name_ + ": " + kvc_last_error());
+    report(kvc_last_error());
     return 0;
   }
   size_t const bias_bytes = in[kAttnBias].desc.type == DataType::kFLOAT ? 0 : align256(B * (P + 1) * sizeof(float));
@@ -190,7 +172,7 @@ int32_t KCacheAttentionPlugin::upload_sinks() noexcept {
   size_t const bytes = sinks_.size() * sizeof(float);
   if (cudaMalloc(reinterpret_cast<void**>(&device_sinks_), bytes) != cudaSuccess ||
       cudaMemcpy(device_sinks_, sinks_.data(), bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
-    log_error(std::string(kName) + " " + name_ + ": could not upload the sink logits");
+    report("could not upload the sink logits");
     return -1;
   }
   return 0;
@@ -214,8 +196,8 @@ int32_t KCacheAttentionPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDe
   int64_t const B = q.d[0], Hq = q.d[1], T = q.d[2], D = q.d[3];
   int64_t const Hkv = inputDesc[kKey].dims.d[1], P = inputDesc[kKeyCache].dims.d[2];
   if (T != 1 || P < 1) {
-    log_error(std::string(kName) + " " + name_ + ": enqueue needs tokens == 1 and past >= 1, got tokens " +
-              std::to_string(T) + ", past " + std::to_string(P));
+    report("enqueue needs tokens == 1 and past >= 1, got tokens " + std::to_string(T) + ", past " +
+           std::to_string(P));
     return KVC_ERR_ARGUMENT;
   }
   if (upload_sinks() != 0) return KVC_ERR_CUDA;
@@ -243,7 +225,7 @@ int32_t KCacheAttentionPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDe
     int64_t const count = B * (P + 1);
     cudaError_t err = bias_to_float(inputs[kAttnBias], kernel_dtype(inputDesc[kAttnBias].type), converted, count, stream);
     if (err != cudaSuccess) {
-      log_error(std::string(kName) + " " + name_ + ": bias conversion: " + cudaGetErrorString(err));
+      report(std::string("bias conversion: ") + cudaGetErrorString(err));
       return KVC_ERR_CUDA;
     }
     a.attn_bias = converted;
@@ -251,11 +233,11 @@ int32_t KCacheAttentionPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDe
   }
   size_t kernel_bytes = 0;
   if (kvc_kcache_decode_workspace_size(&a, &kernel_bytes) != KVC_OK) {
-    log_error(std::string(kName) + " " + name_ + ": " + kvc_last_error());
+    report(kvc_last_error());
     return KVC_ERR_ARGUMENT;
   }
   int rc = kvc_kcache_decode(&a, ws + used, kernel_bytes, stream);
-  if (rc != KVC_OK) log_error(std::string(kName) + " " + name_ + ": " + kvc_last_error());
+  if (rc != KVC_OK) report(kvc_last_error());
   return rc;
 }
 

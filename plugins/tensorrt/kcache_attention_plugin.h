@@ -33,8 +33,9 @@ class KCacheAttentionPlugin : public PluginBase<KCacheAttentionPlugin> {
   // build
   int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
                           nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-  bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
-                                 int32_t nbOutputs) noexcept override;
+  // Whether tensor `pos` (an input, or kInputs: the output) may have `type` (PluginBase's
+  // supportsFormatCombination has checked the counts and the linear format).
+  bool supports_type(int32_t pos, DataType type, nvinfer1::DynamicPluginTensorDesc const* inOut) const noexcept;
   size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                           nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
   // runtime

@@ -9,8 +9,6 @@ namespace {
 
 enum Input { kData = 0, kChunkOffsets, kBankCdf, kHalves, kTableBase, kScaleSteps };
 
-size_t align256(size_t bytes) { return (bytes + 255) & ~size_t(255); }
-
 // Workspace layout for these sizes (also what enqueue carves the workspace into).
 struct Layout {
   size_t chunk_table, bank_cdf, halves, table_base, status, total;
@@ -41,12 +39,7 @@ std::vector<FieldSpec> const& KvDecodePlugin::field_specs() {
 
 nvinfer1::IPluginV3* KvDecodePlugin::create(std::string const& name, FieldReader const& fields,
                                             nvinfer1::TensorRTPhase) {
-  for (FieldSpec const& spec : field_specs()) {
-    if (!fields.has(spec.name)) {
-      log_error(std::string(kName) + " " + name + ": field " + spec.name + " is missing");
-      return nullptr;
-    }
-  }
+  if (!has_fields(fields, field_specs(), name)) return nullptr;
   auto* plugin = new KvDecodePlugin(name);
   plugin->layers_ = fields.get_int("layers", 0);
   plugin->kv_heads_ = fields.get_int("kv_heads", 0);
@@ -66,12 +59,7 @@ nvinfer1::IPluginV3* KvDecodePlugin::create(std::string const& name, FieldReader
     problem = "log_scales must be 0 or 1";
   else if (plugin->output_type() == DataType::kINT8)
     problem = "onnx_dtype must be 1 (float), 10 (float16) or 16 (bfloat16)";
-  if (!problem.empty()) {
-    log_error(std::string(kName) + " " + name + ": " + problem);
-    delete plugin;
-    return nullptr;
-  }
-  return plugin;
+  return unless_problem(plugin, problem);
 }
 
 DataType KvDecodePlugin::output_type() const noexcept {
@@ -105,17 +93,13 @@ int32_t KvDecodePlugin::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32
   return 0;
 }
 
-bool KvDecodePlugin::supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut,
-                                               int32_t nbInputs, int32_t nbOutputs) noexcept {
-  if (nbInputs != kInputs || nbOutputs != 1 || pos < 0 || pos > kInputs) return false;
-  nvinfer1::PluginTensorDesc const& desc = inOut[pos].desc;
-  if (desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
+bool KvDecodePlugin::supports_type(int32_t pos, DataType type, nvinfer1::DynamicPluginTensorDesc const*) const noexcept {
   switch (pos) {
-    case kData: return desc.type == DataType::kUINT8;
-    case kChunkOffsets: case kHalves: case kTableBase: return desc.type == DataType::kINT64;
-    case kBankCdf: return desc.type == DataType::kINT32;
-    case kScaleSteps: return desc.type == DataType::kFLOAT;
-    default: return desc.type == output_type();  // the output
+    case kData: return type == DataType::kUINT8;
+    case kChunkOffsets: case kHalves: case kTableBase: return type == DataType::kINT64;
+    case kBankCdf: return type == DataType::kINT32;
+    case kScaleSteps: return type == DataType::kFLOAT;
+    default: return type == output_type();  // the output
   }
 }
 
@@ -123,26 +107,19 @@ int32_t KvDecodePlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const*
                                         nvinfer1::DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept {
   if (nbInputs != kInputs || nbOutputs != 1) return -1;
   int32_t const ranks[kInputs] = {1, 1, 2, 1, 1, 1};
-  for (int32_t i = 0; i < kInputs; ++i) {
-    if (in[i].desc.dims.nbDims != ranks[i]) {
-      log_error(std::string(kName) + " " + name_ + ": input " + std::to_string(i) + " must be " +
-                std::to_string(ranks[i]) + "-D");
-      return -1;
-    }
-  }
+  if (!inputs_have_ranks(in, ranks)) return -1;
   int64_t const sides_layers = in[kHalves].desc.dims.d[0], width = in[kBankCdf].desc.dims.d[1] - 1;
   if ((sides_layers >= 0 && sides_layers != 2 * layers_) ||
       (in[kTableBase].desc.dims.d[0] >= 0 && in[kTableBase].desc.dims.d[0] != 2 * layers_)) {
-    log_error(std::string(kName) + " " + name_ + ": halves and table_base must have 2 * layers entries");
+    report("halves and table_base must have 2 * layers entries");
     return -1;
   }
   if (in[kBankCdf].desc.dims.d[1] >= 0 && (width < 1 || width > 256)) {
-    log_error(std::string(kName) + " " + name_ + ": bank_cdf rows of " + std::to_string(width) +
-              " symbols; the kernel takes 1..256");
+    report("bank_cdf rows of " + std::to_string(width) + " symbols; the kernel takes 1..256");
     return -1;
   }
   if (in[kScaleSteps].desc.dims.d[0] >= 0 && in[kScaleSteps].desc.dims.d[0] != 256) {
-    log_error(std::string(kName) + " " + name_ + ": scale_steps must have 256 entries");
+    report("scale_steps must have 256 entries");
     return -1;
   }
   return 0;
@@ -161,7 +138,7 @@ int32_t KvDecodePlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvi
   int64_t const rows = inputDesc[kBankCdf].dims.d[0], width = inputDesc[kBankCdf].dims.d[1] - 1;
   if (chunks < 1) return KVC_OK;  // nothing to decode: the output is empty
   if (chunks * tokens_ >= (int64_t(1) << 31)) {
-    log_error(std::string(kName) + " " + name_ + ": too many tokens for one call");
+    report("too many tokens for one call");
     return KVC_ERR_ARGUMENT;
   }
   Layout const l = layout_for(chunks, rows, width, 2 * layers_);
@@ -175,7 +152,7 @@ int32_t KvDecodePlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvi
                                       static_cast<int64_t const*>(inputs[kHalves]),
                                       static_cast<int64_t const*>(inputs[kTableBase]), 2 * layers_, scratch, stream);
   if (err != cudaSuccess) {
-    log_error(std::string(kName) + " " + name_ + ": preparing the arguments: " + cudaGetErrorString(err));
+    report(std::string("preparing the arguments: ") + cudaGetErrorString(err));
     return KVC_ERR_CUDA;
   }
   int64_t const capacity = chunks * tokens_;
@@ -204,7 +181,7 @@ int32_t KvDecodePlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvi
   a.values = static_cast<char*>(outputs[0]) + side_bytes;
   a.status = scratch.status;
   int rc = kvc_kv_decode(&a, stream);
-  if (rc != KVC_OK) log_error(std::string(kName) + " " + name_ + ": kvc_kv_decode failed with code " + std::to_string(rc));
+  if (rc != KVC_OK) report("kvc_kv_decode failed with code " + std::to_string(rc));
   return rc;
 }
 

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,10 @@ inline int32_t kernel_dtype(DataType type) noexcept {
 }
 
 inline bool is_float_type(DataType type) noexcept { return kernel_dtype(type) >= 0; }
+
+// Workspace regions start on 256-byte boundaries (cudaMalloc's alignment), so every carved-out
+// pointer is as aligned as a fresh allocation.
+inline size_t align256(size_t bytes) noexcept { return (bytes + 255) & ~size_t(255); }
 
 // One field a plugin declares: its name, the type it is passed as and how many values
 // (0 = any number, at least one).
@@ -166,6 +171,14 @@ class PluginBase : public nvinfer1::IPluginV3,
     return 0;  // enqueue reads every size from its descriptors
   }
   nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext*) noexcept override { return clone(); }
+  // Every tensor in linear format; P::supports_type(pos, type, inOut) says which types.
+  bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+                                 int32_t nbOutputs) noexcept override {
+    if (nbInputs != P::kInputs || nbOutputs != 1 || pos < 0 || pos > P::kInputs) return false;
+    nvinfer1::PluginTensorDesc const& desc = inOut[pos].desc;
+    return desc.format == nvinfer1::TensorFormat::kLINEAR &&
+           static_cast<P const*>(this)->supports_type(pos, desc.type, inOut);
+  }
   // The output keeps input 0's type and shape (both ops return a tensor like their first input).
   int32_t getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
                              int32_t nbInputs) const noexcept override {
@@ -183,8 +196,56 @@ class PluginBase : public nvinfer1::IPluginV3,
 
  protected:
   explicit PluginBase(std::string name) : name_(std::move(name)) {}
+
+  // Every message names the op and the layer: "<op> <layer>: <problem>".
+  static void report_for(std::string const& layer, std::string const& problem) noexcept {
+    log_error(std::string(P::kName) + " " + layer + ": " + problem);
+  }
+  void report(std::string const& problem) const noexcept { report_for(name_, problem); }
+
+  // True when `fields` hold every one of `required`; else logs the first missing one.
+  static bool has_fields(FieldReader const& fields, std::vector<FieldSpec> const& required, std::string const& layer) {
+    for (FieldSpec const& spec : required)
+      if (!has_field(fields, spec.name, layer)) return false;
+    return true;
+  }
+  static bool has_fields(FieldReader const& fields, std::initializer_list<char const*> required,
+                         std::string const& layer) {
+    for (char const* field : required)
+      if (!has_field(fields, field, layer)) return false;
+    return true;
+  }
+
+  // What create returns once it has read and checked the fields: the plugin, or nullptr (after
+  // logging) when `problem` names what is wrong with them.
+  static nvinfer1::IPluginV3* unless_problem(P* plugin, std::string const& problem) {
+    if (problem.empty()) return plugin;
+    plugin->report(problem);
+    delete plugin;
+    return nullptr;
+  }
+
+  // True when input i has rank ranks[i] for every input; else logs the first that has not.
+  template <int32_t N>
+  bool inputs_have_ranks(nvinfer1::DynamicPluginTensorDesc const* in, int32_t const (&ranks)[N]) const noexcept {
+    for (int32_t i = 0; i < N; ++i) {
+      if (in[i].desc.dims.nbDims != ranks[i]) {
+        report("input " + std::to_string(i) + " must be " + std::to_string(ranks[i]) + "-D");
+        return false;
+      }
+    }
+    return true;
+  }
+
   std::string name_;  // the layer's name, for messages
   FieldWriter writer_;
+
+ private:
+  static bool has_field(FieldReader const& fields, char const* field, std::string const& layer) {
+    if (fields.has(field)) return true;
+    report_for(layer, std::string("field ") + field + " is missing");
+    return false;
+  }
 };
 
 }  // namespace tensorrt

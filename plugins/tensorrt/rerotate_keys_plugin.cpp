@@ -16,7 +16,7 @@ nvinfer1::IPluginV3* RerotateKeysPlugin::create(std::string const& name, FieldRe
                                                 nvinfer1::TensorRTPhase) {
   int32_t const interleaved = fields.get_int("interleaved", 0);
   if (interleaved != 0 && interleaved != 1) {
-    log_error(std::string(kName) + " " + name + ": interleaved must be 0 or 1, got " + std::to_string(interleaved));
+    report_for(name, "interleaved must be 0 or 1, got " + std::to_string(interleaved));
     return nullptr;
   }
   auto* plugin = new RerotateKeysPlugin(name);
@@ -29,28 +29,24 @@ int32_t RerotateKeysPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc co
   if (nbInputs != kInputs || nbOutputs != 1) return -1;
   nvinfer1::Dims const& keys = in[kKeys].desc.dims;
   if (keys.nbDims != 4 || in[kDelta].desc.dims.nbDims != 2 || in[kInvFreq].desc.dims.nbDims != 1) {
-    log_error(std::string(kName) + " " + name_ + ": keys must be [B, Hkv, T, D], delta [B, T], inv_freq [R/2]");
+    report("keys must be [B, Hkv, T, D], delta [B, T], inv_freq [R/2]");
     return -1;
   }
   int64_t const D = keys.d[3], half = in[kInvFreq].desc.dims.d[0];
   if (D > 0 && half > 0 && 2 * half > D) {
-    log_error(std::string(kName) + " " + name_ + ": " + std::to_string(2 * half) + " rotated dims exceed head dim " +
-              std::to_string(D));
+    report(std::to_string(2 * half) + " rotated dims exceed head dim " + std::to_string(D));
     return -1;
   }
   return 0;
 }
 
-bool RerotateKeysPlugin::supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut,
-                                                   int32_t nbInputs, int32_t nbOutputs) noexcept {
-  if (nbInputs != kInputs || nbOutputs != 1 || pos < 0 || pos > kInputs) return false;
-  nvinfer1::PluginTensorDesc const& desc = inOut[pos].desc;
-  if (desc.format != nvinfer1::TensorFormat::kLINEAR) return false;
+bool RerotateKeysPlugin::supports_type(int32_t pos, DataType type,
+                                       nvinfer1::DynamicPluginTensorDesc const* inOut) const noexcept {
   switch (pos) {
-    case kKeys: return is_float_type(desc.type);
-    case kDelta: return desc.type == DataType::kINT64;
-    case kInvFreq: return desc.type == DataType::kFLOAT;
-    default: return desc.type == inOut[kKeys].desc.type;  // the output
+    case kKeys: return is_float_type(type);
+    case kDelta: return type == DataType::kINT64;
+    case kInvFreq: return type == DataType::kFLOAT;
+    default: return type == inOut[kKeys].desc.type;  // the output
   }
 }
 
@@ -61,7 +57,7 @@ int32_t RerotateKeysPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
   int64_t const B = keys.d[0], H = keys.d[1], T = keys.d[2], D = keys.d[3];
   int64_t const half = inputDesc[kInvFreq].dims.d[0];
   if (B * T >= (int64_t(1) << 31) || H >= (int64_t(1) << 31) || 2 * half > D) {
-    log_error(std::string(kName) + " " + name_ + ": shapes out of the kernel's range");
+    report("shapes out of the kernel's range");
     return KVC_ERR_ARGUMENT;
   }
   kvc_rerotate_args a{};
@@ -82,7 +78,7 @@ int32_t RerotateKeysPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
   a.inv_freq = static_cast<float const*>(inputs[kInvFreq]);
   a.out = outputs[0];
   int rc = kvc_rerotate_keys(&a, stream);
-  if (rc != KVC_OK) log_error(std::string(kName) + " " + name_ + ": kvc_rerotate_keys failed with code " + std::to_string(rc));
+  if (rc != KVC_OK) report("kvc_rerotate_keys failed with code " + std::to_string(rc));
   return rc;
 }
 

@@ -26,8 +26,9 @@ class RerotateKeysPlugin : public PluginBase<RerotateKeysPlugin> {
 
   int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
                           nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-  bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
-                                 int32_t nbOutputs) noexcept override;
+  // Whether tensor `pos` (an input, or kInputs: the output) may have `type` (PluginBase's
+  // supportsFormatCombination has checked the counts and the linear format).
+  bool supports_type(int32_t pos, DataType type, nvinfer1::DynamicPluginTensorDesc const* inOut) const noexcept;
   int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
                   void const* const* inputs, void* const* outputs, void* workspace,
                   cudaStream_t stream) noexcept override;
