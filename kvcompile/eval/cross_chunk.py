@@ -81,16 +81,7 @@ def training_program_doc(rng: random.Random, target_bytes: int) -> str:
         defined = list(env)
         if len(defined) >= 2 and draw < 0.3:
             # Ask each value once: a repeated assert could be answered by copying the last one.
-            unasked = [n for n in defined if n not in asked]
-            if stale and rng.random() < 0.5:
-                name = rng.choice(sorted(stale))
-            elif unasked and rng.random() < 0.8:
-                name = rng.choice(unasked)
-            else:
-                name = rng.choice(defined)
-            stale.discard(name)
-            asked.add(name)
-            line = f"assert {name} == {env[name]}\n"
+            line = _assert_line(rng, env, stale, asked, [n for n in defined if n not in asked], defined)
         elif defined and draw < 0.6:
             source = rng.choice(defined)  # uniform over all defined names: long distances
             fresh = [n for n in pool if n not in env]
@@ -100,20 +91,41 @@ def training_program_doc(rng: random.Random, target_bytes: int) -> str:
                 dest = rng.choice(pool)
             if dest == source:
                 continue
-            _assign(env, copied_from, stale, dest, env[source])
-            copied_from[dest] = source
-            asked.discard(dest)
-            line = f"{dest} = {source}\n"
+            line = _assignment_line(rng, env, copied_from, stale, asked, dest, source)
         else:
             fresh = [n for n in pool if n not in env]
             dest = rng.choice(fresh) if fresh and rng.random() < 0.6 else rng.choice(pool)
-            value = _literal(rng)
-            _assign(env, copied_from, stale, dest, value)
-            asked.discard(dest)
-            line = f"{dest} = {value}\n"
+            line = _assignment_line(rng, env, copied_from, stale, asked, dest, None)
         lines.append(line)
         size += len(line)
     return "".join(lines)
+
+
+def _assert_line(rng: random.Random, env, stale, asked, unasked: list[str], others: list[str]) -> str:
+    """An assert: on a stale copy half the time there is one, else mostly on a name not asked
+    since its last assignment (`unasked`), else on any of `others`."""
+    if stale and rng.random() < 0.5:
+        name = rng.choice(sorted(stale))
+    elif unasked and rng.random() < 0.8:
+        name = rng.choice(unasked)
+    else:
+        name = rng.choice(others)
+    stale.discard(name)
+    asked.add(name)
+    return f"assert {name} == {env[name]}\n"
+
+
+def _assignment_line(rng: random.Random, env, copied_from, stale, asked, dest: str, source: str | None) -> str:
+    """`dest = source` (a copy) or, with no source, `dest = <a fresh literal>`: applied, and as a line."""
+    if source is None:
+        _assign(env, copied_from, stale, dest, _literal(rng))
+        line = f"{dest} = {env[dest]}\n"
+    else:
+        _assign(env, copied_from, stale, dest, env[source])
+        copied_from[dest] = source
+        line = f"{dest} = {source}\n"
+    asked.discard(dest)
+    return line
 
 
 def _assign(env, copied_from, stale, dest, value) -> None:
@@ -170,39 +182,18 @@ def training_long_program_doc(rng: random.Random, target_bytes: int) -> str:
         if draw < cold_rate:
             dest = rng.choice(cold)
             sources = [n for n in cold_set if n != dest]
+            source = None
             if sources and rng.random() < 0.6:
                 hot_set = [n for n in hot if n in env]
                 source = rng.choice(hot_set) if hot_set and rng.random() < 0.2 else rng.choice(sources)
-                _assign(env, copied_from, stale, dest, env[source])
-                copied_from[dest] = source
-                line = f"{dest} = {source}\n"
-            else:
-                _assign(env, copied_from, stale, dest, _literal(rng))
-                line = f"{dest} = {env[dest]}\n"
-            asked.discard(dest)
+            line = _assignment_line(rng, env, copied_from, stale, asked, dest, source)
         elif draw < cold_rate + 0.04 and len(env) >= 2:
-            unasked_cold = [n for n in cold_set if n not in asked]
-            if stale and rng.random() < 0.5:
-                name = rng.choice(sorted(stale))
-            elif unasked_cold and rng.random() < 0.8:
-                name = rng.choice(unasked_cold)
-            else:
-                name = rng.choice(sorted(env))
-            stale.discard(name)
-            asked.add(name)
-            line = f"assert {name} == {env[name]}\n"
+            line = _assert_line(rng, env, stale, asked, [n for n in cold_set if n not in asked], sorted(env))
         else:
             dest = rng.choice(hot)
             hot_set = [n for n in hot if n in env and n != dest]
-            if hot_set and rng.random() < 0.4:
-                source = rng.choice(hot_set)
-                _assign(env, copied_from, stale, dest, env[source])
-                copied_from[dest] = source
-                line = f"{dest} = {source}\n"
-            else:
-                _assign(env, copied_from, stale, dest, _literal(rng))
-                line = f"{dest} = {env[dest]}\n"
-            asked.discard(dest)
+            source = rng.choice(hot_set) if hot_set and rng.random() < 0.4 else None
+            line = _assignment_line(rng, env, copied_from, stale, asked, dest, source)
         lines.append(line)
         size += len(line)
     return "".join(lines)
