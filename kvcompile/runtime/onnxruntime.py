@@ -30,9 +30,10 @@ from kvcompile.export.manifest import ArtifactError, load_manifest
 from kvcompile.codec.restore import RestoreMethods
 from kvcompile.fusion.api import FusionMethods
 from kvcompile.core.layout import GraphSpec
+from kvcompile.runtime.generate import GenerateMethods
 
 
-class OnnxRuntimeBackend(FusionMethods, RestoreMethods):
+class OnnxRuntimeBackend(FusionMethods, RestoreMethods, GenerateMethods):
     """Two ORT sessions (prefill, decode) over one artifact, with the backend `step` protocol."""
 
     def __init__(self, artifact_dir, manifest: dict, providers: Optional[Sequence[str]] = None,
@@ -144,29 +145,6 @@ class OnnxRuntimeBackend(FusionMethods, RestoreMethods):
                      for name, t in zip(self.input_names, tensors) if name in wanted}
             return tuple(torch.from_numpy(x) for x in session.run(None, feeds))
         return run
-
-
-    # the torch runtime's conveniences, through the shared loop --------------------------------
-    def new_cache(self, batch: int, capacity: int = 256):
-        from kvcompile.runtime.cache import KVCacheManager
-
-        return KVCacheManager(self.spec, batch, capacity, "cpu", self.dtype)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: Optional[int] = 50, top_p: Optional[float] = 1.0, seed: Optional[int] = None,
-                 on_tokens=None) -> torch.Tensor:
-        """The same loop, checks and options as CompiledModel.generate."""
-        from kvcompile.runtime import generate as gen
-        from kvcompile.runtime.sampling import Sampling
-
-        eos_token_id, pad_token_id = gen.special_ids(self.manifest.get("model_config") or {}, eos_token_id,
-                                                     pad_token_id)
-        return gen.generate(self, self.new_cache, input_ids.to("cpu") if isinstance(input_ids, torch.Tensor)
-                            else input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                            Sampling(do_sample, temperature, top_k, top_p, seed), on_tokens)
 
 
 def load_onnx_artifact(artifact_dir, providers: Optional[Sequence[str]] = None,

@@ -25,6 +25,7 @@ import torch
 from kvcompile.core.layout import GraphSpec
 from kvcompile.errors import ArtifactError, RuntimeFailure
 from kvcompile.export.manifest import load_manifest
+from kvcompile.runtime.generate import GenerateMethods
 from kvcompile.plugins.tensorrt.python_plugins import TensorRTUnavailable, tensorrt_module
 
 TARGET = "tensorrt"
@@ -39,7 +40,7 @@ def load_graphs_on_onnxruntime(artifact_dir):
     return OnnxRuntimeBackend(artifact_dir, manifest)
 
 
-class TensorRTBackend:
+class TensorRTBackend(GenerateMethods):
     """Two execution contexts (prefill, decode) over one artifact, with the backend `step` protocol."""
 
     def __init__(self, artifact_dir, manifest: dict, trt, engines: dict):
@@ -101,27 +102,6 @@ class TensorRTBackend:
         del keep_alive
         logits, rest = outputs[0], outputs[1:]
         return logits, list(rest[0::2]), list(rest[1::2])
-
-    def new_cache(self, batch: int, capacity: int = 256):
-        from kvcompile.runtime.cache import KVCacheManager
-
-        return KVCacheManager(self.spec, batch, capacity, self.device, self.dtype)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: Optional[int] = 50, top_p: Optional[float] = 1.0, seed: Optional[int] = None,
-                 on_tokens=None) -> torch.Tensor:
-        """The same loop, checks and options as CompiledModel.generate."""
-        from kvcompile.runtime import generate as gen
-        from kvcompile.runtime.sampling import Sampling
-
-        eos_token_id, pad_token_id = gen.special_ids(self.manifest.get("model_config") or {}, eos_token_id,
-                                                     pad_token_id)
-        return gen.generate(self, self.new_cache, input_ids.to(self.device), attention_mask, max_new_tokens,
-                            eos_token_id, pad_token_id, Sampling(do_sample, temperature, top_k, top_p, seed),
-                            on_tokens)
 
 
 def torch_dtype(trt, dtype) -> torch.dtype:
