@@ -240,26 +240,15 @@ __global__ void __launch_bounds__(kBlock, 8) decode_kernel_v2(kvc_kv_decode_args
   __syncthreads();
 
   // The chunk: where it is, how many tokens, where they go (a whole block agrees).
-  const int64_t offset = a.chunk_table[4 * chunk + 0];
-  const int64_t bytes = a.chunk_table[4 * chunk + 1];
-  const int64_t tokens64 = a.chunk_table[4 * chunk + 2];
-  const int64_t first64 = a.chunk_table[4 * chunk + 3];
-  if (offset < 0 || bytes < 0 || offset > a.data_bytes || bytes > a.data_bytes - offset || (offset & 3) ||
-      tokens64 < 1 || first64 < 0 || tokens64 > a.capacity || first64 > a.capacity - tokens64) {
+  ChunkView view;
+  if (!view_chunk(a, chunk, L, C, streams, &view)) {
     if (threadIdx.x == 0) fail(a.status, chunk, KVC_DECODE_BAD_CHUNK);
     return;
   }
-  const int tokens = (int)tokens64, first = (int)first64;
-  const uint8_t* base = a.data + offset;
-  // Layout (kvcompile/codec/chunk.py, Layout.of): scales, centres, shapes, ends, words.
-  const int64_t scale_bytes = a.log_scales ? 8LL * L + ((2LL * L * tokens + 3) / 4) * 4 : 8LL * L * tokens;
-  const int64_t centres_at = scale_bytes, shapes_at = centres_at + 2LL * L * C;
-  const int64_t ends_at = shapes_at + 2LL * L * C, words_at = ends_at + 4LL * streams;
-  if (words_at > bytes || ((bytes - words_at) & 3)) {
-    if (threadIdx.x == 0) fail(a.status, chunk, KVC_DECODE_BAD_CHUNK);
-    return;
-  }
-  const int64_t words = (bytes - words_at) / 2;
+  const int tokens = view.tokens, first = view.first;
+  const uint8_t* base = view.base;
+  const int64_t centres_at = view.centres_at, shapes_at = view.shapes_at, ends_at = view.ends_at;
+  const int64_t words_at = view.words_at, words = view.words;
 
   // This thread's stream, checked as v1 checks it; a lane without one still joins the warp's staging.
   Work<G> w;
