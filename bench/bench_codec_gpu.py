@@ -26,12 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import floors  # noqa: E402  (bench/floors.py: hardware floors and the CUDA-event timer)
 
 # Workers are spawned, not forked: a fork of a process whose torch (or CUDA) threads are running
 # can hang in the child (it did, encoding the random model's KV).
@@ -89,16 +93,7 @@ def channel_entropy_bits(symbols: np.ndarray) -> float:
 
 
 def event_seconds(fn, repeats: int) -> dict:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    times = floors.event_times(fn, repeats)
     return {"best_s": min(times), "median_s": float(np.median(times))}
 
 
@@ -276,11 +271,6 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=1))
         return 0
     register_bench_level()
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import floors
-
     from kvcompile.codec import chunk, bitstream
 
     workers = min(args.chunks, os.cpu_count() or 1)

@@ -55,19 +55,25 @@ def _best_seconds(fn, device: torch.device, repeats: int = 5) -> float:
     return best
 
 
-def _best_event_seconds(fn, repeats: int = 5) -> float:
-    """Best of `repeats` CUDA-event timings of fn (device time, no host gaps)."""
+def event_times(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` runs of fn after one warm-up, timed by CUDA events (device
+    time, no host gaps)."""
     fn()
     torch.cuda.synchronize()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def _best_event_seconds(fn, repeats: int = 5) -> float:
+    """Best of `repeats` CUDA-event timings of fn."""
+    return min(event_times(fn, repeats))
 
 
 @functools.lru_cache(maxsize=None)

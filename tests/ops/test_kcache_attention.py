@@ -201,17 +201,21 @@ def test_kernel_library_abi_plans_workspace_and_rejects_bad_args():
     assert b"head_dim" in lib.kvc_last_error()
 
 
+def bench_floors():
+    """bench/floors.py, which loads the host-row-gather probe for its link-rate floors."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import floors
+
+    return floors
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_host_row_gather_probe_rejects_bad_args_before_any_cuda_call():
-    import ctypes
-
-    from kvcompile.plugins import load_kernels
-
-    lib = load_kernels()
-    lib.kvc_host_row_gather.restype = ctypes.c_int
-    lib.kvc_host_row_gather.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32,
-                                        ctypes.c_void_p, ctypes.c_void_p]
-    lib.kvc_host_row_gather_error.restype = ctypes.c_char_p
+    floors = bench_floors()
+    lib = floors._gather_library()  # the probe's signature, as the floors benchmark declares it
     fake = 1 << 20
     assert lib.kvc_host_row_gather(fake, 24, fake, 4, fake, None) == 1  # 24 B rows: not 16-byte vectors
     assert b"multiple of 16" in lib.kvc_host_row_gather_error()
@@ -221,12 +225,7 @@ def test_host_row_gather_probe_rejects_bad_args_before_any_cuda_call():
 @pytest.mark.gpu
 @requires_cuda
 def test_host_row_gather_probe_copies_the_chosen_rows():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    import floors
-
+    floors = bench_floors()
     lib = floors._gather_library()
     host = torch.randint(0, 256, (1000, 96), dtype=torch.uint8).pin_memory()
     rows = torch.tensor([5, 999, 0, 17, 17, 400], dtype=torch.int32, device="cuda")
