@@ -16,8 +16,7 @@ cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
 gpu_log codec
 
-echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+echo "== device"; print_device
 
 WHL=${WHL:-.whl}  # the folder carrying the peers' wheels and sdist
 echo "== install"
@@ -38,7 +37,7 @@ echo "install: ${SECONDS}s"
 
 echo "== build"
 SECONDS=0
-python3 -c "from kvcompile.plugins import build, load_kernels; import os; print(os.environ.get('KVCOMPILE_KERNELS_LIB') or build.library_path()); load_kernels()" || exit 1
+load_kernel_library || exit 1
 echo "build+load: ${SECONDS}s"
 
 if part tests; then

@@ -18,8 +18,7 @@ cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
 gpu_log codec_runtime
 
-echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+echo "== device"; print_device
 
 echo "== install"
 install_kvcompile || exit 1

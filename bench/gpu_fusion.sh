@@ -13,8 +13,7 @@ cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
 gpu_log fusion
 
-echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+echo "== device"; print_device
 
 echo "== install"
 install_kvcompile || exit 1
@@ -23,13 +22,9 @@ echo "== kernel library"
 SECONDS=0
 # The re-rotation and the codec's decoder are CUDA kernels of the library; without it fusion
 # still runs (torch re-rotation) and the codec row says why it was not measured.
-timeout 120 python3 -c "
-import os
-from kvcompile.plugins import build, load_kernels
-print(os.environ.get('KVCOMPILE_KERNELS_LIB') or build.library_path())
-load_kernels()
+{ load_kernel_library 120 && python3 -c "
 from kvcompile.ops.rerotate_keys import kernels
-print('rerotate kernel available:', kernels.kernels_available())" || echo "kernel library unavailable: torch fallbacks"
+print('rerotate kernel available:', kernels.kernels_available())"; } || echo "kernel library unavailable: torch fallbacks"
 echo "kernels: ${SECONDS}s"
 
 STAGES=${STAGES:-tests bench}

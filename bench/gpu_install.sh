@@ -25,3 +25,21 @@ gpu_log() {
   export KVCOMPILE_CACHE_DIR=${KVCOMPILE_CACHE_DIR:-$PWD/build/kvc_cache}
   exec > >(tee "$OUT/gpu_$1.log") 2>&1
 }
+
+# The device and torch a run measures on, for its log.
+print_device() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+}
+
+# `load_kernel_library [TIMEOUT_S]` builds the kernel library (or finds it in the cache: the
+# sources' hash names it, plugins/build.py), prints its path and loads it. $KVCOMPILE_KERNELS_LIB
+# pins a prebuilt library instead (e.g. one built on the CPU machine from the same sources and
+# carried along). No TIMEOUT_S (0): no limit.
+load_kernel_library() {
+  timeout "${1:-0}" python3 -c "
+import os
+from kvcompile.plugins import build, load_kernels
+print(os.environ.get('KVCOMPILE_KERNELS_LIB') or build.library_path())
+load_kernels()"
+}

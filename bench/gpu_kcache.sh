@@ -13,21 +13,14 @@ cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
 gpu_log kcache
 
-echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+echo "== device"; print_device
 
 echo "== install"
 install_kvcompile || exit 1
 
 echo "== build"
 SECONDS=0
-# $KVCOMPILE_KERNELS_LIB pins a prebuilt library (e.g. one built on the CPU machine from the
-# same sources and carried along); otherwise the sources are built here (or found in the cache).
-python3 -c "
-import os
-from kvcompile.plugins import build, load_kernels
-print(os.environ.get('KVCOMPILE_KERNELS_LIB') or build.library_path())
-load_kernels()" || exit 1
+load_kernel_library || exit 1
 echo "build+load: ${SECONDS}s"
 
 STAGES=${STAGES:-floors tests sanitizer bench}

@@ -21,11 +21,7 @@ install_kvcompile || exit 1
 
 echo "== kernel library (\$KVCOMPILE_KERNELS_LIB pins a prebuilt one, e.g. of committed sources)"
 SECONDS=0
-python3 -c "
-import os
-from kvcompile.plugins import build, load_kernels
-print(os.environ.get('KVCOMPILE_KERNELS_LIB') or build.library_path())
-load_kernels()" || exit 1
+load_kernel_library || exit 1
 echo "build+load: ${SECONDS}s"
 git log -1 --format='HEAD %h %s' 2>/dev/null; git status --short plugins 2>/dev/null | head
 
