@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from kvcompile.errors import UnsupportedAttentionError
+from kvcompile.passes.graph_copy import copy_graph
 
 # ops that may sit between the head's matmul and the logits output (they act per position)
 ELEMENTWISE_TAIL = {torch.ops.aten.tanh.default, torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor,
@@ -41,11 +42,7 @@ def language_model_head(graph: torch.fx.Graph) -> torch.fx.Node:
 
 def last_logits_graph(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """-> the graph whose logits are the last position's (see the module docstring)."""
-    graph = torch.fx.Graph()
-    mapping: dict = {}
-    output = graph.graph_copy(graph_module.graph, mapping)
-    graph.output(output)
-    graph._codegen = graph_module.graph._codegen
+    graph = copy_graph(graph_module)
     head = language_model_head(graph)
     hidden = head.args[0]  # [B, T, hidden]
     with graph.inserting_before(head):

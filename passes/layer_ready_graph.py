@@ -21,17 +21,14 @@ import torch
 import torch.fx
 
 from kvcompile.fusion.loading import wait_for_layer
+from kvcompile.passes.graph_copy import copy_graph
 
 PAST_INPUT = re.compile(r"past_(?:key|value)_(\d+)$")
 
 
 def layer_ready_graph(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """-> the graph with a wait before each layer's first cache read (see the module docstring)."""
-    graph = torch.fx.Graph()
-    mapping: dict = {}
-    output = graph.graph_copy(graph_module.graph, mapping)
-    graph.output(output)
-    graph._codegen = graph_module.graph._codegen
+    graph = copy_graph(graph_module)
     order = {node: index for index, node in enumerate(graph.nodes)}
     for node in [n for n in graph.nodes if n.op == "placeholder"]:
         match = PAST_INPUT.match(node.name)
