@@ -124,26 +124,3 @@ def generate(
                 decoder = CudaGraphDecoder(backend, cache)
             logits = decoder.step(next_ids) if decoder is not None else decode_step(backend, cache, next_ids)
     return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1) if generated else input_ids
-
-
-class GenerateMethods:
-    """new_cache and generate for the backends that run exported graphs (ONNX Runtime, TensorRT):
-    the same loop, checks and options as CompiledModel.generate. The backend provides `spec`,
-    `dtype`, `manifest` (its model_config names the special tokens) and `device` (where step
-    takes its tensors, and where the cache lives)."""
-
-    def new_cache(self, batch: int, capacity: int = 256):
-        return KVCacheManager(self.spec, batch, capacity, self.device, self.dtype)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: Optional[int] = 50, top_p: Optional[float] = 1.0, seed: Optional[int] = None,
-                 on_tokens=None) -> torch.Tensor:
-        """The same loop, checks and options as CompiledModel.generate."""
-        eos_token_id, pad_token_id = special_ids(self.manifest.get("model_config") or {}, eos_token_id, pad_token_id)
-        # a non-tensor prompt goes on to check_generation, which refuses it in one line
-        input_ids = input_ids.to(self.device) if isinstance(input_ids, torch.Tensor) else input_ids
-        return generate(self, self.new_cache, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                        Sampling(do_sample, temperature, top_k, top_p, seed), on_tokens)

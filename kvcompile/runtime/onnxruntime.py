@@ -30,10 +30,10 @@ from kvcompile.export.manifest import ArtifactError, load_manifest
 from kvcompile.codec.restore import RestoreMethods
 from kvcompile.fusion.api import FusionMethods
 from kvcompile.core.layout import GraphSpec
-from kvcompile.runtime.generate import GenerateMethods
+from kvcompile.runtime.exported_backend import ExportedGraphBackend
 
 
-class OnnxRuntimeBackend(FusionMethods, RestoreMethods, GenerateMethods):
+class OnnxRuntimeBackend(FusionMethods, RestoreMethods, ExportedGraphBackend):
     """Two ORT sessions (prefill, decode) over one artifact, with the backend `step` protocol."""
 
     def __init__(self, artifact_dir, manifest: dict, providers: Optional[Sequence[str]] = None,
@@ -65,10 +65,6 @@ class OnnxRuntimeBackend(FusionMethods, RestoreMethods, GenerateMethods):
         self._host_inputs = {slot.name for slot in self.spec.inputs() if slot.memory == "host"}
 
     @property
-    def dtype(self) -> torch.dtype:
-        return getattr(torch, self.spec.dtype)
-
-    @property
     def device(self) -> torch.device:
         return torch.device("cpu")  # step takes and returns CPU tensors
 
@@ -86,12 +82,7 @@ class OnnxRuntimeBackend(FusionMethods, RestoreMethods, GenerateMethods):
         """-> (logits [B, T, V], new_keys [B, Hkv, T, D] per layer, new_values per layer), CPU tensors."""
         tokens = input_ids.shape[1]
         session = self.session_for(tokens)
-        biases = [biases] if isinstance(biases, torch.Tensor) else biases
-        feeds = [input_ids.long(), position_ids.long(), *(b.to(self.dtype) for b in biases)]
-        for key, value in zip(past_keys, past_values):
-            feeds += [key, value]
-        if len(feeds) != len(self.input_names):
-            raise ValueError(f"expected {self.spec.num_layers} layers of past K/V, got {len(past_keys)}")
+        feeds = self.step_feeds(input_ids, position_ids, biases, past_keys, past_values)
         binding = session.io_binding()
         keep_alive = []  # OrtValues borrow torch memory: keep the arrays alive until run ends
         for name, tensor in zip(self.input_names, feeds):

@@ -25,7 +25,7 @@ import torch
 from kvcompile.core.layout import GraphSpec
 from kvcompile.errors import ArtifactError, RuntimeFailure
 from kvcompile.export.manifest import load_manifest
-from kvcompile.runtime.generate import GenerateMethods
+from kvcompile.runtime.exported_backend import ExportedGraphBackend
 from kvcompile.plugins.tensorrt.python_plugins import TensorRTUnavailable, tensorrt_module
 
 TARGET = "tensorrt"
@@ -40,7 +40,7 @@ def load_graphs_on_onnxruntime(artifact_dir):
     return OnnxRuntimeBackend(artifact_dir, manifest)
 
 
-class TensorRTBackend(GenerateMethods):
+class TensorRTBackend(ExportedGraphBackend):
     """Two execution contexts (prefill, decode) over one artifact, with the backend `step` protocol."""
 
     def __init__(self, artifact_dir, manifest: dict, trt, engines: dict):
@@ -54,10 +54,6 @@ class TensorRTBackend(GenerateMethods):
         self.output_names = self.spec.output_names
         self._host_inputs = {slot.name for slot in self.spec.inputs() if slot.memory == "host"}
         self._placeholder = torch.empty(16, dtype=torch.uint8, device="cuda")  # address for empty tensors
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return getattr(torch, self.spec.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -81,12 +77,7 @@ class TensorRTBackend(GenerateMethods):
         """-> (logits [B, T, V], new_keys [B, Hkv, T, D] per layer, new_values per layer), CUDA tensors."""
         role = self.role_for(input_ids.shape[1], past_keys[0].shape[2] if past_keys else 0)
         context, engine = self.contexts[role], self.engines[role]
-        biases = [biases] if isinstance(biases, torch.Tensor) else biases
-        feeds = [input_ids.long(), position_ids.long(), *(b.to(self.dtype) for b in biases)]
-        for key, value in zip(past_keys, past_values):
-            feeds += [key, value]
-        if len(feeds) != len(self.input_names):
-            raise ValueError(f"expected {self.spec.num_layers} layers of past K/V, got {len(past_keys)}")
+        feeds = self.step_feeds(input_ids, position_ids, biases, past_keys, past_values)
         keep_alive = [self._bind(context, name, tensor) for name, tensor in zip(self.input_names, feeds)]
         outputs = []
         for name in self.output_names:
