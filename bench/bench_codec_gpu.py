@@ -102,15 +102,8 @@ def bench_ours(chunks_bytes, layers, heads, dim, tokens, repeats, kernel=None):
     from kvcompile.ops.kv_decode.definition import level_tables
 
     device = torch.device("cuda")
-    offsets, at = [], 0
-    for data in chunks_bytes:
-        offsets.append(at)
-        at += len(data)
-    blob = torch.frombuffer(bytearray(b"".join(chunks_bytes)), dtype=torch.uint8).to(device)
+    blob, table = kernels.packed_chunks(chunks_bytes, tokens, device)
     n = len(chunks_bytes)
-    sizes = [len(d) for d in chunks_bytes]
-    table = torch.tensor([[o, s, tokens, i * tokens] for i, (o, s) in enumerate(zip(offsets, sizes))],
-                         dtype=torch.int64, device=device)
     tables = kernels._kernel_tables(*level_tables(BENCH_LEVEL, layers, device))
     out = torch.empty((2, layers, heads, n * tokens, dim), dtype=torch.float16, device=device)
     status = torch.zeros(n, dtype=torch.int32, device=device)

@@ -146,14 +146,8 @@ def launch_guarded(header, chunks, kernel, pad=4096):
     from kvcompile.ops.kv_decode.definition import level_tables
 
     device = torch.device("cuda")
-    offsets, at = [], 0
-    for data in chunks:
-        offsets.append(at)
-        at += len(data)
-    data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).to(device)
     tokens = header.chunk_tokens
-    table = torch.tensor([[o, len(d), tokens, i * tokens] for i, (o, d) in enumerate(zip(offsets, chunks))],
-                         dtype=torch.int64, device=device)
+    data, table = kernels.packed_chunks(chunks, tokens, device)
     shape = (2, header.layers, header.kv_heads, len(chunks) * tokens, header.head_dim)
     n = int(np.prod(shape))
     sentinel = -12345.0

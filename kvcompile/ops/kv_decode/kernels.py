@@ -99,6 +99,20 @@ def check_status(status: Tensor) -> None:
                              f"{STATUS.get(code, f'status {code}')} ({len(failed)} chunk(s) failed)")
 
 
+def packed_chunks(chunks: list, tokens: int, device) -> tuple:
+    """Encoded chunks (bytes each, `tokens` tokens each) laid end to end in one uint8 blob on
+    `device`, and the chunk table `launch` reads: [N, 4] int64 rows (offset, bytes, tokens, first
+    cache row). For callers that hold the chunks' bytes themselves (benchmarks, kernel tests)."""
+    offsets, at = [], 0
+    for data in chunks:
+        offsets.append(at)
+        at += len(data)
+    blob = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).to(device)
+    table = torch.tensor([[o, len(d), tokens, i * tokens] for i, (o, d) in enumerate(zip(offsets, chunks))],
+                         dtype=torch.int64, device=device)
+    return blob, table
+
+
 def run(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads, head_dim, tokens, group,
         log_scales, dtype) -> Tensor:
     from kvcompile.ops.kv_decode.definition import DTYPES
