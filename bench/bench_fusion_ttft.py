@@ -151,7 +151,8 @@ def main() -> int:
         "ms": {k: round(v, 2) for k, v in rows.items()},
         "floors_ms": {"host_to_device_copy": round(copy_ms, 2),
                       f"hf_forward_{recompute_tokens}_tokens": round(hf_forward_ms, 2),
-                      f"kvc_forward_{recompute_tokens}_tokens": round(our_forward_ms, 2), "fusion_floor": round(floor, 2)},
+                      f"kvc_forward_{recompute_tokens}_tokens": round(our_forward_ms, 2),
+                      "fusion_floor": round(floor, 2)},
         "speedup_vs_hf_prefill": {k: round(rows["hf_prefill"] / v, 2) for k, v in rows.items()},
         "ratio_to_floor": {k: round(v / floor, 2) for k, v in rows.items()},
         "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -166,8 +167,6 @@ def main() -> int:
 
 def codec_rows(args, compiled, chunks, device, fused, run, notes, percent) -> None:
     """kvc_fuse_<ratio>_codec<L>: fusion from bitstreams in host memory, decoded on the device."""
-    from kvcompile.fusion import ChunkCache
-
     for level in [int(x) for x in args.codec_levels.split(",") if x.strip()]:
         name = f"kvc_fuse_{percent}_codec{level}"
         try:

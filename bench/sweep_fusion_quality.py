@@ -123,6 +123,8 @@ def combine(paths, out: Path, name: str) -> int:
             cells = [f"{chain[f'fuse:{selector}:{r}']:.0%} ({recovered(chain, f'fuse:{selector}:{r}'):.0%})"
                      for r in run["ratios"]]
             label = f"{selector} ({layers[selector]})" if selector != "chunk_head" else selector
+            if label in {c[0] for c in curves}:  # e.g. chunk_head, which has no check layer: once
+                continue
             lines.append(f"| {label} | {where} | " + " | ".join(cells) + " |")
             curves.append((label, run["ratios"], [recovered(chain, f"fuse:{selector}:{r}") for r in run["ratios"]]))
     table_text = "\n".join(lines)

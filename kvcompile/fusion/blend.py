@@ -99,8 +99,8 @@ class Fusion:
         "recompute" / "recompute_last": the compiled graph waiting per layer (all logits / the last);
         "probe": the check graph cut after `layer`, waiting per layer; "check": the same cut, with
         the causal kernel (for a pass over every token from position 0, no past)."""
-        if not hasattr(self.compiled, "graph_module"):
-            return None
+        if not isinstance(getattr(self.compiled, "graph_module", None), torch.fx.GraphModule):
+            return None  # ONNX Runtime, or a hand-written module: no graph to derive from
         key = (name, layer)
         if key not in self._variants:
             from kvcompile.passes.causal_prefill_graph import causal_prefill_graph
@@ -156,7 +156,6 @@ class Fusion:
         each token moved by its chunk's offset, values as they are); returns the loads in flight."""
         if cache.length:
             raise ConfigError("the fused prefill starts from an empty cache")
-        device = self.compiled.device
         offsets, offset = [], 0
         for index, chunk in enumerate(chunks):
             chunk.check_usable(self.fingerprint, self.spec.dtype, self.compiled.cache_config.kind.value, offset,
