@@ -181,7 +181,8 @@ def run_long(args, out: Path) -> None:
             row = {"label": label, "kind": config.kind.value}
             if config.kind.value == "kcache":
                 row.update(topn=config.kcache.topn, select=config.kcache.select.value,
-                           kept={n: topn_for_context(config.kcache.topn, int(n)) for n in accuracy.get(label, {})})
+                           kept={n: min(int(n), topn_for_context(config.kcache.topn, int(n)))
+                                 for n in accuracy.get(label, {})})
             row["retrieval"] = accuracy.get(label, {})
             if label in bpb:
                 row["bpb"] = bpb[label]
@@ -213,27 +214,30 @@ def run_long(args, out: Path) -> None:
         plot_long(results, out / f"{args.name}.png")
 
 
+def kept(row: dict, length: str) -> int:
+    """Positions a row keeps at a context length (top-N never exceeds the context)."""
+    return min(int(length), row["kept"][length])
+
+
 def long_table(results: dict) -> str:
     """Retrieval per length (kept positions in brackets) and bits/byte vs the full cache."""
     lengths = [str(n) for n in results["lengths"]]
     full = next(r for r in results["rows"] if r["kind"] == "full")
     has_bpb = "bpb" in full
-    head = "| select | top-N | " + " | ".join(f"retrieval {n}" for n in lengths)
-    head += " | bits/byte | vs full |" if has_bpb else " |"
-    lines = [head, "|" + " --- |" * (2 + len(lengths) + 2 * has_bpb)]
+    columns = ["select", "top-N", *(f"retrieval {n}" for n in lengths), *(["bits/byte", "vs full"] if has_bpb else [])]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in results["rows"]:
-        cells = []
+        cells = ["full cache", "-"] if row["kind"] == "full" else [row["select"], str(row["topn"])]
         for n in lengths:
             if n not in row["retrieval"]:
                 cells.append("-")
             elif row["kind"] == "full":
                 cells.append(f"{row['retrieval'][n]:.0%}")
             else:
-                cells.append(f"{row['retrieval'][n]:.0%} ({row['kept'][n]})")
-        line = (f"| full cache | - | " if row["kind"] == "full" else f"| {row['select']} | {row['topn']} | ") + " | ".join(cells)
+                cells.append(f"{row['retrieval'][n]:.0%} ({kept(row, n)})")
         if has_bpb:
-            line += f" | {row['bpb']:.4f} | {row['bpb'] / full['bpb']:.3f}" if "bpb" in row else " | - | -"
-        lines.append(line + " |")
+            cells += [f"{row['bpb']:.4f}", f"{row['bpb'] / full['bpb']:.3f}"] if "bpb" in row else ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -252,9 +256,9 @@ def plot_long(results: dict, path: Path) -> None:
             for fractional, fill in ((False, None), (True, "none")):
                 rows = [r for r in results["rows"] if r["kind"] == "kcache" and r["select"] == select
                         and isinstance(r["topn"], float) == fractional and n in r["retrieval"]]
-                rows.sort(key=lambda r: r["kept"][n])
+                rows.sort(key=lambda r: kept(r, n))
                 if rows:
-                    axis.plot([r["kept"][n] for r in rows], [100 * r["retrieval"][n] for r in rows],
+                    axis.plot([kept(r, n) for r in rows], [100 * r["retrieval"][n] for r in rows],
                               "--" if fractional else "-", color=color, marker="o", fillstyle=fill or "full",
                               label=f"{select}, {'fraction' if fractional else 'absolute'}")
         if n in full["retrieval"]:
