@@ -183,3 +183,13 @@ def test_chunk_cache_saved_compressed_with_the_codec(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(bytes(blob))
     with pytest.raises(ChunkMismatchError, match="bad.safetensors"):
         ChunkCache.load(tmp_path / "bad.safetensors")
+
+
+def test_kcache_fused_partial_recompute_decodes_like_the_full_cache():
+    """A kcache model (V in host memory; top-n over the whole context: exact) fuses and decodes
+    exactly as the full-cache model does, with a partial recompute chosen by the default selector."""
+    model, full = compiled_family("qwen2")
+    kcache = kvcompile.compile(model, kvcompile.CacheConfig(kind="kcache", topn=10**6))
+    docs, query = documents(seed=8)
+    expected = full.generate_fused([full.precompute_chunk(d) for d in docs], query, 0.3, 10)
+    assert torch.equal(kcache.generate_fused([kcache.precompute_chunk(d) for d in docs], query, 0.3, 10), expected)
