@@ -85,7 +85,7 @@ fi
 
 if [ -n "${TORCHAC_BUILD:-}" ]; then
   wait "$TORCHAC_BUILD"; tail -3 "$OUT/torchac_build.log"
-  export PYTHONPATH=$(ls -d /tmp/torchac/torchac_cuda-*):$PYTHONPATH
+  export PYTHONPATH=$(ls -d /tmp/torchac/torchac_cuda-*)${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 if part bench; then
