@@ -6,6 +6,11 @@ A checkpoint folder holds:
   state.json                step, tokens seen, seconds trained, config, arguments
 Resume restores the weights exactly; Adam moments come back rounded to bf16, or, when the
 optim parts were not carried, start from zero under a short learning-rate re-warmup.
+
+A job can also resume from an exported weights folder (export_weights.py: bf16 shards in
+transformers' layout plus training_state.json): the weights come back rounded to bf16 and
+the moments start from zero. That is how a later session continues `reference-long` when its
+fp32 checkpoint (51 MB) no longer fits a device call beside the working tree.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from safetensors.torch import save as save_bytes
 
 PART_BYTES = 15 * 1024 * 1024
 STATE_FILE = "state.json"
+EXPORTED_STATE = "training_state.json"  # step / tokens / seconds, written beside exported weights
 
 
 def _write_parts(folder: str, stem: str, blob: bytes) -> list[str]:
@@ -62,6 +68,8 @@ def save_checkpoint(folder: str, model, optimizer, state: dict, with_optimizer: 
 
 def load_checkpoint(folder: str, model, optimizer=None) -> tuple[dict, bool]:
     """Load weights (and moments when present) in place; returns (state, had_optimizer)."""
+    if not glob.glob(os.path.join(folder, "model.safetensors.part*")):
+        return _load_exported(folder, model), False
     with open(os.path.join(folder, STATE_FILE)) as f:
         state = json.load(f)
     weights = load_bytes(_read_parts(folder, "model.safetensors"))
@@ -81,3 +89,20 @@ def load_checkpoint(folder: str, model, optimizer=None) -> tuple[dict, bool]:
             "exp_avg_sq": moments[f"{name}.exp_avg_sq"].to(p.device, torch.float32),
         }
     return state, True
+
+
+def _load_exported(folder: str, model) -> dict:
+    """Weights from an exported folder (bf16 shards, transformers' names) -> fp32 in place."""
+    from safetensors.torch import load_file
+
+    state_path = os.path.join(folder, EXPORTED_STATE)
+    shards = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not shards or not os.path.isfile(state_path):
+        raise SystemExit(f"{folder} is neither a training checkpoint (model.safetensors.partNN + {STATE_FILE}) "
+                         f"nor exported weights (*.safetensors + {EXPORTED_STATE})")
+    weights = {}
+    for shard in shards:
+        weights.update(load_file(shard))
+    model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
+    with open(state_path) as f:
+        return json.load(f)

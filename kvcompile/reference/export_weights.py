@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
@@ -20,7 +21,7 @@ import torch
 
 from kvcompile.reference import LONG_WEIGHTS_DIR, WEIGHTS_DIR
 from kvcompile.reference.architecture import reference_config
-from kvcompile.reference.checkpoint import load_checkpoint
+from kvcompile.reference.checkpoint import EXPORTED_STATE, load_checkpoint
 from kvcompile.reference.make_tokenizer import write as write_tokenizer
 
 MAX_TOTAL_BYTES = 25_000_000
@@ -47,6 +48,9 @@ def export(ckpt: str, out: str | None = None, size: str = "base") -> int:
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard, safe_serialization=True)
     write_tokenizer(out)
+    # what a later job resumes from when the fp32 checkpoint cannot travel (checkpoint.EXPORTED_STATE)
+    with open(os.path.join(out, EXPORTED_STATE), "w") as f:
+        json.dump({key: state[key] for key in ("step", "tokens", "seconds") if key in state}, f, indent=1)
     total = sum(os.path.getsize(p) for p in glob.glob(os.path.join(out, "*")))
     if total > max_total:
         shutil.rmtree(out)
