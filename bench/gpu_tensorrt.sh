@@ -1,46 +1,54 @@
 #!/usr/bin/env bash
-# The TensorRT GPU script, as two back-to-back calls (one call carries at most 64 MiB; the
-# TensorRT-RTX 1.7.1.116 libs wheel is 95 MB, so its contents travel as one tar.xz of 69 MB split
-# in halves between two git-ignored folders):
+# The TensorRT GPU script, as back-to-back calls. One call carries at most 64 MiB and the working
+# tree alone is ~42 MiB (the bundled models' weights), so the TensorRT-RTX 1.7.1.116 libs (a 95 MB
+# wheel; its contents travel as one tar.xz of 69 MB) go in pieces of ~15 MB, one git-ignored folder
+# each, stashed in /tmp on the machine by consecutive calls (each within 30 s of the last, while
+# the machine is warm):
 #
-#   stage 1 (carry .trt_a: half of the libs tar.xz, the bindings wheel, TensorRT's public headers)
-#     stashes its part in /tmp, builds the C++ plugin library with CMake against the headers
+#   stage 1     (carry .trt_1: the headers of NVIDIA/TensorRT, the bindings wheel, piece aa)
+#     stashes what it carries, builds the C++ plugin library with CMake against the headers
 #     (warnings as errors), runs the IPluginV3 life-cycle harness on the GPU (enqueue on real
 #     buffers: kcache_attention, rerotate_keys, kv_decode over a real codec bitstream) and compares
-#     its outputs with the torch ops; compute-sanitizer memcheck on it.
-#   stage 2 (carry .trt_b: the other half and its sha256; within 30 s of stage 1, while the machine
-#     is warm) joins, checks and unpacks the libs and installs the bindings into /tmp/site,
-#     exports the reference model with --target tensorrt (kcache and full caches; TensorRT-RTX
-#     builds the engines during export, kvcompile nodes through their local functions), builds
-#     fusion's check graph and a one-node kv_decode graph, parses the decode graph as exported
-#     (nodes naming the plugin namespace), and records what worked.
+#     its outputs with the torch ops; compute-sanitizer memcheck on it (MEMCHECK=0 skips it).
+#   stash DIR   (carry DIR: .trt_2, .trt_3, ...) stashes one more piece, nothing else.
+#   stage 2     (carry the last folder: the last piece and rtx_libs.sha256) joins the pieces,
+#     checks and unpacks the libs, installs the bindings into /tmp/site, exports the reference
+#     model with --target tensorrt (kcache and full caches; TensorRT-RTX builds the engines during
+#     export, kvcompile nodes through their local functions), builds fusion's check graph and a
+#     one-node kv_decode graph, parses the decode graph as exported (nodes naming the plugin
+#     namespace), and records what worked.
 #
 # Preparing the folders (here, once; .gitignore ignores /.trt*/):
 #   pip download --no-deps tensorrt-rtx-cu13-libs==1.7.1.116 tensorrt-rtx-cu13-bindings==1.7.1.116 \
 #     --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 -d /tmp/rtx
 #   (cd /tmp/rtx && unzip -q tensorrt_rtx_cu13_libs-*.whl && tar -cf - tensorrt_rtx_libs \
 #     tensorrt_rtx_cu13_libs-1.7.1.116.dist-info | xz -T0 -6 > rtx_libs.tar.xz && sha256sum rtx_libs.tar.xz \
-#     > rtx_libs.sha256 && split -n 2 rtx_libs.tar.xz rtx_libs.part.)
-#   mkdir -p .trt_a .trt_b && cp /tmp/rtx/rtx_libs.part.aa .trt_a/rtx_libs.tar.xz.part_a
-#   cp /tmp/rtx/tensorrt_rtx_cu13_bindings-*.whl .trt_a/ && cp /tmp/rtx/rtx_libs.part.ab .trt_b/rtx_libs.tar.xz.part_b
-#   cp /tmp/rtx/rtx_libs.sha256 .trt_b/ && tar -C <NVIDIA/TensorRT checkout> -cJf .trt_a/trt_include.tar.xz include
+#     > rtx_libs.sha256 && split -b 15M rtx_libs.tar.xz rtx_libs.tar.xz.part_)      # aa .. ae
+#   n=1; for piece in /tmp/rtx/rtx_libs.tar.xz.part_*; do mkdir -p .trt_$n; cp $piece .trt_$n/; n=$((n+1)); done
+#   cp /tmp/rtx/tensorrt_rtx_cu13_bindings-*.whl .trt_1/ && cp /tmp/rtx/rtx_libs.sha256 .trt_$((n-1))/
+#   tar -C <NVIDIA/TensorRT checkout> -cJf .trt_1/trt_include.tar.xz include
 #
-#   OUT=/tmp/out bash bench/gpu_tensorrt.sh 1     # then
-#   OUT=/tmp/out bash bench/gpu_tensorrt.sh 2
+#   OUT=/tmp/out bash bench/gpu_tensorrt.sh 1                    # carry .trt_1
+#   OUT=/tmp/out bash bench/gpu_tensorrt.sh stash .trt_2         # carry .trt_2; likewise .trt_3, .trt_4
+#   OUT=/tmp/out bash bench/gpu_tensorrt.sh 2 .trt_5             # carry .trt_5 (the last piece + sha256)
 # Everything lands under $OUT: gpu_tensorrt_<stage>.log, plugin_build.log, harness_vs_torch.json
 # (stage 1); tensorrt_rtx.json, export_{kcache,full}.log (the builder's log), build_engines_*.sh (stage 2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?stage 1 or 2}
+STAGE=${1:?stage 1, stash DIR or 2 DIR}
 source bench/gpu_install.sh
 gpu_log "tensorrt_$STAGE"
 STASH=/tmp/kvc_trt
 mkdir -p "$STASH"
 
+if [ "$STAGE" = stash ]; then
+  cp "${2:?the carried folder}"/* "$STASH"/ && ls -la "$STASH" | grep rtx_libs; exit $?
+fi
+
 if [ "$STAGE" = 1 ]; then
   SECONDS=0
-  cp .trt_a/rtx_libs.tar.xz.part_a .trt_a/*.whl "$STASH"/ && tar -xJf .trt_a/trt_include.tar.xz -C "$STASH" || exit 1
-  echo "stashed part a and the headers in $STASH (${SECONDS}s)"
+  cp .trt_1/rtx_libs.tar.xz.part_* .trt_1/*.whl "$STASH"/ && tar -xJf .trt_1/trt_include.tar.xz -C "$STASH" || exit 1
+  echo "stashed the first piece and the headers in $STASH (${SECONDS}s)"
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   install_kvcompile || exit 1
   echo "== plugin library (CMake, headers of NVIDIA/TensorRT $(grep -m1 'TRT_MAJOR_ENTERPRISE ' "$STASH/include/NvInferVersion.h" | awk '{print $3}').x)"
@@ -66,9 +74,11 @@ fi
 
 # stage 2 ----------------------------------------------------------------------------------------
 SECONDS=0
-[ -f "$STASH/rtx_libs.tar.xz.part_a" ] || { echo "stage 1's part is not in $STASH: run stage 1 right before (machine released?)"; exit 1; }
-cat "$STASH/rtx_libs.tar.xz.part_a" .trt_b/rtx_libs.tar.xz.part_b > "$STASH/rtx_libs.tar.xz" \
-  && (cd "$STASH" && sha256sum -c "$OLDPWD/.trt_b/rtx_libs.sha256") || exit 1
+LAST=${2:?the folder carrying the last piece and rtx_libs.sha256}
+cp "$LAST"/* "$STASH"/ || exit 1
+[ -f "$STASH/rtx_libs.tar.xz.part_aa" ] || { echo "the earlier pieces are not in $STASH: run stage 1 and the stash calls right before (machine released?)"; exit 1; }
+cat "$STASH"/rtx_libs.tar.xz.part_* > "$STASH/rtx_libs.tar.xz" \
+  && (cd "$STASH" && sha256sum -c rtx_libs.sha256) || exit 1   # a missing piece fails here
 # the bindings wheel through pip; the libs wheel's files (tensorrt_rtx_libs/ and its dist-info,
 # repacked as tar.xz to travel) unpacked beside it: what pip would have installed
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
