@@ -5,6 +5,10 @@
 #   OUT=/tmp/out bash bench/gpu_codec.sh
 # Peers travel as files in the git-ignored .whl/ (carry it): the nvidia-nvcomp-cu13 and
 # nvidia-libnvcomp-cu13 wheels and the torchac_cuda sdist, built here against this machine's torch.
+# The working tree is ~42 MiB, so the 30 MB libnvcomp wheel cannot travel whole beside it: cut it
+# in pieces (`split -b 15M WHEEL WHEEL.part_`, one git-ignored folder a piece), stash the earlier
+# pieces with `bash bench/gpu_codec.sh stash DIR` calls right before (each within 30 s of the last),
+# and carry the last piece in $WHL: the pieces are joined back into the wheel here.
 # A kernel library built beforehand may be named by $KVCOMPILE_KERNELS_LIB (skips the nvcc build).
 # PARTS picks what runs (default: all three), e.g. PARTS="tests bench" with `--skip-8b` for the
 # decoder alone: GPU tests of both kernels (v1, v2) and the decode benchmark (v1, v2, peers).
@@ -13,6 +17,10 @@ set -uo pipefail
 PARTS=${PARTS:-tests memcheck bench}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
+STASH=/tmp/kvc_whl
+if [ "${1:-}" = stash ]; then  # one more piece of a wheel, nothing else
+  mkdir -p "$STASH" && cp "${2:?the carried folder}"/* "$STASH"/ && ls -la "$STASH"; exit $?
+fi
 source bench/gpu_install.sh
 gpu_log codec
 
@@ -21,6 +29,12 @@ echo "== device"; print_device
 WHL=${WHL:-.whl}  # the folder carrying the peers' wheels and sdist
 echo "== install"
 SECONDS=0
+if compgen -G "$STASH/*.part_*" >/dev/null || compgen -G "$WHL/*.part_*" >/dev/null; then  # wheels in pieces: join
+  mkdir -p "$STASH" && cp "$WHL"/* "$STASH"/ 2>/dev/null; WHL=$STASH
+  for first in "$STASH"/*.whl.part_aa; do
+    cat "${first%.part_aa}".part_* > "${first%.part_aa}" && echo "joined $(basename "${first%.part_aa}")"
+  done
+fi
 if ls "$WHL"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
