@@ -94,7 +94,7 @@ def run(args) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = llama_config(args.tiny, args.context)
+    config = llama_config(args.model, args.context)
     model = build_model(config, device, dtype)
     shape = Shape(config, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -102,7 +102,7 @@ def run(args) -> dict:
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__, transformers=__import__("transformers").__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv),
-        model=dict(layers=shape.layers, hidden=config.hidden_size, query_heads=shape.query_heads,
+        model=dict(shape=args.model, layers=shape.layers, hidden=config.hidden_size, query_heads=shape.query_heads,
                    kv_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate=config.intermediate_size,
                    vocab=config.vocab_size, dtype=str(dtype), weight_gib=weight_bytes / GIB),
         context=args.context, budget_gib=args.budget_gib, topn=args.topn, warmup=args.warmup, steps=args.steps,
@@ -208,8 +208,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--tiny", action="store_true", help="2 layers, small heads, 256 context (CPU check)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is present")
-    parser.add_argument("--context", type=int, help="cached positions (default 16384; --tiny 256)")
-    parser.add_argument("--budget-gib", type=float, help="GPU KV-cache budget (default 24; --tiny 0.002)")
+    parser.add_argument("--model", choices=("1b", "8b"), default="1b",
+                        help="model shape: 1b (default; KV dominates a step) or 8b (the paper's regime: "
+                             "weights dominate, 32K context, 60 GiB KV budget by default)")
+    parser.add_argument("--context", type=int, help="cached positions (default 16384, 8b 32768; --tiny 256)")
+    parser.add_argument("--budget-gib", type=float, help="GPU KV-cache budget (default 24, 8b 60; --tiny 0.002)")
     parser.add_argument("--topn", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -225,8 +228,11 @@ def parse_args(argv=None):
     add_floors_argument(parser)
     parser.add_argument("--plot", type=Path, help="redraw the PNG from an existing JSON and exit")
     args = parser.parse_args(argv)
-    args.context = args.context or (256 if args.tiny else 16384)
-    args.budget_gib = args.budget_gib or (0.002 if args.tiny else 24.0)
+    if args.tiny:
+        args.model = "tiny"
+    defaults = {"tiny": (256, 0.002), "1b": (16384, 24.0), "8b": (32768, 60.0)}[args.model]
+    args.context = args.context or defaults[0]
+    args.budget_gib = args.budget_gib or defaults[1]
     args.offload_batches = args.offload_batches or ([2] if args.tiny else [8, 16])
     if args.tiny:
         args.topn = min(args.topn, 32)
