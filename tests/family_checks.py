@@ -95,6 +95,25 @@ def check_compiled(model, compiled, seed: int = 0) -> float:
     return worst
 
 
+def fusion_limit_errors(compiled, docs, query, chunks, capacity: int) -> tuple:
+    """On CUDA: (|fused with recompute_ratio 1 - full prefill|, |fused with ratio 0 - each doc
+    prefilled alone then the query|), the two limits KV fusion must reach."""
+    from kvcompile.runtime import generate as gen
+    from kvcompile.runtime.eval_runner import prefill_isolated
+
+    full = torch.cat(docs + [query])[None].cuda()
+    expected, _ = compiled.prefill(full)
+    fused = compiled.fusion.prefill(compiled.new_cache(1, capacity), chunks, query, recompute_ratio=1.0)
+    to_prefill = (fused - expected[:, -query.shape[0]:]).abs().max().item()
+    cache, offset = compiled.new_cache(1, capacity), 0
+    for doc in docs:
+        prefill_isolated(compiled, cache, doc[None].cuda(), first_position=offset)
+        offset += doc.shape[0]
+    reused = gen.prefill(compiled, cache, query[None].cuda())
+    fused = compiled.fusion.prefill(compiled.new_cache(1, capacity), chunks, query, recompute_ratio=0.0)
+    return to_prefill, (fused - reused).abs().max().item()
+
+
 def describe(spec) -> tuple:
     windows = ", ".join(dict.fromkeys(r.window.describe() for r in spec.layers))
     features = set()

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 import kvcompile
-from family_checks import build
+from family_checks import build, fusion_limit_errors
 from kvcompile.fusion import ChunkCache
-from kvcompile.runtime import generate as gen
-from kvcompile.runtime.eval_runner import prefill_isolated
 
 pytestmark = pytest.mark.gpu
 TOLERANCE = 1e-3  # fp32 on both, different kernels
@@ -33,17 +31,8 @@ def test_overlapped_loading_gives_full_prefill_and_full_reuse(family):
     docs, query = documents()
     chunks = [pinned(compiled.precompute_chunk(d)) for d in docs]
     assert chunks[0].keys[0].is_pinned()
-    full = torch.cat(docs + [query])[None].cuda()
-    expected, _ = compiled.prefill(full)
-    fused = compiled.fusion.prefill(compiled.new_cache(1, 256), chunks, query, recompute_ratio=1.0)
-    assert (fused - expected[:, -query.shape[0]:]).abs().max().item() <= TOLERANCE
-    cache, offset = compiled.new_cache(1, 256), 0
-    for doc in docs:
-        prefill_isolated(compiled, cache, doc[None].cuda(), first_position=offset)
-        offset += doc.shape[0]
-    reused = gen.prefill(compiled, cache, query[None].cuda())
-    fused = compiled.fusion.prefill(compiled.new_cache(1, 256), chunks, query, recompute_ratio=0.0)
-    assert (fused - reused).abs().max().item() <= TOLERANCE
+    to_prefill, to_reuse = fusion_limit_errors(compiled, docs, query, chunks, capacity=256)
+    assert to_prefill <= TOLERANCE and to_reuse <= TOLERANCE
 
 
 def test_partial_recompute_on_cuda_equals_the_cpu_for_the_same_rows(monkeypatch):
