@@ -23,6 +23,7 @@ import torch
 import torch.fx
 
 from kvcompile.ops.cached_attention import definition as cached_attention  # noqa: F401  (registers the op)
+from kvcompile.passes.graph_copy import copy_graph
 
 
 def bias_inputs(graph_module: torch.fx.GraphModule, count: int) -> list:
@@ -33,11 +34,7 @@ def bias_inputs(graph_module: torch.fx.GraphModule, count: int) -> list:
 def causal_prefill_graph(graph_module: torch.fx.GraphModule, causal_biases=None) -> torch.fx.GraphModule:
     """-> the graph with causal-kernel attention over the biases named in `causal_biases`
     (None: every bias) (see the module docstring)."""
-    graph = torch.fx.Graph()
-    mapping: dict = {}
-    output = graph.graph_copy(graph_module.graph, mapping)
-    graph.output(output)
-    graph._codegen = graph_module.graph._codegen  # same calling convention as the compiled graph
+    graph = copy_graph(graph_module)  # same calling convention as the compiled graph
     rewritten = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != torch.ops.kvcompile.cached_attention.default:

@@ -1,7 +1,7 @@
 """graph_copy: not a pass, the copy the graph-rewriting passes start from.
 
-A pass that returns a rewritten GraphModule (last_logits_graph, layer_ready_graph) rewrites a copy
-of the graph, so the module it was given keeps working unchanged.
+A pass that returns a rewritten GraphModule (causal_prefill_graph, last_logits_graph,
+layer_ready_graph) rewrites a copy of the graph, so the module it was given keeps working unchanged.
 """
 from __future__ import annotations
 
