@@ -65,6 +65,8 @@ def arguments():
     for name, default in defaults.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--tiny", action="store_true", help="small shapes (a smoke run, e.g. on the CPU)")
+    parser.add_argument("--profile", default="", help="comma-separated rows to profile once each (torch.profiler): "
+                        "writes fusion_profile.txt (host vs device time, top ops) into --out")
     args = parser.parse_args()
     if args.tiny:
         for name, value in TINY.items():
@@ -108,9 +110,14 @@ def main() -> int:
     fusion = compiled.fusion
     rows, notes = {}, {}
 
+    profiled = [name for name in args.profile.split(",") if name]
+    profiles = []
+
     def run(name, fn):
         rows[name] = timed(fn, device, args.repeats)
         print(f"{name:28s} {rows[name]:9.2f} ms", flush=True)
+        if name in profiled:
+            profiles.append(profile_row(name, fn, device))
 
     def fused(ratio, selector=None, source=chunks, check_layer=None):
         selector = selector or kvcompile.fusion.selectors.DEFAULT_SELECTOR
@@ -161,6 +168,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "fusion_ttft.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "fusion_ttft.png")
+    if profiles:
+        (out / "fusion_profile.txt").write_text("\n\n".join(profiles) + "\n")
     print(json.dumps(result, indent=1))
     return 0
 
@@ -183,6 +192,31 @@ def codec_rows(args, compiled, chunks, device, fused, run, notes, percent) -> No
         except Exception as error:  # noqa: BLE001  (a row that cannot run is reported, the others stand)
             notes[name] = f"not measured: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             print(f"{name}: {notes[name]}", flush=True)
+
+
+def profile_row(name: str, fn, device: torch.device) -> str:
+    """One call of a row under torch.profiler: its wall time beside the time the device was busy
+    (kernels + copies) and the host ops dispatched, then the top ops by host and by device time —
+    says whether a row waits on the GPU or on the Python that launches its work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events)
+    launches = sum(e.count for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA")
+    host_ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    lines = [f"== {name}: wall {wall_ms:.2f} ms (under the profiler), device busy {device_us / 1e3:.2f} ms, "
+             f"{launches} kernels/copies, {host_ops} aten ops on the host"]
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    if device.type == "cuda":
+        lines.append(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
