@@ -8,7 +8,11 @@ and re-rotating their keys, and ends with the first token's logits. Rows (ms, be
   kvc_prefill            kvcompile's prefill as generate runs it (causal kernel, last logits)
   kvc_prefill_all_logits the public CompiledModel.prefill, which returns every position's logits
   kvc_reuse              chunk caches placed, only the query computed (recompute_ratio 0)
-  kvc_fuse_15            fusion, 15% recomputed, the default selector (query_spans)
+  kvc_fuse_15            fusion, 15% recomputed, the default selector (query_spans); its probe and
+                         recompute replayed from CUDA graphs (fusion/graph_replay.py: best of
+                         --repeats, so after the first sight of the shape captured them)
+  kvc_fuse_15_eager      the same without CUDA graphs: every op launched from Python (what a
+                         shape seen for the first time costs)
   kvc_fuse_15_deviation  fusion, 15% recomputed, CacheBlend's KV deviation at check layer 1
   kvc_place              the chunk caches' loading and re-rotation alone
   kvc_fuse_15_codecL     kvc_fuse_15 from KV-codec bitstreams at level L in host memory: the
@@ -132,6 +136,9 @@ def main() -> int:
         run("kvc_prefill_all_logits", lambda: compiled.prefill(full))
         run("kvc_reuse", fused(0.0))
         run(f"kvc_fuse_{percent}", fused(args.ratio))
+        fusion.replays.enabled = False
+        run(f"kvc_fuse_{percent}_eager", fused(args.ratio))
+        fusion.replays.enabled = True
         run(f"kvc_fuse_{percent}_deviation", fused(args.ratio, "deviation", check_layer=1))
 
         def place():

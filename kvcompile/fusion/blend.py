@@ -30,6 +30,7 @@ import torch
 from kvcompile.core.records import WindowKind
 from kvcompile.errors import ConfigError, UnsupportedAttentionError, UsageError
 from kvcompile.fusion.chunks import ChunkCache, model_fingerprint
+from kvcompile.fusion.graph_replay import GraphReplays
 from kvcompile.fusion.loading import LayerLoads
 from kvcompile.fusion.selectors import (DEFAULT_SELECTOR, TokenSelector, chunk_heads, kv_deviation,
                                         query_attention, question_attention_peaks, span_tokens, top_tokens)
@@ -69,6 +70,7 @@ class Fusion:
         self._learned_positions: Optional[bool] = None
         self._inverse_frequencies: dict = {}
         self._variants: dict = {}
+        self.replays = GraphReplays()  # the variant graphs replayed from CUDA graphs (graph_replay.py)
 
     # chunk caches -------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,9 +228,11 @@ class Fusion:
         pasts = []
         for record in self.spec.layers:
             pasts += [past[0], host_past if record.host_values else past[0]]
-        check = (self.variant("check", check_layer) if not self.windows_cut(ids.shape[1]) else None) \
-            or self.check_graph(check_layer)
-        outputs = check(ids, positions, *biases, *pasts)
+        check = self.variant("check", check_layer) if not self.windows_cut(ids.shape[1]) else None
+        if check is not None:
+            outputs = self.replays.run("check", check, [ids, positions, *biases], pasts, loads)
+        else:
+            outputs = self.check_graph(check_layer)(ids, positions, *biases, *pasts)
         new_keys, new_values, check_query = list(outputs[0:-1:2]), list(outputs[1:-1:2]), outputs[-1]
         rows = torch.arange(total)
         loads.wait(range(check_layer + 1))  # the reused rows are read and overwritten below
@@ -285,10 +289,11 @@ class Fusion:
         past_keys, past_values = cache.past_all()
         pasts = [t for pair in zip(past_keys, past_values) for t in pair]
         probe = self.variant("probe", layer)
-        graph = probe or self.check_graph(layer)  # (a check layer the model lacks is refused here)
-        if probe is None:  # ONNX Runtime: its graph cannot wait per layer
+        if probe is not None:
+            outputs = self.replays.run("probe", probe, [query, positions, *biases], pasts, loads)
+        else:  # ONNX Runtime: its graph cannot wait per layer (a check layer the model lacks is refused here)
             loads.wait(range(layer + 1))
-        outputs = graph(query, positions, *biases, *pasts)
+            outputs = self.check_graph(layer)(query, positions, *biases, *pasts)
         loads.wait([layer])
         keys = torch.cat([past_keys[layer], outputs[2 * layer]], dim=2)
         score = question_attention_peaks(outputs[-1], keys, self.spec.layers[layer].scale, total)
@@ -308,8 +313,9 @@ class Fusion:
         biases = step_biases(self.spec, cache.valid, cache.positions, valid, positions, cache.dtype)
         past_keys, past_values = cache.past_all()
         graph = self.variant("recompute_last" if last_logits_only else "recompute")
-        if graph is not None:  # waits for each layer's load inside
-            outputs = graph(ids, positions, *biases, *[t for pair in zip(past_keys, past_values) for t in pair])
+        if graph is not None:  # waits for each layer's load inside (or for all before a replay)
+            pasts = [t for pair in zip(past_keys, past_values) for t in pair]
+            outputs = self.replays.run("recompute", graph, [ids, positions, *biases], pasts, loads)
             logits, new_keys, new_values = outputs[0], list(outputs[1::2]), list(outputs[2::2])
         else:
             if loads is not None:
@@ -326,7 +332,8 @@ class Fusion:
         cache.reserve(cache.length + query.shape[1])
         cache.append([k[:, :, chosen:] for k in new_keys], [v[:, :, chosen:] for v in new_values],
                      valid[:, chosen:], positions[:, chosen:])
-        return logits if last_logits_only else logits[:, chosen:]
+        # a copy: a replayed graph's logits are its static buffer (graph_replay.py)
+        return (logits if last_logits_only else logits[:, chosen:]).clone()
 
 
 @torch.no_grad()

@@ -193,3 +193,23 @@ def test_kcache_fused_partial_recompute_decodes_like_the_full_cache():
     docs, query = documents(seed=8)
     expected = full.generate_fused([full.precompute_chunk(d) for d in docs], query, 0.3, 10)
     assert torch.equal(kcache.generate_fused([kcache.precompute_chunk(d) for d in docs], query, 0.3, 10), expected)
+
+
+@pytest.mark.parametrize("lengths", ((8, 8, 8), (11, 7, 13)))  # one batched write / one per chunk
+@pytest.mark.parametrize("family", ("llama", "cohere2"))  # plain RoPE; with NoPE layers
+def test_staged_loading_places_what_the_direct_copy_places(family, lengths, monkeypatch):
+    """LayerLoads' CUDA path (chunks staged whole, then re-rotated and written by few kernels)
+    run here on the CPU: the same cache as the direct per-chunk copies."""
+    from kvcompile.fusion.loading import LayerLoads
+
+    _, compiled = compiled_family(family)
+    docs, _ = documents(lengths=lengths, seed=4)
+    chunks = [compiled.precompute_chunk(d) for d in docs]
+    direct = compiled.new_cache(1, 64)
+    compiled.fusion.place(direct, chunks).finish()
+    monkeypatch.setattr(LayerLoads, "load_layer", LayerLoads.load_layer_staged)
+    staged = compiled.new_cache(1, 64)
+    compiled.fusion.place(staged, chunks).finish()
+    for layer in range(len(direct.keys)):
+        assert torch.equal(staged.keys[layer][:, :, :direct.length], direct.keys[layer][:, :, :direct.length])
+        assert torch.equal(staged.values[layer][:, :, :direct.length], direct.values[layer][:, :, :direct.length])

@@ -95,3 +95,25 @@ def test_compressed_chunk_cache_decodes_on_the_gpu(tmp_path):
         assert (a.cpu() - b).abs().max().item() <= 1e-5
     out = compiled.generate_fused([chunks[0], on_gpu], query, 0.2, 6)
     assert out.shape == (1, 6)
+
+
+@pytest.mark.parametrize("selector", ("query_spans", "deviation"))
+def test_replayed_cuda_graphs_give_the_eager_results(selector):
+    """The probe / check / recompute graphs replayed from CUDA graphs (fusion/graph_replay.py)
+    equal the eager run, call after call, with the cache allocated anew each time."""
+    compiled = kvcompile.compile(build("llama").cuda())
+    docs, query = documents(seed=3)
+    chunks = [pinned(compiled.precompute_chunk(d)) for d in docs]
+    fusion = compiled.fusion
+    fusion.replays.enabled = False
+    eager_cache = compiled.new_cache(1, 256)
+    eager = fusion.prefill(eager_cache, chunks, query, 0.2, selector)
+    fusion.replays.enabled = True
+    for _ in range(3):  # first sight eager, then capture + replay, then replay
+        cache = compiled.new_cache(1, 256)
+        got = fusion.prefill(cache, chunks, query, 0.2, selector)
+        assert (got - eager).abs().max().item() <= TOLERANCE
+        for layer in range(len(cache.keys)):
+            assert torch.allclose(cache.keys[layer][:, :, :cache.length], eager_cache.keys[layer][:, :, :cache.length],
+                                  atol=TOLERANCE)
+    assert fusion.replays.replayed >= 2
