@@ -32,6 +32,8 @@ from kvcompile.core.config import topn_ratio
 from kvcompile.core.layout import GraphSpec
 from kvcompile.export.example_inputs import example_inputs
 from kvcompile.export.manifest import check_writable_parent, compiled_fields, write_artifact
+from kvcompile.export.onnx_constant_fold import fold_constants
+from kvcompile.export.onnx_loop_condition import constant_loop_conditions_in_model
 from kvcompile.ops import onnx_domain, registry
 from kvcompile.frontend.text_tokenizer import copy_tokenizer_files
 from kvcompile.errors import OnnxExportError  # noqa: F401  (raised here)
@@ -154,7 +156,16 @@ def finish_graph(model: onnx.ModelProto, spec: GraphSpec, fixed_tokens: Optional
     model.functions.extend(onnx_domain.function_protos(used))
     if not any(o.domain == onnx_domain.DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(onnx_domain.DOMAIN, onnx_domain.DOMAIN_VERSION))
+    prepare_for_parsers(model)
     return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+
+
+def prepare_for_parsers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What every saved graph gets (ONNX-target graphs are fed to TensorRT too): shape arithmetic
+    folded into Constants and counted Loops' conditions made Constants, the two things
+    TensorRT's ONNX parser refused in our graphs (onnx_constant_fold.py, onnx_loop_condition.py)."""
+    constant_loop_conditions_in_model(model)
+    return fold_constants(model)
 
 
 def _externalise(model: onnx.ModelProto, weights_file: str = WEIGHTS_FILE) -> None:
@@ -313,6 +324,7 @@ def export_restore_graph(spec: GraphSpec, folder: Path, codec: dict, check: bool
     model.functions.extend(onnx_domain.function_protos(["kv_decode"]))
     if not any(o.domain == onnx_domain.DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(onnx_domain.DOMAIN, onnx_domain.DOMAIN_VERSION))
+    prepare_for_parsers(model)
     onnx.save_model(model, str(folder / RESTORE_FILE))
     if check:
         check_graph(folder / RESTORE_FILE)

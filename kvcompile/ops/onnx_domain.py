@@ -112,23 +112,43 @@ def node_op(name: str, definition) -> Op:
 
 
 def function_protos(op_names) -> list:
-    """The FunctionProtos that nodes of the given registered ops need, deduplicated.
+    """The FunctionProtos that nodes of the given registered ops need, one per op, each
+    self-contained and ready for TensorRT's parser.
 
     An op's body is named after the op (the node `kvcompile::<name>` resolves to it whatever
-    the Python function is called); helpers keep their own names.
+    the Python function is called). Helper functions the body calls (`OnnxDefinition.helpers`)
+    are inlined into it rather than shipped beside it: TensorRT's parser imports a function
+    called from inside another function badly, so no body we emit calls another local function.
+    Each body then gets the same TensorRT preparation as the graphs (kvcompile/export):
+    counted Loops' condition outputs as Constants, and its literal shape arithmetic folded.
     """
+    from kvcompile.export.onnx_constant_fold import fold_function
+    from kvcompile.export.onnx_loop_condition import constant_loop_conditions
     from kvcompile.ops import registry
 
-    seen, protos = set(), []
-    for name in op_names:
+    protos = []
+    for name in dict.fromkeys(op_names):  # deduplicated, in order
         definition = registry.get(name).onnx_definition()
         body = definition.body.to_function_proto()
         body.name = name
-        for proto in (body, *(helper.to_function_proto() for helper in definition.helpers)):
-            if proto.name not in seen:
-                seen.add(proto.name)
-                protos.append(proto)
+        if definition.helpers:
+            body = _with_helpers_inlined(body, [helper.to_function_proto() for helper in definition.helpers])
+        constant_loop_conditions(body.node)
+        fold_function(body, STANDARD_OPSET)
+        protos.append(body)
     return protos
+
+
+def _with_helpers_inlined(body, helpers) -> "onnx.FunctionProto":
+    """`body` with every call of a `helpers` function replaced by that function's nodes
+    (onnx.inliner renames the helper's values uniquely and substitutes attribute references)."""
+    import onnx.inliner
+
+    holder = onnx.helper.make_model(
+        onnx.helper.make_graph([], "holder", [], []), functions=[body, *helpers],
+        opset_imports=[onnx.helper.make_opsetid("", STANDARD_OPSET), onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    inlined = onnx.inliner.inline_selected_functions(holder, [(h.domain, h.name) for h in helpers], exclude=False)
+    return next(f for f in inlined.functions if f.domain == body.domain and f.name == body.name)
 
 
 def node_attribute_docs() -> dict:
