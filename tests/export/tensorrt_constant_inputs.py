@@ -17,7 +17,9 @@ from onnx import AttributeProto
 REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
               "ReduceProd", "ReduceSum", "ReduceSumSquare")
 # op -> input positions that must be an initializer or a Constant's output, always
-ALWAYS_CONSTANT: Dict[str, tuple] = {**{op: (1,) for op in REDUCE_OPS}, "Squeeze": (1,), "Unsqueeze": (1,)}
+# (onnx-tensorrt docs/operators.md, TensorRT 10: "`axes` must be an initializer" for these)
+ALWAYS_CONSTANT: Dict[str, tuple] = {**{op: (1,) for op in REDUCE_OPS}, "Squeeze": (1,), "Unsqueeze": (1,),
+                                     "Slice": (3,)}
 # op -> input positions that must be a constant whenever their value does not depend on run time
 CONSTANT_WHEN_STATIC: Dict[str, tuple] = {
     "Reshape": (1,), "Slice": (1, 2, 3, 4), "TopK": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,),
