@@ -194,6 +194,19 @@ def test_reference_graphs_give_tensorrt_constants_where_it_needs_them(reference_
         assert not [n for n in model.graph.node if n.op_type == "Constant" and n.attribute[0].name != "value"]
         assert {(f.domain, f.name) for f in model.functions} == {
             (n.domain, n.op_type) for n in model.graph.node if n.domain == onnx_domain.DOMAIN}
+        assert function_names_shadowing_graph_tensors(model) == [], (kind, graph_file)
+
+
+def function_names_shadowing_graph_tensors(model: onnx.ModelProto) -> list:
+    """TensorRT's parser binds a function's inputs by name in the graph's tensor table and keeps
+    an existing tensor of the same name ("Behavior may be incorrect", onnx-tensorrt
+    LocalFunctionImporter): a function input named like another graph tensor would read that one."""
+    tensors = ({i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+               | {o for n in model.graph.node for o in n.output})
+    functions = {(f.domain, f.name): f for f in model.functions}
+    return [(node.name, inner) for node in model.graph.node if (node.domain, node.op_type) in functions
+            for outer, inner in zip(node.input, functions[(node.domain, node.op_type)].input)
+            if outer != inner and inner in tensors]
 
 
 @pytest.mark.slow
@@ -206,3 +219,4 @@ def test_reference_restore_graph_is_parser_ready(tmp_path):
     model = onnx.load(str(tmp_path / RESTORE_FILE))
     assert build_time_constant_violations(model) == []
     assert [f.name for f in model.functions] == ["kv_decode"]
+    assert function_names_shadowing_graph_tensors(model) == []
