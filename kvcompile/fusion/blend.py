@@ -292,8 +292,9 @@ class Fusion:
         if probe is not None:
             outputs = self.replays.run("probe", probe, [query, positions, *biases], pasts, loads)
         else:  # ONNX Runtime: its graph cannot wait per layer (a check layer the model lacks is refused here)
+            graph = self.check_graph(layer)
             loads.wait(range(layer + 1))
-            outputs = self.check_graph(layer)(query, positions, *biases, *pasts)
+            outputs = graph(query, positions, *biases, *pasts)
         loads.wait([layer])
         keys = torch.cat([past_keys[layer], outputs[2 * layer]], dim=2)
         score = question_attention_peaks(outputs[-1], keys, self.spec.layers[layer].scale, total)
