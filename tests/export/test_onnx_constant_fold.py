@@ -138,6 +138,9 @@ def test_function_protos_are_self_contained_and_parser_ready(op_name):
     model = helper.make_model(helper.make_graph([], "g", [], []), functions=protos,
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("kvcompile", 1)])
     assert build_time_constant_violations(model) == []
+    # no placeholder tensor names: TensorRT-RTX's builder (Myelin) refused the decode graph whose 8
+    # inlined kcache bodies each had a tensor named "_" (duplicate tensor name, H200, 2026-11-29)
+    assert "_" not in {name for node in proto.node for name in node.output}, op_name
     for node in proto.node:  # counted loops carry a Constant condition, not the body's condition input
         for graph in (a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
             if node.op_type == "Loop":

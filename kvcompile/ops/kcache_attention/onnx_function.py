@@ -49,7 +49,9 @@ def kcache_attention(query: TFloat, key: TFloat, value: TFloat, key_cache: TFloa
     wanted = op.Where(op.Greater(denominator, op.Constant(value_ints=[0])), fractional, absolute)
     top_n = op.Min(wanted, context_len)
     count = op.Where(op.Equal(past_len, op.Constant(value_ints=[0])), context_len, top_n)
-    _, chosen = op.TopK(score, count, axis=-1)  # [B, Hkv, N]
+    # (the unused scores get a name of their own: TensorRT-RTX's builder refused the inlined bodies
+    # of 8 layers, each with a tensor named "_", as duplicate tensor names)
+    top_scores, chosen = op.TopK(score, count, axis=-1)  # [B, Hkv, N]
 
     # V rows of past positions come from host memory (token-major), new ones from `value`.
     values = op.Cast(op.Concat(op.Transpose(value_host, perm=[0, 2, 1, 3]), value, axis=2), to=1)  # [B, Hkv, S, D]
