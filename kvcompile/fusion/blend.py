@@ -69,6 +69,7 @@ class Fusion:
         self._check_graphs: dict = {}
         self._learned_positions: Optional[bool] = None
         self._inverse_frequencies: dict = {}
+        self._rotations: dict = {}
         self._variants: dict = {}
         self.replays = GraphReplays()  # the variant graphs replayed from CUDA graphs (graph_replay.py)
 
@@ -174,7 +175,7 @@ class Fusion:
                         f"by multiples of {record.window.size} positions (chunk {index} would start at {offset})")
             offsets.append(offset)
             offset += chunk.length
-        return LayerLoads(cache, chunks, offsets, self.reposition)
+        return LayerLoads(cache, chunks, offsets, self.reposition, self.rotation_of)
 
     def reposition(self, keys, layer: int, delta):
         from kvcompile.ops.rerotate_keys.reposition import reposition_keys, rope_inverse_frequencies
@@ -187,6 +188,18 @@ class Fusion:
         if inv_freq is None:
             return keys
         return reposition_keys(keys, self.spec.layers[layer], self.compiled.model_config, delta, inv_freq=inv_freq)
+
+    def rotation_of(self, layer: int):
+        """What a layer's re-rotation depends on (layout and frequencies; None: no RoPE), so
+        layers that share it are re-rotated in one call (fusion/loading.py)."""
+        if layer not in self._rotations:
+            from kvcompile.ops.rerotate_keys.reposition import rope_inverse_frequencies
+
+            record = self.spec.layers[layer]
+            inv_freq = rope_inverse_frequencies(record, self.compiled.model_config)
+            self._rotations[layer] = None if inv_freq is None else (
+                record.positions.layout, tuple(inv_freq.double().tolist()))
+        return self._rotations[layer]
 
     def learned_positions(self) -> bool:
         if self._learned_positions is None:

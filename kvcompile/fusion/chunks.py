@@ -56,6 +56,36 @@ class ChunkCache:
     dtype: str
     cache_kind: str
     meta: dict = field(default_factory=dict)
+    # with pin(): every layer's K and V in one pinned buffer [layers, 2, 1, Hkv, L, D], which
+    # keys/values are views of (fusion/loading.py then moves a whole group of layers in one copy)
+    packed: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def pin(self) -> "ChunkCache":
+        """Move the K/V to pinned host memory, packed into one buffer when every layer's K and V
+        share a shape (else each tensor pinned on its own); returns self. Pinned memory is what
+        lets the host->GPU copies of the fused prefill run asynchronously."""
+        shapes = {tuple(t.shape) for t in self.keys + self.values}
+        pinned = torch.cuda.is_available()  # (a machine without CUDA cannot pin: packed all the same)
+        if len(shapes) != 1:
+            self.keys = [k.cpu().pin_memory() if pinned else k.cpu() for k in self.keys]
+            self.values = [v.cpu().pin_memory() if pinned else v.cpu() for v in self.values]
+            self.packed = None
+            return self
+        packed = torch.empty((len(self.keys), 2, *shapes.pop()), dtype=self.keys[0].dtype, pin_memory=pinned)
+        for layer, (key, value) in enumerate(zip(self.keys, self.values)):
+            packed[layer, 0].copy_(key)
+            packed[layer, 1].copy_(value)
+        self.keys = list(packed[:, 0].unbind(0))
+        self.values = list(packed[:, 1].unbind(0))
+        self.packed = packed
+        return self
+
+    def packed_views_current(self) -> bool:
+        """Whether keys/values are still the views of `packed` (nothing replaced them since pin())."""
+        if self.packed is None or len(self.keys) != self.packed.shape[0]:
+            return False
+        return all(k.data_ptr() == self.packed[i, 0].data_ptr() and v.data_ptr() == self.packed[i, 1].data_ptr()
+                   for i, (k, v) in enumerate(zip(self.keys, self.values)))
 
     @property
     def length(self) -> int:

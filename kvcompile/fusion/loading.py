@@ -36,7 +36,8 @@ class LayerLoads:
     """Fill an empty cache's first rows with `chunks` at `offsets`: values as they are, keys
     re-rotated by `reposition(keys, layer, delta)`; layer by layer, on a side stream on CUDA."""
 
-    def __init__(self, cache, chunks: Sequence, offsets: List[int], reposition: Callable):
+    def __init__(self, cache, chunks: Sequence, offsets: List[int], reposition: Callable,
+                 rotation_of: Optional[Callable] = None, group: int = 8):
         self.cache = cache
         total = offsets[-1] + chunks[-1].length
         device = cache.device
@@ -46,18 +47,62 @@ class LayerLoads:
         cache.reserve(total)
         # each token's shift: its chunk's offset (repeat_interleave with output_size: no host sync)
         lengths = torch.tensor([c.length for c in chunks], device=device)
-        delta = torch.repeat_interleave(torch.tensor(offsets, device=device), lengths, output_size=total)[None]
+        self.offsets = torch.tensor(offsets, device=device)
+        delta = torch.repeat_interleave(self.offsets, lengths, output_size=total)[None]
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(device))  # the cache buffers exist
-        for layer in range(len(cache.keys)):
-            with torch.cuda.stream(self.stream) if self.stream is not None else _no_stream():
-                self.load_layer(layer, chunks, offsets, total, delta, reposition)
-                if self.stream is not None:
-                    self.events[layer] = torch.cuda.Event()
-                    self.events[layer].record(self.stream)
+        if self.stream is not None and packed_alike(chunks, cache):
+            for first in range(0, len(cache.keys), group):
+                with torch.cuda.stream(self.stream):
+                    layers = range(first, min(first + group, len(cache.keys)))
+                    self.load_packed_group(layers, chunks, offsets, total, reposition, rotation_of)
+        else:
+            for layer in range(len(cache.keys)):
+                with torch.cuda.stream(self.stream) if self.stream is not None else _no_stream():
+                    self.load_layer(layer, chunks, offsets, total, delta, reposition)
+                    self.record(layer)
         cache.valid = torch.ones(1, total, dtype=torch.bool, device=device)
         cache.positions = torch.arange(total, device=device)[None]
         cache.length = total
+
+    def record(self, layer: int) -> None:
+        if self.stream is not None:
+            self.events[layer] = torch.cuda.Event()
+            self.events[layer].record(self.stream)
+
+    def load_packed_group(self, layers: range, chunks, offsets, total: int, reposition, rotation_of) -> None:
+        """Equal-length chunks packed by ChunkCache.pin(): one copy per chunk moves this group of
+        layers' K and V to a device staging buffer; layers sharing a rotation are re-rotated in
+        one call (chunks × layers as its batch), and each layer's K and V are written into the
+        cache's rows with one kernel each. Per 8-layer group of 6 chunks: 6 copies, 1-2
+        re-rotations, 16 writes — against 6 × 2 copies, a re-rotation and 2 writes per layer."""
+        cache = self.cache
+        count, length = len(chunks), chunks[0].length
+        heads, dim = chunks[0].keys[0].shape[1], chunks[0].keys[0].shape[3]
+        staged = torch.empty((count, len(layers), *chunks[0].packed.shape[1:]), dtype=cache.keys[0].dtype,
+                             device=cache.device)  # [chunks, layers, 2, 1, Hkv, L, D]
+        for index, chunk in enumerate(chunks):
+            staged[index].copy_(chunk.packed[layers.start:layers.stop], non_blocking=True)
+        keys = staged[:, :, 0, 0]  # [chunks, layers, Hkv, L, D]
+        offsets_device = self.offsets
+        rotated: dict = {}  # position in the group -> that layer's re-rotated keys [chunks, Hkv, L, D]
+        groups: dict = {}
+        for j, layer in enumerate(layers):
+            groups.setdefault(rotation_of(layer) if rotation_of is not None else ("layer", layer), []).append(j)
+        for rotation, members in groups.items():
+            if len(members) == len(layers) and rotation is not None:  # every layer alike: one call
+                delta = offsets_device.repeat_interleave(len(layers))[:, None].expand(-1, length)
+                out = reposition(keys.reshape(count * len(layers), heads, length, dim), layers.start, delta)
+                rotated.update((j, view) for j, view in enumerate(out.view(count, len(layers), heads, length, dim)
+                                                                  .unbind(1)))
+                continue
+            for j in members:
+                rotated[j] = reposition(keys[:, j], layers[j], offsets_device[:, None].expand(-1, length))
+        for j, layer in enumerate(layers):
+            cache.keys[layer][0, :, :total].view(heads, count, length, dim).copy_(rotated[j].transpose(0, 1))
+            cache.values[layer][0, :, :total].view(heads, count, length, dim).copy_(
+                staged[:, j, 1, 0].transpose(0, 1))
+            self.record(layer)
 
     def load_layer(self, layer: int, chunks, offsets, total: int, delta, reposition) -> None:
         if self.stream is not None:
@@ -134,6 +179,19 @@ class LayerLoads:
             yield
         finally:
             _READY_EVENTS.reset(token)
+
+
+def packed_alike(chunks, cache) -> bool:
+    """Whether load_packed_group applies: every chunk packed by pin() (views intact), of one
+    length and shape, batch 1, into a cache whose layers all match that shape."""
+    first = chunks[0]
+    if not all(c.packed_views_current() and c.length == first.length for c in chunks):
+        return False
+    if {tuple(c.packed.shape) for c in chunks} != {tuple(first.packed.shape)} or first.packed.shape[2] != 1:
+        return False
+    shape = first.packed.shape  # [layers, 2, 1, Hkv, L, D]
+    return len(cache.keys) == shape[0] and all(
+        k.shape[1] == shape[3] and k.shape[3] == shape[5] and k.dtype == first.packed.dtype for k in cache.keys)
 
 
 @contextmanager

@@ -213,3 +213,31 @@ def test_staged_loading_places_what_the_direct_copy_places(family, lengths, monk
     for layer in range(len(direct.keys)):
         assert torch.equal(staged.keys[layer][:, :, :direct.length], direct.keys[layer][:, :, :direct.length])
         assert torch.equal(staged.values[layer][:, :, :direct.length], direct.values[layer][:, :, :direct.length])
+
+
+@pytest.mark.parametrize("family", ("llama", "cohere2"))  # every layer alike; NoPE and sliding layers mixed
+@pytest.mark.parametrize("group", (8, 1, 3))
+def test_packed_chunks_load_in_layer_groups_like_the_direct_copy(family, group):
+    """ChunkCache.pin() packs a chunk's layers into one buffer; LayerLoads' CUDA path then moves
+    a group of layers per copy and re-rotates alike layers in one call. Run here on the CPU
+    (its stream is None): the same cache as the per-chunk copies."""
+    from kvcompile.fusion.loading import LayerLoads, packed_alike
+
+    _, compiled = compiled_family(family)
+    docs, _ = documents(lengths=(8, 8, 8), seed=5)
+    chunks = [compiled.precompute_chunk(d).pin() for d in docs]
+    assert all(c.packed_views_current() for c in chunks)
+    direct = compiled.new_cache(1, 64)
+    loads = compiled.fusion.place(direct, chunks)
+    packed = compiled.new_cache(1, 64)
+    packed.reserve(24)
+    assert packed_alike(chunks, packed)
+    for first in range(0, len(packed.keys), group):
+        loads.cache = packed
+        loads.load_packed_group(range(first, min(first + group, len(packed.keys))), chunks, [0, 8, 16], 24,
+                                compiled.fusion.reposition, compiled.fusion.rotation_of)
+    for layer in range(len(direct.keys)):
+        assert torch.equal(packed.keys[layer][:, :, :24], direct.keys[layer][:, :, :24])
+        assert torch.equal(packed.values[layer][:, :, :24], direct.values[layer][:, :, :24])
+    chunks[0].keys[0] = chunks[0].keys[0].clone()  # a replaced tensor: the packed buffer is stale
+    assert not packed_alike(chunks, packed)

@@ -122,3 +122,18 @@ def test_replayed_cuda_graphs_give_the_eager_results(selector):
             assert torch.allclose(cache.keys[layer][:, :, :cache.length], eager_cache.keys[layer][:, :, :cache.length],
                                   atol=TOLERANCE)
     assert fusion.replays.replayed >= 2
+
+
+@pytest.mark.parametrize("family", ("llama", "cohere2"))
+def test_packed_chunks_fuse_like_chunks_pinned_one_by_one(family):
+    """ChunkCache.pin()'s packed buffer takes LayerLoads' grouped path (a copy per chunk and
+    group of layers, alike layers re-rotated in one call); the per-layer path is the reference."""
+    compiled = kvcompile.compile(build(family).cuda())
+    docs, query = documents(seed=6, lengths=(24, 24, 24))
+    one_by_one = [pinned(compiled.precompute_chunk(d)) for d in docs]
+    packed = [compiled.precompute_chunk(d).pin() for d in docs]
+    assert all(c.packed.is_pinned() and c.packed_views_current() for c in packed)
+    for ratio in (0.0, 0.3):
+        expected = compiled.fusion.prefill(compiled.new_cache(1, 128), one_by_one, query, ratio)
+        got = compiled.fusion.prefill(compiled.new_cache(1, 128), packed, query, ratio)
+        assert (got - expected).abs().max().item() <= TOLERANCE
