@@ -157,6 +157,12 @@ def cmd_codec(args) -> int:
     return COMMANDS[args.codec_command](args, out)
 
 
+def cmd_store(args) -> int:
+    from kvcompile.cli.store_command import cmd_store as run_store
+
+    return run_store(args, out)
+
+
 def cmd_clean(args) -> int:
     from kvcompile.export.manifest import clean
 
@@ -278,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvcompile.cli.store_command import add_store_parser
 
     add_store_parser(sub, sub_parser)
+    sub.choices["store"].set_defaults(func=cmd_store)
     return parser
 
 

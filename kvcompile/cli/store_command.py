@@ -42,7 +42,6 @@ def add_store_parser(sub, sub_parser) -> None:
     sub_parser(verbs, "stats", "entries, bytes, budget", parents=[common])
     gc = sub_parser(verbs, "gc", "drop abandoned writes and expired entries, evict to the budget", parents=[common])
     gc.add_argument("--verify", action="store_true", help="also read every entry and drop those failing checks")
-    store.set_defaults(func=cmd_store)
 
 
 def open_from(args):
@@ -58,9 +57,7 @@ def open_from(args):
     return open_store(args.store, integrity_key=secret)
 
 
-def cmd_store(args) -> int:
-    from kvcompile.cli.main import out
-
+def cmd_store(args, out) -> int:
     with open_from(args) as store:
         return VERBS[args.store_command](args, store, out)
 

@@ -36,7 +36,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # KVC_DTYPE_* order
 
 @functools.lru_cache(maxsize=None)
 def _level_tables_numpy(level: int, layers: int):
-    from kvcompile.codec import quantise, tables
+    import kvcompile.codec.quantise as quantise
+    import kvcompile.codec.tables as tables
 
     spec = quantise.LEVELS[level]
     halves = np.concatenate([spec.side(w).halves(layers) for w in ("k", "v")]).astype(np.int64)
@@ -72,7 +73,7 @@ def check_args(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, l
 
 def _header(layers, kv_heads, head_dim, tokens, group, log_scales, dtype, halves):
     """The codec Header (and level) these attributes describe, for the reference decoder."""
-    from kvcompile.codec import quantise
+    import kvcompile.codec.quantise as quantise
     from kvcompile.codec.bitstream import DTYPES as NAMES, Header
 
     for level, spec in quantise.LEVELS.items():
@@ -84,7 +85,7 @@ def _header(layers, kv_heads, head_dim, tokens, group, log_scales, dtype, halves
 
 def kv_decode_reference(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads,
                         head_dim, tokens, group, log_scales, dtype) -> Tensor:
-    from kvcompile.codec import chunk
+    import kvcompile.codec.chunk as chunk
 
     halves_np = halves.cpu().numpy()
     header = _header(layers, kv_heads, head_dim, tokens, group, log_scales, dtype, halves_np)
@@ -98,7 +99,7 @@ def kv_decode_reference(data, chunk_offsets, bank_cdf, halves, table_base, scale
     out = torch.empty((2, layers, kv_heads, len(offsets) * tokens, head_dim), dtype=DTYPES[dtype])
     for n, (begin, end) in enumerate(zip(offsets, bounds)):
         if not 0 <= begin <= end <= len(raw):
-            from kvcompile.codec import BitstreamError
+            from kvcompile.codec.bitstream import BitstreamError
 
             raise BitstreamError(f"kv_decode: chunk {n} lies outside the data ({begin}..{end} of {len(raw)})")
         rows = chunk.decode_chunk_rows(header, 0, raw[begin:end])

@@ -71,7 +71,7 @@ def launch(data: Tensor, chunk_table: Tensor, tables, out: Tensor, layers: int, 
     of KERNELS."""
     if kernel not in KERNELS:
         raise ValueError(f"kv_decode: kernel must be one of {sorted(k for k in KERNELS if k)} or None, got {kernel!r}")
-    from kvcompile.codec import tables as bank
+    import kvcompile.codec.tables as bank
 
     lib = load_kernels()
     cdf16, halves32, base32, steps = tables
@@ -92,7 +92,7 @@ def launch(data: Tensor, chunk_table: Tensor, tables, out: Tensor, layers: int, 
 def check_status(status: Tensor) -> None:
     failed = torch.nonzero(status).flatten().tolist()  # synchronises
     if failed:
-        from kvcompile.codec import BitstreamError
+        from kvcompile.codec.bitstream import BitstreamError
 
         code = int(status[failed[0]])
         raise BitstreamError(f"KV bitstream chunk {failed[0]} does not decode on the GPU: "
