@@ -7,7 +7,8 @@
 # ratio to the floor measured in the same run). Everything lands under $OUT: gpu_fusion.log,
 # fusion_tests.log, fusion_ttft.json, fusion_ttft.png. Budget: under 4 minutes on an H200.
 #   OUT=/tmp/out bash bench/gpu_fusion.sh [benchmark args, e.g. --repeats 3 --codec-levels ""]
-#   STAGES="bench" ... runs only those of: tests bench
+#   STAGES="bench" ... runs only those of: tests bench attention (the recompute attention's kernels
+#   side by side, bench/bench_fused_attention.py, ~1 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
@@ -27,7 +28,7 @@ from kvcompile.ops.rerotate_keys import kernels
 print('rerotate kernel available:', kernels.kernels_available())"; } || echo "kernel library unavailable: torch fallbacks"
 echo "kernels: ${SECONDS}s"
 
-STAGES=${STAGES:-tests bench}
+STAGES=${STAGES:-tests bench attention}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if has tests; then
@@ -40,8 +41,16 @@ timeout 40 python3 -m pytest tests/test_gpu_runtime.py -q -p no:cacheprovider -m
 echo "gpu tests: ${SECONDS}s"
 fi
 
-has bench || exit 0
+if has bench; then
 echo "== TTFT benchmark (8B shape, bf16)"
 SECONDS=0
 timeout 150 python3 bench/bench_fusion_ttft.py --out "$OUT" "$@"
 echo "bench: ${SECONDS}s"
+fi
+
+if has attention; then
+echo "== the recompute's masked attention, kernel by kernel"
+SECONDS=0
+timeout 120 python3 bench/bench_fused_attention.py --out "$OUT" | grep -v '^ \|^{\|^}'
+echo "attention: ${SECONDS}s"
+fi
