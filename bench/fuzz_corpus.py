@@ -214,6 +214,7 @@ def run(count: int, seed: int, timeout_s: float = 2.0, out=None, families=("raw"
         write_corpus(Path(out), survivors, blobs, seed)
     return {"count": count, "seed": seed, "seconds": round(seconds, 2), "tally": dict(sorted(tally.items())),
             "survivors": sum(item["outcome"] != "error" for item in survivors), "corpus": len(survivors),
+            "nonfinite": sum(item["outcome"] != "error" and item["finite"] is False for item in survivors),
             "findings": findings}
 
 

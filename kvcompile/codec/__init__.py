@@ -111,6 +111,7 @@ def _decode_on_gpu(header: Header, chunks, device) -> torch.Tensor:
     for index, data in chunks:  # before any allocation sized by the header
         if len(data) < fixed or len(data) % 4:
             raise BitstreamError(f"KV bitstream chunk {index} is shorter than its fixed part or not whole words")
+        chunk_codec.check_scales(header, index, data, count)  # the kernel trusts finite, in-range scales
     return decode_chunks(header, [data for _, data in chunks], device=device, tokens=count)
 
 

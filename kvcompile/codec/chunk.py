@@ -127,23 +127,38 @@ class ParsedChunk:
     tokens: int
 
 
+# the largest magnitude each cache dtype holds: a scale above it cannot come from real K/V of
+# that dtype, and would decode to inf (a resealed corrupted maximum did, in the fuzzer)
+DTYPE_MAX = {"float32": float(np.finfo(np.float32).max), "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+
+def check_scales(header: Header, index: int, data: bytes, tokens: int) -> np.ndarray:
+    """The chunk's stored scales (lossy levels: maxima [2, L]; level 0: [2, L, T]), refused when
+    negative, non-finite, or beyond what the header's dtype can hold. Both decoders depend on
+    it: the CPU one here, the GPU one through codec._decode_on_gpu before its launch."""
+    layout = Layout.of(header, tokens)
+    L = header.layers
+    if LEVELS[header.level].log_scales:
+        stored = np.frombuffer(data, "<f4", 2 * L, layout.maxima).reshape(2, L)
+    else:
+        stored = np.frombuffer(data, "<f4", 2 * L * tokens, layout.scales).reshape(2, L, tokens)
+    if not np.all(np.isfinite(stored)) or np.any(stored < 0) or np.any(stored > DTYPE_MAX[header.dtype]):
+        raise BitstreamError(f"KV bitstream chunk {index} has a negative, non-finite or out-of-range scale")
+    return stored
+
+
 def parse_chunk(header: Header, index: int, data: bytes) -> ParsedChunk:
     _, tokens = header.chunk_span(index)
     layout = Layout.of(header, tokens)
     L, C = header.layers, header.channels
     if len(data) < layout.words:
         raise BitstreamError(f"KV bitstream chunk {index} is shorter than its fixed part")
+    stored = check_scales(header, index, data, tokens)
     if LEVELS[header.level].log_scales:
-        maxima = np.frombuffer(data, "<f4", 2 * L, layout.maxima).reshape(2, L)
         codes = np.frombuffer(data, np.uint8, 2 * L * tokens, layout.scales).reshape(2, L, tokens)
-        if not np.all(np.isfinite(maxima)) or np.any(maxima < 0):
-            raise BitstreamError(f"KV bitstream chunk {index} has a negative or non-finite scale")
-        scales = [decode_scales(maxima[side], codes[side]) for side in range(2)]
+        scales = [decode_scales(stored[side], codes[side]) for side in range(2)]
     else:
-        raw = np.frombuffer(data, "<f4", 2 * L * tokens, layout.scales).reshape(2, L, tokens)
-        if not np.all(np.isfinite(raw)) or np.any(raw < 0):
-            raise BitstreamError(f"KV bitstream chunk {index} has a negative or non-finite scale")
-        scales = [raw[0].astype(np.float32), raw[1].astype(np.float32)]
+        scales = [stored[0].astype(np.float32), stored[1].astype(np.float32)]
     centres = np.frombuffer(data, np.uint8, 2 * L * C, layout.centres).reshape(2, L, C).astype(np.int64)
     shapes = np.frombuffer(data, np.uint8, 2 * L * C, layout.shapes).reshape(2, L, C).astype(np.int64)
     streams = 2 * L * (C // header.group)

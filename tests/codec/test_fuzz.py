@@ -28,6 +28,8 @@ def check(report: dict, count: int) -> None:
     assert report["findings"] == {}, json.dumps(report["findings"], indent=1)
     assert sum(report["tally"].values()) == count
     assert "raw:differs" not in report["tally"]  # the CRCs caught every raw mutation that changed a value
+    # a mutant that decodes gives finite K/V: a corrupted scale is refused, not decoded to inf
+    assert report["nonfinite"] == 0
     for family in ("raw", "resealed.chunk", "resealed.header"):
         assert report["tally"].get(f"{family}:error", 0) > 0  # each family reached the decoder's checks
 
