@@ -32,8 +32,7 @@ from kvcompile.errors import ConfigError, UnsupportedAttentionError, UsageError
 from kvcompile.fusion.chunks import ChunkCache, model_fingerprint
 from kvcompile.fusion.graph_replay import GraphReplays
 from kvcompile.fusion.loading import LayerLoads
-from kvcompile.fusion.selectors import (DEFAULT_SELECTOR, TokenSelector, chunk_heads, kv_deviation,
-                                        query_attention, question_attention_peaks, span_tokens, top_tokens)
+from kvcompile.fusion.selectors import DEFAULT_SELECTOR, TokenSelector
 from kvcompile.runtime.masks import step_biases
 
 
@@ -220,98 +219,10 @@ class Fusion:
 
     def select(self, cache, chunks, query, lengths: List[int], count: int, selector: TokenSelector,
                check_layer: int, loads: LayerLoads) -> torch.Tensor:
-        if selector is TokenSelector.CHUNK_HEAD:
-            return chunk_heads(lengths, count)
-        if selector is TokenSelector.QUERY_SPANS:
-            return self.select_by_question_probe(cache, query, lengths, count, check_layer, loads)
-        if selector is TokenSelector.GRADUAL_DEVIATION:  # 2x the budget at layer 1, narrowed at check_layer
-            if check_layer <= 1:
-                return self.select(cache, chunks, query, lengths, count, TokenSelector.DEVIATION, check_layer, loads)
-            candidates = self.select(cache, chunks, query, lengths, min(2 * count, sum(lengths) - lengths[0]),
-                                     TokenSelector.DEVIATION, 1, loads)
-            return self.narrow_by_deviation(cache, chunks, candidates, count, check_layer, loads)
-        total = sum(lengths)
-        ids = torch.cat([torch.cat([c.token_ids for c in chunks]).to(query.device)[None], query], dim=1)
-        positions = torch.arange(ids.shape[1], device=query.device)[None]
-        valid = torch.ones_like(ids, dtype=torch.bool)
-        empty = torch.zeros(1, 0, dtype=torch.long, device=query.device)
-        biases = step_biases(self.spec, empty.bool(), empty, valid, positions, cache.dtype)
-        past = [torch.zeros(1, self.spec.kv_heads, 0, self.spec.head_dim, dtype=cache.dtype, device=query.device)]
-        host_past = torch.zeros(1, 0, self.spec.kv_heads, self.spec.head_dim, dtype=cache.dtype)
-        pasts = []
-        for record in self.spec.layers:
-            pasts += [past[0], host_past if record.host_values else past[0]]
-        check = self.variant("check", check_layer) if not self.windows_cut(ids.shape[1]) else None
-        if check is not None:
-            outputs = self.replays.run("check", check, [ids, positions, *biases], pasts, loads)
-        else:
-            outputs = self.check_graph(check_layer)(ids, positions, *biases, *pasts)
-        new_keys, new_values, check_query = list(outputs[0:-1:2]), list(outputs[1:-1:2]), outputs[-1]
-        rows = torch.arange(total)
-        loads.wait(range(check_layer + 1))  # the reused rows are read and overwritten below
-        if selector is TokenSelector.DEVIATION:
-            old_key, old_value = cache.past(check_layer)
-            old_value = old_value.transpose(1, 2) if self.spec.layers[check_layer].host_values else old_value
-            score = kv_deviation(new_keys[check_layer][:, :, :total], new_values[check_layer][:, :, :total],
-                                 old_key[:, :, :total], old_value[:, :, :total].to(old_key.device))
-        else:
-            score = query_attention(check_query, new_keys[check_layer], self.spec.layers[check_layer].scale, total)
-        # Layers 0..L were recomputed for every token with attention across chunks: keep that.
-        layers = range(check_layer + 1)
-        cache.write_rows(rows, {i: new_keys[i][:, :, :total] for i in layers},
-                         {i: new_values[i][:, :, :total] for i in layers})
-        return top_tokens(score.cpu(), count, exclude_first=lengths[0])
+        """The `count` chunk rows to recompute (fusion/selection.py)."""
+        from kvcompile.fusion.selection import select_tokens
 
-    def narrow_by_deviation(self, cache, chunks, candidates: torch.Tensor, count: int, layer: int,
-                            loads: LayerLoads) -> torch.Tensor:
-        """Gradual filtering's later check: the candidates alone through layers 0..`layer` at their
-        positions over the fused cache (their own stale rows hidden, the rest reused), ranked by
-        the deviation of their K/V at `layer` from the reused; the top `count`, sorted."""
-        device = cache.device
-        rows = candidates.to(device)
-        ids = torch.cat([c.token_ids for c in chunks]).to(device)[rows][None]
-        positions = cache.positions[:, rows]
-        keep = cache.valid.clone()
-        cache.valid[:, rows] = False
-        biases = step_biases(self.spec, cache.valid, cache.positions, torch.ones_like(ids, dtype=torch.bool), positions,
-                             cache.dtype)
-        cache.valid = keep
-        past_keys, past_values = cache.past_all()
-        probe = self.variant("probe", layer)
-        graph = probe or self.check_graph(layer)
-        if probe is None:
-            loads.wait(range(layer + 1))
-        outputs = graph(ids, positions, *biases, *[t for pair in zip(past_keys, past_values) for t in pair])
-        loads.wait([layer])
-        old_key, old_value = cache.past(layer)
-        old_value = old_value.transpose(1, 2) if self.spec.layers[layer].host_values else old_value
-        score = kv_deviation(outputs[2 * layer], outputs[2 * layer + 1], old_key[:, :, rows],
-                             old_value.to(device)[:, :, rows])
-        best = score.topk(min(count, rows.numel())).indices.cpu()
-        return candidates[best].sort().values
-
-    def select_by_question_probe(self, cache, query, lengths: List[int], count: int, layer: int,
-                                 loads: LayerLoads) -> torch.Tensor:
-        """QUERY_SPANS: the question alone through layers 0..`layer` over the reused cache (the
-        check graph, fed the cache as its past); the chunk tokens its heads look at hardest seed
-        spans. Nothing is written back: the question is computed again after the recompute."""
-        total = sum(lengths)
-        positions = torch.arange(total, total + query.shape[1], device=query.device)[None]
-        valid = torch.ones_like(query, dtype=torch.bool)
-        biases = step_biases(self.spec, cache.valid, cache.positions, valid, positions, cache.dtype)
-        past_keys, past_values = cache.past_all()
-        pasts = [t for pair in zip(past_keys, past_values) for t in pair]
-        probe = self.variant("probe", layer)
-        if probe is not None:
-            outputs = self.replays.run("probe", probe, [query, positions, *biases], pasts, loads)
-        else:  # ONNX Runtime: its graph cannot wait per layer (a check layer the model lacks is refused here)
-            graph = self.check_graph(layer)
-            loads.wait(range(layer + 1))
-            outputs = graph(query, positions, *biases, *pasts)
-        loads.wait([layer])
-        keys = torch.cat([past_keys[layer], outputs[2 * layer]], dim=2)
-        score = question_attention_peaks(outputs[-1], keys, self.spec.layers[layer].scale, total)
-        return span_tokens(score.cpu(), count, exclude_first=lengths[0])
+        return select_tokens(self, cache, chunks, query, lengths, count, selector, check_layer, loads)
 
     def recompute(self, cache, chunk_ids, selected: torch.Tensor, query, loads: Optional[LayerLoads] = None,
                   last_logits_only: bool = False) -> torch.Tensor:
