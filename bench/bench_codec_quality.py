@@ -12,6 +12,11 @@ quantisation of the same KV ("none" is the uncompressed baseline).
 `--model reference-long --lengths 4096 8192 --window 8192 --context 4096 --no-cross-chunk` runs the
 long-context model (its cross-chunk chain task is not learned, so only retrieval and bits per byte
 mean anything there).
+
+Settings not (yet) a level: `--try 'k=5,5,11,15/v=2,2,7,3'` scores K / V with those halves (levels
+each side of zero) per equal group of layers; `--seed` picks other prompts of the same tasks (tune
+on one seed, confirm on another); `--nll` scores the answers' likelihood instead of generating them
+(answer_nll: continuous, for finding which layers matter).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import kvcompile.codec as codec
+from kvcompile.codec import quantise as codec_quantise
 from kvcompile.eval import HFRunner
 from kvcompile.eval.cross_chunk import score_cross_chunk
 from kvcompile.eval.perplexity import heldout_windows
@@ -94,6 +100,18 @@ class CodecRunner(HFRunner):
         return float(nats) / math.log(2), ids.shape[1] - context - 1
 
 
+SHIPPED = frozenset(codec_quantise.LEVELS)
+TRIAL_LEVEL = 200  # --try settings are registered from here up, for this process only
+
+
+def trial_level(spec: str):
+    """'k=7,11/v=3,2' -> a Level with those halves (levels each side of zero) per layer group
+    (quantise.Steps: n entries split the layers into n equal groups); 'clip=0.9' optional."""
+    fields = dict(part.split("=", 1) for part in spec.split("/"))
+    halves = {w: codec_quantise.Steps(tuple(int(h) for h in fields[w].split(","))) for w in ("k", "v")}
+    return codec_quantise.Level(halves["k"], halves["v"], spec)
+
+
 def evaluate_level(model, level, args) -> dict:
     runner = CodecRunner(model, level)
     began = time.perf_counter()
@@ -101,16 +119,57 @@ def evaluate_level(model, level, args) -> dict:
     for window in heldout_windows(args.window, args.windows):
         b, n = runner.continuation_bits(window, args.context)
         bits, count = bits + b, count + n
-    retrieval = score_retrieval(runner, tuple(args.lengths), args.count, 0, batch_size=args.count)
-    row = {"level": level, "bpb": bits / count, "retrieval": {k: v for k, v in retrieval.items() if k.isdigit()}}
+    retrieval = score_retrieval(runner, tuple(args.lengths), args.count, args.seed, batch_size=args.count)
+    row = {"level": level if level is None or level in SHIPPED else codec_quantise.LEVELS[level].note,
+           "bpb": bits / count, "retrieval": {k: v for k, v in retrieval.items() if k.isdigit()}}
     if args.cross_chunk:
-        cross = score_cross_chunk(runner, args.count, 0, modes=("full_prefill",))
+        cross = score_cross_chunk(runner, args.count, args.seed, modes=("full_prefill",))
         row["cross_chunk"] = {kind: cross[kind]["full_prefill"] for kind in ("chain", "direct")}
     sizes = runner.sizes
     row.update(bytes=sizes, seconds=round(time.perf_counter() - began, 1))
     if level is not None:
         row["vs_fp16"] = sizes["fp16"] / sizes["codec"]
         row["vs_8bit"] = sizes["8bit"] / sizes["codec"]
+    return row
+
+
+@torch.no_grad()
+def answer_nll(model, level, args) -> dict:
+    """The tasks' answers scored instead of generated: for each retrieval prompt (the longest of
+    --lengths) and chain prompt, the answer's negative log-likelihood in nats, teacher-forced after
+    the prompt's KV went through the codec. Continuous, so a setting's effect shows on a few dozen
+    prompts where exact-match accuracy moves one prompt at a time (used to find which K/V layers
+    matter; the levels are judged on accuracy)."""
+    from kvcompile.eval.cross_chunk import cross_chunk_example
+    from kvcompile.eval.retrieval import _TOKENIZER, retrieval_examples
+
+    prompts = [("retrieval", e["prompt"], e["answer"])
+               for e in retrieval_examples(max(args.lengths), args.count, args.seed)]
+    for i in range(args.count):
+        example = cross_chunk_example(i, args.seed, "chain")
+        prompts.append(("chain", [t for c in example["chunks"] for t in c] + list(example["question"]),
+                        example["answer"]))
+    runner = CodecRunner(model, level)
+    nll: dict = {"retrieval": [], "chain": []}
+    for task, prompt, answer in prompts:
+        ids = torch.tensor([list(prompt) + _TOKENIZER.encode(answer)])
+        start = len(prompt) - 1
+        cache = runner.prefill(ids[:, :start])
+        positions = torch.arange(start, ids.shape[1] - 1)
+        logits = model(input_ids=ids[:, start:-1], position_ids=positions[None], cache_position=positions,
+                       past_key_values=cache, use_cache=True).logits[0].float()
+        nll[task].append(float(F.cross_entropy(logits, ids[0, start + 1:], reduction="sum")))
+    row = {"level": level if level is None or level in SHIPPED else codec_quantise.LEVELS[level].note,
+           "answer_nll": nll}
+    if level is not None:
+        row["vs_8bit"] = runner.sizes["8bit"] / runner.sizes["codec"]
+    return row
+
+
+def with_nll_increase(row: dict, baseline: dict) -> dict:
+    """Mean answer NLL over the uncompressed cache's, per task (nats)."""
+    row["nll_increase"] = {task: sum(a - b for a, b in zip(row["answer_nll"][task], baseline[task]))
+                           / max(1, len(baseline[task])) for task in baseline}
     return row
 
 
@@ -124,6 +183,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="reference", help="bundled name or checkpoint folder")
     parser.add_argument("--lengths", type=int, nargs="*", default=[512, 1024], help="retrieval context lengths")
     parser.add_argument("--window", type=int, default=2048, help="held-out window bytes (the first --context compressed)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="prompt seed of the retrieval and cross-chunk tasks (0: the documented tables)")
+    parser.add_argument("--try", dest="trials", nargs="*", default=[],
+                        help="extra settings scored after --levels, e.g. 'k=7,7,11,11/v=3,2' (trial_level)")
+    parser.add_argument("--nll", action="store_true", help="score the answers' likelihood (answer_nll) "
+                        "instead of generating; an uncompressed baseline is always scored first")
     parser.add_argument("--no-cross-chunk", dest="cross_chunk", action="store_false")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -132,8 +197,13 @@ def main(argv=None) -> int:
     from kvcompile.frontend.loading import resolve_model_dir
     model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model), dtype=torch.float32).eval()
     rows = []
-    for name in args.levels.split(","):
-        row = evaluate_level(model, None if name == "none" else int(name), args)
+    levels = [None if name == "none" else int(name) for name in args.levels.split(",") if name]
+    for offset, spec in enumerate(args.trials):
+        codec_quantise.LEVELS[TRIAL_LEVEL + offset] = trial_level(spec)
+        levels.append(TRIAL_LEVEL + offset)
+    baseline = answer_nll(model, None, args)["answer_nll"] if args.nll else None
+    for level in levels:
+        row = with_nll_increase(answer_nll(model, level, args), baseline) if args.nll else evaluate_level(model, level, args)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

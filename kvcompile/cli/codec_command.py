@@ -162,8 +162,9 @@ def add_codec_parser(sub, sub_parser, positive_int) -> None:
     actions = codec_parser.add_subparsers(dest="codec_command", required=True, parser_class=type(codec_parser))
     encode = sub_parser(actions, "encode", "KV file (safetensors) -> bitstream, with sizes per layer")
     encode.add_argument("kv", help="a KV file written by `kvcompile run --save-kv` or `codec decode`")
-    encode.add_argument("--level", type=int, choices=(0, 1, 2, 3), default=2,
-                        help="0 lossless for 8-bit input … 3 aggressive (docs/CODEC.md)")
+    encode.add_argument("--level", type=int, choices=(0, 1, 2, 3, 4), default=4,
+                        help="0 lossless for 8-bit input … 3 aggressive; 4 (default) between 1 and 2 in size "
+                        "(docs/CODEC.md)")
     encode.add_argument("--chunk-tokens", type=positive_int, default=256, help="tokens per independent chunk")
     encode.add_argument("-o", "--output", help="bitstream file (default: the KV file's name with .kvcb)")
     decode = sub_parser(actions, "decode", "bitstream -> KV file (safetensors)")

@@ -210,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-batch", type=positive_int, help="tensorrt: largest batch of the engines (default 4)")
     export.add_argument("--max-context", type=positive_int, help="tensorrt: largest context of the engines "
                         "(default the model's, at most 2048)")
-    export.add_argument("--codec", type=int, choices=(0, 1, 2, 3), metavar="LEVEL", help="record KV codec level "
-                        "LEVEL (0 lossless for 8-bit KV … 3 aggressive) and the model fingerprint in the manifest, for "
-                        "contexts restored from bitstreams (`kvcompile run --from-kv`)")
+    export.add_argument("--codec", type=int, choices=(0, 1, 2, 3, 4), metavar="LEVEL", help="record KV codec level "
+                        "LEVEL (0 lossless for 8-bit KV … 3 aggressive; 4 the default, between 1 and 2) and the model "
+                        "fingerprint in the manifest, for contexts restored from bitstreams (`kvcompile run --from-kv`)")
     export.set_defaults(func=cmd_export)
 
     run = sub_parser(sub, "run", "generate text with an exported artifact (streams the text)")

@@ -2,7 +2,7 @@
 
 Whole caches (keys / values [layers, kv_heads, tokens, head_dim]):
 
-    blob = kvcompile.codec.encode((keys, values), level=2, chunk_tokens=256, fingerprint="...")
+    blob = kvcompile.codec.encode((keys, values), level=4, chunk_tokens=256, fingerprint="...")
     keys, values = kvcompile.codec.decode(blob, device="cpu")
 
 Chunk by chunk, from any file-like object (what a streaming loader uses; docs/CODEC.md):
@@ -40,7 +40,7 @@ __all__ = ["encode", "decode", "read_header", "iter_chunks", "decode_chunk", "He
            "LEVELS", "DEFAULT_LEVEL", "LOSSLESS_LEVEL", "CHUNK_TOKENS"]
 
 CHUNK_TOKENS = 256
-DEFAULT_LEVEL = 2
+DEFAULT_LEVEL = 4  # ≥ 3.5x smaller than 8-bit, ≤ 2 points of task loss (docs/CODEC.md, "Level 4")
 LOSSLESS_LEVEL = 0  # symbol-exact for per-(layer, token) 8-bit input
 LEVELS: Dict[int, str] = {level: spec.note for level, spec in quant.LEVELS.items()}
 STREAM_CHANNELS = 4  # channels per rANS stream (one final state per 4 channels, not per channel)

@@ -52,13 +52,25 @@ class Side:
 
 
 @dataclass(frozen=True)
+class Steps:
+    """One of K or V with its own levels per layer group: layer l of L gets
+    `halves[l * len(halves) // L]` (one entry per layer when len(halves) == L)."""
+
+    per_group: tuple
+
+    def halves(self, layers: int) -> np.ndarray:
+        n = len(self.per_group)
+        return np.array([self.per_group[layer * n // layers] for layer in range(layers)], dtype=np.int64)
+
+
+@dataclass(frozen=True)
 class Level:
-    k: Side
-    v: Side
+    k: "Side | Steps"
+    v: "Side | Steps"
     note: str
     log_scales: bool = True  # False: float32 scale per token (level 0)
 
-    def side(self, which: str) -> Side:
+    def side(self, which: str) -> "Side | Steps":
         return self.k if which == "k" else self.v
 
 
@@ -96,11 +108,19 @@ def dequantise(symbols: np.ndarray, scales: np.ndarray, side: Side) -> np.ndarra
 
 # Measured on the reference model (docs/CODEC.md, "Levels"): its keys need more precision than its
 # values, and its deep layers' keys more than its shallow ones' (the opposite of LMCache's
-# schedule, which gives shallow layers more bins).
+# schedule, which gives shallow layers more bins). A level's parameters are derived from its
+# number in the header: never change an existing level's (old files would mis-decode), add one.
 LEVELS: Dict[int, Level] = {
     0: Level(Side(127, 127, 1.0), Side(127, 127, 1.0), "lossless for per-(layer, token) 8-bit input",
              log_scales=False),
     1: Level(Side(15, 15, 1.0), Side(7, 7, 1.0), "near-lossless: K 31 levels, V 15"),
-    2: Level(Side(7, 11, 0.5), Side(3, 2, 0.5), "default: K 15 levels then 23 in the deep half, V 7 then 5"),
+    2: Level(Side(7, 11, 0.5), Side(3, 2, 0.5), "K 15 levels then 23 in the deep half, V 7 then 5 (default before 4)"),
     3: Level(Side(5, 7, 0.5), Side(2, 2, 1.0), "aggressive: K 11 levels then 15, V 5"),
+    # Level 4 (the default) sits between 1 and 2 in size (3.52x smaller than 8-bit on the reference
+    # model, level 2 3.61x). Schedules per eighth of the depth, from a per-(side, layer)
+    # sensitivity sweep (docs/CODEC.md, "Level 4"): the shallow half's K and V barely matter, so
+    # they get fewer levels than level 2's; retrieval leans on V of the fifth eighth and the
+    # cross-chunk chain on V of the seventh, which get 15 levels; the deep quarter's K 31.
+    4: Level(Steps((5, 5, 5, 5, 11, 11, 15, 15)), Steps((2, 2, 2, 2, 7, 2, 7, 3)),
+             "default: K 11 levels, 23 from half depth, 31 in the last quarter; V 5, 15 in the 5th and 7th eighths"),
 }

@@ -84,7 +84,7 @@ def test_level_0_is_exact_for_8_bit_input():
     assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
 
 
-@pytest.mark.parametrize("level", [1, 2, 3])
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
 def test_lossy_levels_stay_within_their_step(level):
     keys, values = kv()
     blob = codec.encode((keys, values), level=level)
@@ -97,7 +97,7 @@ def test_lossy_levels_stay_within_their_step(level):
         assert ((got - original).abs() <= step / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("level", [0, 2])
+@pytest.mark.parametrize("level", [0, 2, 4])
 def test_entropy_stage_is_lossless(level):
     keys, values = kv(tokens=70, dtype=torch.float16)
     header = bitstream.Header(4, 2, 16, "float16", level, 4, 70, 70)
@@ -114,6 +114,45 @@ def test_entropy_stage_is_lossless(level):
 def test_more_levels_mean_smaller_streams():
     sizes = [len(codec.encode(kv(tokens=512), level=level)) for level in (0, 1, 2, 3)]
     assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
+    # level 4: fewer shallow levels than 2, more deep ones than 1
+    level4 = len(codec.encode(kv(layers=8, tokens=512), level=4))
+    assert len(codec.encode(kv(layers=8, tokens=512), level=1)) > level4 > len(codec.encode(kv(layers=8, tokens=512), level=3))
+
+
+def test_existing_levels_keep_their_parameters():
+    """A level's parameters come from its number in the header: changing one would make old
+    bitstreams decode to other values. These are the halves (levels each side of zero) per layer
+    that files were written with."""
+    want = {1: ([15] * 8, [7] * 8), 2: ([7] * 4 + [11] * 4, [3] * 4 + [2] * 4),
+            3: ([5] * 4 + [7] * 4, [2] * 8), 4: ([5] * 4 + [11, 11, 15, 15], [2, 2, 2, 2, 7, 2, 7, 3])}
+    for level, (k, v) in want.items():
+        spec = quantise.LEVELS[level]
+        assert spec.log_scales and list(spec.k.halves(8)) == k and list(spec.v.halves(8)) == v
+    assert not quantise.LEVELS[0].log_scales and set(quantise.LEVELS[0].k.halves(8)) == {127}
+
+
+def test_steps_schedule_spreads_groups_over_any_depth():
+    steps = quantise.Steps((5, 11, 15))
+    assert list(steps.halves(3)) == [5, 11, 15]
+    assert list(steps.halves(6)) == [5, 5, 11, 11, 15, 15]
+    assert list(steps.halves(2)) == [5, 11] and list(steps.halves(1)) == [5]
+
+
+@pytest.mark.parametrize("layers", [1, 2, 8, 32, 80])
+def test_every_level_fits_the_gpu_decoders_tables(layers):
+    """The kernels take a level as data (kv_decode level_tables); what they accept: v1 stages the
+    bank as uint16 CDFs in at most 96 KiB of shared memory, width ≤ 256; v2's fast path needs one
+    (side, layer)'s 64 tables in 32 KiB at 4 bytes a symbol + 64 bucket bytes a table (else it
+    falls back to v1's search; level 0, 255 symbols wide, does)."""
+    from kvcompile.ops.kv_decode.definition import level_tables
+
+    for level, spec in quantise.LEVELS.items():
+        cdf, halves, base, _ = level_tables(level, layers)
+        rows, width = cdf.shape[0], cdf.shape[1] - 1
+        assert 2 <= width <= 256 and rows * width * 2 <= 96 * 1024
+        assert int(halves.max()) <= 127 and int(base.max()) + tables.SHAPES <= rows
+        if spec.log_scales:
+            assert (32 * 1024) // (width * 4 + 64) >= tables.SHAPES
 
 
 def test_chunk_api_reads_a_stream_chunk_by_chunk():
@@ -132,7 +171,7 @@ def test_chunk_api_reads_a_stream_chunk_by_chunk():
         assert k.dtype == torch.bfloat16 and k.shape == (4, 2, count, 16)
         assert torch.equal(k, whole_k[:, :, start:start + count]) and torch.equal(v, whole_v[:, :, start:start + count])
     assert spans == [128, 128, 44]
-    assert set(codec.LEVELS) == {0, 1, 2, 3} and codec.DEFAULT_LEVEL in codec.LEVELS
+    assert set(codec.LEVELS) == {0, 1, 2, 3, 4} and codec.DEFAULT_LEVEL == 4
 
 
 def test_empty_and_odd_shapes():

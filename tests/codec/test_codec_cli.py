@@ -100,7 +100,7 @@ def test_level_choices_are_the_codecs():
     codec_parser = sub.choices["codec"]
     actions = next(a for a in codec_parser._actions if isinstance(a, argparse._SubParsersAction))
     level = next(a for a in actions.choices["encode"]._actions if a.dest == "level")
-    assert tuple(level.choices) == tuple(codec.LEVELS)
+    assert tuple(level.choices) == tuple(codec.LEVELS) and level.default == codec.DEFAULT_LEVEL
     export_level = next(a for a in sub.choices["export"]._actions if a.dest == "codec")
     assert tuple(export_level.choices) == tuple(codec.LEVELS)
 
