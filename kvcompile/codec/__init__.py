@@ -13,7 +13,7 @@ Chunk by chunk, from any file-like object (what a streaming loader uses; docs/CO
         first_token, tokens = header.chunk_span(index)
 
 Every malformed input raises BitstreamError (a kvcompile InputError). LEVELS maps each level to
-its description; DEFAULT_LEVEL is the one that meets the size/quality target (docs/CODEC.md).
+its description; DEFAULT_LEVEL is the best size/quality trade-off measured (docs/CODEC.md).
 
 quantise.py  layer-wise quantisation, per-(layer, token) scales, K and V schedules per level
 tables.py    the fixed bank of parametric frequency tables and the per-channel choice
@@ -40,7 +40,7 @@ __all__ = ["encode", "decode", "read_header", "iter_chunks", "decode_chunk", "He
            "LEVELS", "DEFAULT_LEVEL", "LOSSLESS_LEVEL", "CHUNK_TOKENS"]
 
 CHUNK_TOKENS = 256
-DEFAULT_LEVEL = 4  # ≥ 3.5x smaller than 8-bit, ≤ 2 points of task loss (docs/CODEC.md, "Level 4")
+DEFAULT_LEVEL = 4  # ≥ 3.5x smaller than 8-bit, the least task loss measured there (docs/CODEC.md, "Level 4")
 LOSSLESS_LEVEL = 0  # symbol-exact for per-(layer, token) 8-bit input
 LEVELS: Dict[int, str] = {level: spec.note for level, spec in quant.LEVELS.items()}
 STREAM_CHANNELS = 4  # channels per rANS stream (one final state per 4 channels, not per channel)
