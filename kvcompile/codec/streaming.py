@@ -175,7 +175,7 @@ class Costs:
 
 @dataclass
 class Planner:
-    """CacheGen's rule: for chunk i, the best (lowest) level such that chunks i..n-1 at that level,
+    """CacheGen's rule: for chunk i, the best (largest) level such that chunks i..n-1 at that level,
     at the throughput just measured, are in the cache before the deadline. When none is, the
     chunk is sent as text if recomputing the rest of the context from text (consecutive text
     chunks run as one prefill) is quicker than fetching the rest at the smallest level.
@@ -205,7 +205,8 @@ class Planner:
                text_run: int = 0):
         """`backlog_s`: decoding still queued (chunks fetched, not yet decoded); `text_run`: see finish_s."""
         left = self.deadline_s - elapsed_s
-        levels = sorted(self.sizes)
+        # best first = largest first: level numbers do not order sizes (level 4 sits between 1 and 2)
+        levels = sorted(self.sizes, key=lambda level: (-sum(self.sizes[level]), level))
         for level in levels:
             if self.finish_s(level, index, throughput_bps, backlog_s, text_run) <= left:
                 return level

@@ -135,6 +135,18 @@ def test_the_planner_picks_the_best_level_that_fits():
     assert planner.choose(2, 0.0, 1e9) == 1 and planner.choose(2, 0.0, 1e9, backlog_s=0.5) == streaming.TEXT
 
 
+def test_the_planner_orders_levels_by_size_not_number():
+    """Level 4 (the default) is smaller than 1 and larger than 2: the planner tries levels from
+    the largest published size down and falls back to the smallest, whatever their numbers."""
+    costs = streaming.Costs(lambda level, tokens: 0.01, lambda tokens, cached: 0.05)
+    sizes = {1: [100e3] * 4, 2: [50e3] * 4, 3: [25e3] * 4, 4: [60e3] * 4}
+    planner = streaming.Planner(sizes, [1000] * 4, [256] * 4, costs, deadline_s=1.0)
+    assert planner.choose(0, 0.0, 1e6) == 1  # 400 KB in 0.4 s
+    assert planner.choose(0, 0.0, 0.3e6) == 4  # 240 KB in 0.81 s: fits, and larger than level 2
+    assert planner.choose(0, 0.0, 0.22e6) == 2  # 240 KB would take 1.1 s; 200 KB 0.92 s
+    assert planner.choose(3, 0.99, 10e6) == 3  # nothing fits: the smallest, not the highest number
+
+
 def test_a_missing_context_or_chunk_is_one_line(setup):
     compiled, _, store, _, costs = setup
     with pytest.raises(streaming.StreamingError, match="no context 'other'"):
