@@ -44,6 +44,13 @@ BENCH_LEVEL = 9  # a bench-only level: 15 levels each side (31 symbols) for K an
 LINKS_GBPS = (10, 25, 100)
 
 
+def codec_levels() -> tuple:
+    """The codec's own levels (not the bench-only one)."""
+    from kvcompile.codec import quantise
+
+    return tuple(level for level in sorted(quantise.LEVELS) if level != BENCH_LEVEL)
+
+
 def register_bench_level():
     from kvcompile.codec import quantise
 
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
                         help="only the codec sizes on the first LAYERS layers of the random 8B model, on the CPU")
     args = parser.parse_args(argv)
     if args.random_8b_only:
-        result = random_8b(256, (0, 1, 2, 3), 2, device="cpu", layers=args.random_8b_only)
+        result = random_8b(256, codec_levels(), 2, device="cpu", layers=args.random_8b_only)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "codec_random8b_sizes.json"), "w") as f:
             json.dump({"command": "python bench/bench_codec_gpu.py --random-8b-only "
@@ -345,7 +352,7 @@ def main(argv=None) -> int:
     save(report, args.out)
     if not args.skip_8b:
         try:
-            report["random_8b"] = random_8b(N * T, (0, 1, 2, 3), workers)
+            report["random_8b"] = random_8b(N * T, codec_levels(), workers)
             report["links"]["recompute_prefill_s"] = report["random_8b"]["prefill"]["best_s"]
         except Exception as error:  # report, do not lose the rest of the run
             report["random_8b"] = {"error": f"{type(error).__name__}: {error}"}
