@@ -241,3 +241,22 @@ def test_packed_chunks_load_in_layer_groups_like_the_direct_copy(family, group):
         assert torch.equal(packed.values[layer][:, :, :24], direct.values[layer][:, :, :24])
     chunks[0].keys[0] = chunks[0].keys[0].clone()  # a replaced tensor: the packed buffer is stale
     assert not packed_alike(chunks, packed)
+
+
+def test_pinned_chunk_keeps_its_values_saves_and_fuses_the_same(tmp_path):
+    """pin() repacks the K/V (one buffer, views per layer) without changing a value: the chunk
+    saves, encodes and fuses as before; a chunk whose layers differ in shape is pinned tensor
+    by tensor instead (nothing to pack)."""
+    _, compiled = compiled_family("llama")
+    docs, query = documents(seed=7)
+    chunk = compiled.precompute_chunk(docs[0])
+    keys, values = [k.clone() for k in chunk.keys], [v.clone() for v in chunk.values]
+    expected = compiled.generate_fused([chunk], query, 0.0, 4)
+    assert chunk.pin() is chunk and chunk.packed is not None and chunk.packed_views_current()
+    assert all(torch.equal(a, b) for a, b in zip(chunk.keys + chunk.values, keys + values))
+    assert torch.equal(compiled.generate_fused([chunk], query, 0.0, 4), expected)
+    loaded = ChunkCache.load(chunk.save(tmp_path / "pinned.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.keys + loaded.values, keys + values))
+    ragged = ChunkCache(chunk.token_ids, [keys[0], keys[1][..., :4]], [values[0], values[1][..., :4]],
+                        chunk.fingerprint, chunk.dtype, chunk.cache_kind)
+    assert ragged.pin().packed is None and torch.equal(ragged.keys[1], keys[1][..., :4])
