@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import floors  # noqa: E402  (bench/floors.py: the timers every benchmark shares)
+from kvcompile.runtime.cuda_graph import capture_graph
+
 
 def visibility(selected: torch.Tensor, past: int, query: int):
     """Positions of the S+Q queries and of the P+S+Q keys (the cache, then the new keys), and
@@ -52,29 +55,9 @@ def dense_bias(q_pos, k_pos, stale, dtype):
 def device_ms(fn, device, repeats: int) -> float:
     """Best ms of `fn` replayed from a CUDA graph (eager wall time on the CPU)."""
     if device.type != "cuda":
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return best * 1e3
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
+        return floors._best_seconds(fn, device, repeats) * 1e3
+    graph, _ = capture_graph(fn, device)
+    return min(floors.event_times(graph.replay, repeats)) * 1e3
 
 
 def main() -> int:

@@ -189,16 +189,10 @@ def graph_forward(model, ids, device: torch.device, repeats: int):
     the capture fails): the forward's GPU time without the host's launches."""
     if device.type != "cuda":
         return None
+    from kvcompile.runtime.cuda_graph import capture_graph
+
     try:
-        static = ids.clone()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # lazily created kernel state exists before the capture
-            model(static, use_cache=False, logits_to_keep=1)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(static, use_cache=False, logits_to_keep=1)
+        graph, _ = capture_graph(lambda: model(ids, use_cache=False, logits_to_keep=1), device)
         return timed(graph.replay, device, repeats)
     except RuntimeError as error:
         print(f"graph forward not measured: {str(error).splitlines()[0] if str(error) else error}", flush=True)

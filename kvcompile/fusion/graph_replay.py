@@ -93,17 +93,8 @@ class GraphReplays:
 
     @staticmethod
     def _capture(graph, copied, in_place) -> _Captured:
-        device = copied[0].device
+        from kvcompile.runtime.cuda_graph import capture_graph
+
         inputs = [t.clone() for t in copied]
-        current = torch.cuda.current_stream(device)
-        # One eager run on a side stream first: lazily created kernel state (cuBLAS workspaces,
-        # cuDNN plans) must exist before the capture, which may not allocate it.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            graph(*inputs, *in_place)
-        current.wait_stream(side)
-        captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured):
-            outputs = graph(*inputs, *in_place)
+        captured, outputs = capture_graph(lambda: graph(*inputs, *in_place), copied[0].device)
         return _Captured(captured, inputs, outputs)

@@ -27,6 +27,24 @@ from kvcompile.errors import ContextLengthError
 from kvcompile.runtime.masks import step_biases
 
 
+def capture_graph(fn, device):
+    """(a CUDA graph of `fn()`, what `fn` returned while captured: the graph's output buffers).
+
+    `fn` runs once eagerly on a side stream first: lazily created kernel state (cuBLAS
+    workspaces, cuDNN plans) must exist before a capture, which may not allocate it. Nothing
+    has run when this returns: replay the graph for the first result."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        fn()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 class CudaGraphDecoder:
     """`step(next_ids) -> logits [B, 1, V]` for `cache`, replayed from a captured graph.
 
