@@ -99,9 +99,8 @@ class LayerLoads:
             for j in members:
                 rotated[j] = reposition(keys[:, j], layers[j], offsets_device[:, None].expand(-1, length))
         for j, layer in enumerate(layers):
-            cache.keys[layer][0, :, :total].view(heads, count, length, dim).copy_(rotated[j].transpose(0, 1))
-            cache.values[layer][0, :, :total].view(heads, count, length, dim).copy_(
-                staged[:, j, 1, 0].transpose(0, 1))
+            write_chunks(cache.keys[layer], rotated[j])
+            write_chunks(cache.values[layer], staged[:, j, 1, 0])
             self.record(layer)
 
     def load_layer(self, layer: int, chunks, offsets, total: int, delta, reposition) -> None:
@@ -128,12 +127,10 @@ class LayerLoads:
         torch stage every copy through a temporary and a copy kernel of its own: ~50 µs of host
         time per chunk, layer and K/V (16 ms of the 8B benchmark's placement, profiled)."""
         cache = self.cache
-        keys_out = cache.keys[layer][:, :, :total]
-        values_out = cache.values[layer][:, :, :total]
-        batch, heads, _, dim = keys_out.shape
+        batch, heads, _, dim = cache.keys[layer].shape
         equal = all(chunk.length == chunks[0].length for chunk in chunks)
         staged = torch.empty((2, len(chunks), batch, heads, chunks[0].length, dim) if equal else
-                                  (2, batch * heads * total * dim), dtype=keys_out.dtype, device=keys_out.device)
+                             (2, batch * heads * total * dim), dtype=cache.keys[layer].dtype, device=cache.device)
         pieces, start = [], 0
         for index, chunk in enumerate(chunks):  # contiguous host tensors -> contiguous device slots
             if equal:
@@ -151,10 +148,8 @@ class LayerLoads:
             # each for K and V into the cache's rows, seen as [Hkv, chunks, tokens, D]
             count, length = len(chunks), chunks[0].length
             keys = staged[0].reshape(count, heads, length, dim)
-            moved = reposition(keys, layer, delta.reshape(count, length))
-            keys_out[0].view(heads, count, length, dim).copy_(moved.transpose(0, 1))
-            values_out[0].view(heads, count, length, dim).copy_(staged[1].reshape(count, heads, length, dim)
-                                                                .transpose(0, 1))
+            write_chunks(cache.keys[layer], reposition(keys, layer, delta.reshape(count, length)))
+            write_chunks(cache.values[layer], staged[1].reshape(count, heads, length, dim))
             return
         for (key_slot, value_slot), chunk, offset in zip(pieces, chunks, offsets):
             rows = slice(offset, offset + chunk.length)
@@ -179,6 +174,14 @@ class LayerLoads:
             yield
         finally:
             _READY_EVENTS.reset(token)
+
+
+def write_chunks(layer_cache: torch.Tensor, rows: torch.Tensor) -> None:
+    """rows [chunks, Hkv, L, D] of equal-length chunks laid side by side -> the first chunks · L
+    positions of one layer's cache [1, Hkv, capacity, D], in one copy kernel (the cache's
+    positions seen as [Hkv, chunks, L, D])."""
+    count, heads, length, dim = rows.shape
+    layer_cache[0, :, :count * length].view(heads, count, length, dim).copy_(rows.transpose(0, 1))
 
 
 def packed_alike(chunks, cache) -> bool:
