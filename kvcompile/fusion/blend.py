@@ -67,8 +67,7 @@ class Fusion:
         self.fingerprint = model_fingerprint(compiled.spec, compiled.model_config)
         self._check_graphs: dict = {}
         self._learned_positions: Optional[bool] = None
-        self._inverse_frequencies: dict = {}
-        self._rotations: dict = {}
+        self._inverse_frequencies: dict = {}  # layer -> _rope's entry
         self._variants: dict = {}
         self.replays = GraphReplays()  # the variant graphs replayed from CUDA graphs (graph_replay.py)
 
@@ -176,14 +175,30 @@ class Fusion:
             offset += chunk.length
         return LayerLoads(cache, chunks, offsets, self.reposition, self.rotation_of)
 
-    def reposition(self, keys, layer: int, delta):
-        from kvcompile.ops.rerotate_keys.reposition import reposition_keys, rope_inverse_frequencies
+    def inverse_frequencies(self, layer: int, device):
+        """The layer's RoPE inverse frequencies on `device` (None: no RoPE), computed once per
+        layer and moved once per device: no host copy per call."""
+        per_device = self._rope(layer)
+        if str(device) not in per_device:
+            per_device[str(device)] = per_device["cpu"].to(device) if per_device["cpu"] is not None else None
+        return per_device[str(device)]
 
-        key = (layer, keys.device)
-        if key not in self._inverse_frequencies:  # per layer and device, once: no host copy per call
-            inv_freq = rope_inverse_frequencies(self.spec.layers[layer], self.compiled.model_config)
-            self._inverse_frequencies[key] = inv_freq.to(keys.device) if inv_freq is not None else None
-        inv_freq = self._inverse_frequencies[key]
+    def _rope(self, layer: int) -> dict:
+        """{"cpu": the layer's inverse frequencies or None, "rotation": rotation_of's key, device
+        name: the frequencies there}, made once per layer."""
+        if layer not in self._inverse_frequencies:
+            from kvcompile.ops.rerotate_keys.reposition import rope_inverse_frequencies
+
+            record = self.spec.layers[layer]
+            inv_freq = rope_inverse_frequencies(record, self.compiled.model_config)
+            rotation = None if inv_freq is None else (record.positions.layout, tuple(inv_freq.double().tolist()))
+            self._inverse_frequencies[layer] = {"cpu": inv_freq, "rotation": rotation}
+        return self._inverse_frequencies[layer]
+
+    def reposition(self, keys, layer: int, delta):
+        from kvcompile.ops.rerotate_keys.reposition import reposition_keys
+
+        inv_freq = self.inverse_frequencies(layer, keys.device)
         if inv_freq is None:
             return keys
         return reposition_keys(keys, self.spec.layers[layer], self.compiled.model_config, delta, inv_freq=inv_freq)
@@ -191,14 +206,7 @@ class Fusion:
     def rotation_of(self, layer: int):
         """What a layer's re-rotation depends on (layout and frequencies; None: no RoPE), so
         layers that share it are re-rotated in one call (fusion/loading.py)."""
-        if layer not in self._rotations:
-            from kvcompile.ops.rerotate_keys.reposition import rope_inverse_frequencies
-
-            record = self.spec.layers[layer]
-            inv_freq = rope_inverse_frequencies(record, self.compiled.model_config)
-            self._rotations[layer] = None if inv_freq is None else (
-                record.positions.layout, tuple(inv_freq.double().tolist()))
-        return self._rotations[layer]
+        return self._rope(layer)["rotation"]
 
     def learned_positions(self) -> bool:
         if self._learned_positions is None:
