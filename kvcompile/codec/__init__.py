@@ -107,11 +107,11 @@ def _decode_on_gpu(header: Header, chunks, device) -> torch.Tensor:
     if len(tokens) != 1:
         raise ValueError("_decode_on_gpu takes chunks of one token count")
     count = tokens.pop()
-    fixed = chunk_codec.Layout.of(header, count).words
+    layout = chunk_codec.Layout.of(header, count)
     for index, data in chunks:  # before any allocation sized by the header
-        if len(data) < fixed or len(data) % 4:
+        if len(data) < layout.words or len(data) % 4:
             raise BitstreamError(f"KV bitstream chunk {index} is shorter than its fixed part or not whole words")
-        chunk_codec.check_scales(header, index, data, count)  # the kernel trusts finite, in-range scales
+        chunk_codec.check_scales(header, index, data, layout, count)  # the kernel trusts finite, in-range scales
     return decode_chunks(header, [data for _, data in chunks], device=device, tokens=count)
 
 

@@ -132,11 +132,10 @@ class ParsedChunk:
 DTYPE_MAX = {"float32": float(np.finfo(np.float32).max), "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 
 
-def check_scales(header: Header, index: int, data: bytes, tokens: int) -> np.ndarray:
+def check_scales(header: Header, index: int, data: bytes, layout: Layout, tokens: int) -> np.ndarray:
     """The chunk's stored scales (lossy levels: maxima [2, L]; level 0: [2, L, T]), refused when
     negative, non-finite, or beyond what the header's dtype can hold. Both decoders depend on
     it: the CPU one here, the GPU one through codec._decode_on_gpu before its launch."""
-    layout = Layout.of(header, tokens)
     L = header.layers
     if LEVELS[header.level].log_scales:
         stored = np.frombuffer(data, "<f4", 2 * L, layout.maxima).reshape(2, L)
@@ -153,7 +152,7 @@ def parse_chunk(header: Header, index: int, data: bytes) -> ParsedChunk:
     L, C = header.layers, header.channels
     if len(data) < layout.words:
         raise BitstreamError(f"KV bitstream chunk {index} is shorter than its fixed part")
-    stored = check_scales(header, index, data, tokens)
+    stored = check_scales(header, index, data, layout, tokens)
     if LEVELS[header.level].log_scales:
         codes = np.frombuffer(data, np.uint8, 2 * L * tokens, layout.scales).reshape(2, L, tokens)
         scales = [decode_scales(stored[side], codes[side]) for side in range(2)]
