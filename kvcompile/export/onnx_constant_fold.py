@@ -213,13 +213,19 @@ def fold_function(function: onnx.FunctionProto, opset: Optional[int] = None) -> 
     function.node.extend(nodes)
 
 
-def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold the main graph and every local function of `model` in place; returns `model`.
+def fold_main_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold `model`'s main graph in place (not its local functions); returns `model`.
     Initializers stored externally (the weights) are never read."""
     opset = _standard_opset(model.opset_import)
-    if opset is None:
-        return model
-    _fold_graph(model.graph, {}, opset)
-    for function in model.functions:
+    if opset is not None:
+        _fold_graph(model.graph, {}, opset)
+    return model
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold the main graph and every local function of `model` in place; returns `model`."""
+    fold_main_graph(model)
+    opset = _standard_opset(model.opset_import)
+    for function in model.functions if opset is not None else ():
         fold_function(function, opset)
     return model

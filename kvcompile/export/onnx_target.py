@@ -32,8 +32,8 @@ from kvcompile.core.config import topn_ratio
 from kvcompile.core.layout import GraphSpec
 from kvcompile.export.example_inputs import example_inputs
 from kvcompile.export.manifest import check_writable_parent, compiled_fields, write_artifact
-from kvcompile.export.onnx_constant_fold import fold_constants
-from kvcompile.export.onnx_loop_condition import constant_loop_conditions_in_model
+from kvcompile.export.onnx_constant_fold import fold_main_graph
+from kvcompile.export.onnx_loop_condition import constant_loop_conditions
 from kvcompile.ops import onnx_domain, registry
 from kvcompile.frontend.text_tokenizer import copy_tokenizer_files
 from kvcompile.errors import OnnxExportError  # noqa: F401  (raised here)
@@ -163,9 +163,11 @@ def finish_graph(model: onnx.ModelProto, spec: GraphSpec, fixed_tokens: Optional
 def prepare_for_parsers(model: onnx.ModelProto) -> onnx.ModelProto:
     """What every saved graph gets (ONNX-target graphs are fed to TensorRT too): shape arithmetic
     folded into Constants and counted Loops' conditions made Constants, the two things
-    TensorRT's ONNX parser refused in our graphs (onnx_constant_fold.py, onnx_loop_condition.py)."""
-    constant_loop_conditions_in_model(model)
-    return fold_constants(model)
+    TensorRT's ONNX parser refused in our graphs (onnx_constant_fold.py, onnx_loop_condition.py).
+    The main graph only: the local functions come from onnx_domain.function_protos, which
+    prepares each body the same way."""
+    constant_loop_conditions(model.graph.node)
+    return fold_main_graph(model)
 
 
 def _externalise(model: onnx.ModelProto, weights_file: str = WEIGHTS_FILE) -> None:
