@@ -10,6 +10,7 @@ Layouts:  full layer   key [B, Hkv, cap, D] and value [B, Hkv, cap, D] on the co
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Optional
 
 import torch
@@ -80,6 +81,21 @@ class KVCacheManager:
                 else:
                     values[layer][:, :, : self.length].copy_(self.values[layer][:, :, : self.length])
         self.keys, self.values, self.capacity = keys, values, capacity
+
+    def rows(self, start: int, stop: int) -> "KVCacheManager":
+        """A manager of sequences start..stop-1 over this one's storage (views: no copy), with
+        its own side stream for host copies: the micro-batches of runtime/microbatch.py. What
+        it appends lands in the shared buffers but not in this manager's length and masks; a
+        part that outgrows the capacity gets buffers of its own (reserve the room first)."""
+        self.wait_for_host_copies()
+        part = copy.copy(self)
+        part.batch = stop - start
+        part.keys = [key[start:stop] for key in self.keys]
+        part.values = [value[start:stop] for value in self.values]  # batch is dim 0 in both layouts
+        part.valid, part.positions = self.valid[start:stop], self.positions[start:stop]
+        part.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        part.host_copies_done = None
+        return part
 
     # what the graph reads ------------------------------------------------------------------
     def past(self, layer: int):

@@ -143,11 +143,13 @@ class CompiledModel(FusionMethods, RestoreMethods):
                  max_new_tokens: int = 32, eos_token_id: Optional[int] = None,
                  pad_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: Optional[int] = 50, top_p: Optional[float] = 1.0, seed: Optional[int] = None,
-                 on_tokens=None, cuda_graph: bool = False) -> torch.Tensor:
+                 on_tokens=None, cuda_graph: bool = False, microbatches: int = 1) -> torch.Tensor:
         """Greedy (or, with do_sample, sampled: transformers' semantics) generation, batched with
         left padding; returns prompt + new tokens. on_tokens([B] ids) streams each step.
         cuda_graph (CUDA only): decode steps replay one captured graph of the whole step
-        (runtime/cuda_graph.py); every step then attends the prompt + max_new_tokens positions."""
+        (runtime/cuda_graph.py); every step then attends the prompt + max_new_tokens positions.
+        microbatches > 1 (greedy; CUDA graphs and streams on CUDA): the batch decodes as that many
+        micro-batches whose steps overlap on their own streams (runtime/microbatch.py), same tokens."""
         check_token_ids(input_ids, self.spec.vocab_size)
         eos_token_id, pad_token_id = gen.special_ids(self.model_config, eos_token_id, pad_token_id)
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
@@ -155,4 +157,4 @@ class CompiledModel(FusionMethods, RestoreMethods):
             return gen.generate(self, self.new_cache, input_ids.to(self.device),
                                 attention_mask.to(self.device) if attention_mask is not None else None,
                                 max_new_tokens, eos_token_id, pad_token_id, sampling, on_tokens,
-                                cuda_graph=cuda_graph)
+                                cuda_graph=cuda_graph, microbatches=microbatches)

@@ -51,10 +51,12 @@ class CudaGraphDecoder:
     The returned logits are a static buffer, overwritten by the next step. The cache must not
     be grown or written by anything else while the decoder is used (it checks the growth).
     capture=False runs the same static-shape step eagerly (any device; what the CPU tests
-    compare with the plain decode step).
+    compare with the plain decode step). capture_stream: the stream to capture on (default:
+    torch's one capture stream). Graphs replayed concurrently need streams of their own: torch
+    keys cuBLAS workspaces by stream, so graphs captured on one stream share a workspace.
     """
 
-    def __init__(self, compiled, cache, warmup: int = 2, capture: bool = True):
+    def __init__(self, compiled, cache, warmup: int = 2, capture: bool = True, capture_stream=None):
         if capture and cache.device.type != "cuda":
             raise ValueError("CUDA graph decoding needs a cache on a CUDA device")
         if cache.length < 1:
@@ -81,6 +83,7 @@ class CudaGraphDecoder:
                                     else cache.values[layer][:, :, : self.capacity])
         self.host_layers = [layer for layer in range(spec.num_layers) if cache.is_host_layer(layer)]
         self.write_index.fill_(cache.length)
+        self.capture_stream = capture_stream
         self.graph = None
         if capture:
             self.graph = torch.cuda.CUDAGraph()
@@ -121,7 +124,7 @@ class CudaGraphDecoder:
             torch.cuda.current_stream(self.cache.device).wait_stream(side)
             # "relaxed": the kcache op asks whether its host buffer is pinned (a driver query
             # that the strict capture mode refuses, though it enqueues nothing)
-            with torch.cuda.graph(self.graph, capture_error_mode="relaxed"):
+            with torch.cuda.graph(self.graph, stream=self.capture_stream, capture_error_mode="relaxed"):
                 self.logits, self.new_values = self._body()
 
     @torch.no_grad()

@@ -15,8 +15,9 @@ import torch
 from kvcompile.runtime.cache import KVCacheManager
 from kvcompile.runtime.inputs import check_generation
 from kvcompile.runtime.masks import step_biases
+from kvcompile.runtime.microbatch import greedy_decode_in_microbatches, split_sizes
 from kvcompile.runtime.sampling import Sampling, next_tokens
-from kvcompile.errors import ContextLengthError  # noqa: F401  (raised here)
+from kvcompile.errors import ContextLengthError, InputValidationError  # noqa: F401  (raised here)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -90,15 +91,23 @@ def generate(
     sampling: Optional[Sampling] = None,
     on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
     cuda_graph: bool = False,
+    microbatches: int = 1,
 ) -> torch.Tensor:
     """Greedy decoding, or sampling (`sampling`). Returns prompt + new tokens [B, L + n] like HF
     generate: sequences that hit EOS are filled with `pad_token_id` (EOS when none) and the loop
     stops when all did. `on_tokens([B] ids)` is called as each step's tokens are chosen (streaming).
     cuda_graph: decode steps replay one CUDA graph of the whole step (runtime/cuda_graph.py).
+    microbatches > 1 (greedy only): after one prefill, the batch decodes as that many
+    micro-batches, each with its own cache rows, step and CUDA stream, so that one's host-memory
+    value fetch overlaps another's HBM work (runtime/microbatch.py); the tokens are the same.
     Inputs are checked first, and a prompt that cannot fit max_new_tokens is refused up front."""
     spec = backend.spec
     check_generation(input_ids, attention_mask, spec.vocab_size, spec.max_context, max_new_tokens)
     batch, prompt_length = input_ids.shape
+    parts = len(split_sizes(batch, microbatches))
+    if parts > 1 and sampling is not None and sampling.do_sample:
+        raise InputValidationError("microbatches > 1 decodes greedily: sampling would draw differently "
+                                   "from the whole batch's draws; use do_sample=False or microbatches=1")
     cache = make_cache(batch, prompt_length + max_new_tokens)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
@@ -106,6 +115,11 @@ def generate(
     generated = []
     decoder = None
     logits = prefill(backend, cache, input_ids, attention_mask) if max_new_tokens else None
+    if parts > 1 and max_new_tokens > 1:
+        first_ids = next_tokens(logits[:, -1], None).to(input_ids.device)
+        new_tokens = greedy_decode_in_microbatches(backend, cache, first_ids, parts, max_new_tokens,
+                                                   eos_token_id, pad, on_tokens, capture=cuda_graph)
+        return torch.cat([input_ids, new_tokens], dim=1)
     for step in range(max_new_tokens):
         next_ids = next_tokens(logits[:, -1], sampling, generator).to(input_ids.device)
         if pad is not None:
