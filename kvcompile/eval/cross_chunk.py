@@ -199,6 +199,94 @@ def training_long_program_doc(rng: random.Random, target_bytes: int) -> str:
     return "".join(lines)
 
 
+CHAIN_DOC_CHUNKS = (2, 8)              # chunk counts of training_chain_doc
+CHAIN_DOC_CHUNK_TOKENS = (48, 512)     # and tokens per chunk: the evaluation's 512 is the longest
+
+
+def training_chain_doc(rng: random.Random, target_bytes: int) -> str:
+    """A training-split document in the evaluation's chunked layout, with several planted chains.
+
+    `# part N` chunks of equal size (2-8 chunks of 48-512 tokens, drawn to fit `target_bytes`,
+    so short documents are the short-range, easier versions of the task) filled with distractor
+    lines as in cross_chunk_example. Planted in them: 1-8 chains (`S = v1` in a chunk, `T = S`
+    in a later one, and usually `S = v2` after the copy, so that resolving T at question time
+    gives the stale v2) and 0-2 literals never overwritten. The document ends with one assert
+    per planted name, in random order, the first right after the last chunk as the
+    evaluation's question is; a quarter of the documents also assert distractors inside the
+    chunks (short-range copies). Planted names are never asserted before the end, so no answer
+    can be read off an earlier assert. Every assert is true (tests run an interpreter)."""
+    n_chunks = rng.randint(*CHAIN_DOC_CHUNKS)
+    low, high = CHAIN_DOC_CHUNK_TOKENS
+    while n_chunks > 2 and target_bytes // n_chunks < low:
+        n_chunks -= 1
+    chunk_tokens = max(low, min(high, rng.randint(low, max(low, target_bytes // n_chunks - 24))))
+    budgets = [chunk_line_budget(c, chunk_tokens) for c in range(n_chunks)]
+    names = rng.sample(PROGRAM_NAMES, len(PROGRAM_NAMES))
+    # At most a third of a chunk's lines are planted, and at least 24 names stay distractors.
+    n_chains = rng.randint(1, max(1, min(8, n_chunks + 2, sum(budgets) // 9)))
+    n_direct = rng.randint(0, 2)
+    planted, distractors = names[:2 * n_chains + n_direct], names[2 * n_chains + n_direct:]
+    answers: dict[str, str] = {}
+    specials: list[tuple[int, float, str]] = []
+    for k in range(n_chains):
+        source, target = planted[2 * k], planted[2 * k + 1]
+        answer = _literal(rng)
+        first = rng.randrange(n_chunks - 1)
+        copy_chunk = rng.randrange(first + 1, n_chunks)
+        copy_slot = rng.random()
+        specials += [(first, rng.random(), f"{source} = {answer}\n"),
+                     (copy_chunk, copy_slot, f"{target} = {source}\n")]
+        if rng.random() < 0.85:  # the trap; without it the copy is also right when resolved late
+            trap = answer
+            while trap == answer:
+                trap = _literal(rng)
+            over_chunk = rng.randrange(copy_chunk, n_chunks)
+            over_slot = rng.uniform(copy_slot, 1.0) if over_chunk == copy_chunk else rng.random()
+            specials.append((over_chunk, over_slot, f"{source} = {trap}\n"))
+        answers[target] = answer
+    for name in planted[2 * n_chains:]:
+        answers[name] = _literal(rng)
+        specials.append((rng.randrange(n_chunks), rng.random(), f"{name} = {answers[name]}\n"))
+
+    assert_rate = rng.uniform(0.03, 0.12) if rng.random() < 0.25 else 0.0
+    env: dict[str, str] = {}
+    copied: set[str] = set()  # distractors whose current value came by a copy
+    asked: set[str] = set()   # asserted since their last assignment: not asked again
+    chunk_texts = []
+    for c in range(n_chunks):
+        # Planted lines at equal slots keep their order (a copy's overwrite follows the copy).
+        mine = sorted((slot, order, text) for order, (chunk, slot, text) in enumerate(specials) if chunk == c)
+        n_lines = max(1, budgets[c] - len(mine))
+        body = []
+        for _ in range(n_lines):
+            unasked = sorted(set(env) - asked)
+            if unasked and rng.random() < assert_rate:
+                copies = sorted(copied - asked)
+                name = rng.choice(copies if copies and rng.random() < 0.7 else unasked)
+                asked.add(name)
+                body.append(f"assert {name} == {env[name]}\n")
+                continue
+            dest = rng.choice(distractors)
+            if env and rng.random() < 0.4:
+                src = rng.choice(sorted(env))
+                if src != dest:
+                    env[dest] = env[src]
+                    copied.add(dest)
+                    asked.discard(dest)
+                    body.append(f"{dest} = {src}\n")
+                    continue
+            env[dest] = _literal(rng)
+            copied.discard(dest)
+            asked.discard(dest)
+            body.append(f"{dest} = {env[dest]}\n")
+        for offset, (slot, _, text) in enumerate(mine):
+            body.insert(min(len(body), int(slot * (n_lines + 1)) + offset), text)
+        chunk_texts.append(part_header(c + 1) + "".join(body))
+    asked = list(answers)
+    rng.shuffle(asked)
+    return "".join(chunk_texts) + "".join(f"{question_text(name)}{answers[name]}\n" for name in asked)
+
+
 def cross_chunk_example(index: int, seed: int = 0, kind: str = "chain", n_chunks: int = 4,
                         lines_per_chunk: int = 16, split: str = "eval",
                         chunk_tokens: int | None = None) -> dict:

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from kvcompile.eval.cross_chunk import training_long_program_doc, training_program_doc
+from kvcompile.eval.cross_chunk import training_chain_doc, training_long_program_doc, training_program_doc
 from kvcompile.eval.retrieval import training_retrieval_doc
 from kvcompile.eval.splits import seeded_rng
 from kvcompile.frontend.tokenizer import ByteTokenizer
@@ -106,19 +106,20 @@ def corpus_summary(root: str | None = None) -> dict:
 class SequenceMixer:
     """Draws training sequences of `seq_len` tokens: BOS, then documents joined by EOS.
 
-    mix: probabilities of ("text", "retrieval", "program", "long_program") for each
-    sequence; a mix of three leaves out the long programs (the first reference model's
-    mixes, which draw exactly as before). Synthetic documents are 128..seq_len bytes; when one
-    ends early, another of the same kind follows, so long-context examples fill whole windows
-    and short ones are packed.
+    mix: probabilities of ("text", "retrieval", "program", "long_program", "chain") for each
+    sequence; shorter mixes leave out the last sources and draw exactly as before (three: the
+    first reference model's mixes; four: reference-long's first job). Synthetic documents
+    are 128..seq_len bytes; when one ends early, another of the same kind follows, so
+    long-context examples fill whole windows and short ones are packed.
     """
 
-    SOURCES = ("text", "retrieval", "program", "long_program")
-    _MAKERS = {1: training_retrieval_doc, 2: training_program_doc, 3: training_long_program_doc}
+    SOURCES = ("text", "retrieval", "program", "long_program", "chain")
+    _MAKERS = {1: training_retrieval_doc, 2: training_program_doc, 3: training_long_program_doc,
+               4: training_chain_doc}
 
     def __init__(self, text: np.ndarray, seq_len: int, mix=(0.4, 0.3, 0.3)):
         if not 3 <= len(mix) <= len(self.SOURCES):
-            raise ValueError(f"mix needs 3 or 4 probabilities {self.SOURCES}, got {mix}")
+            raise ValueError(f"mix needs 3 to {len(self.SOURCES)} probabilities {self.SOURCES}, got {mix}")
         self.text = text  # uint8 array of the training text
         self.seq_len = seq_len
         mix = tuple(mix) + (0.0,) * (len(self.SOURCES) - len(mix))

@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
     p.add_argument("--size", default="base", choices=sorted(SIZES))
     p.add_argument("--mix", default="0.4,0.3,0.3",
-                   help="text,retrieval,program[,long_program] probabilities")
+                   help="text,retrieval,program[,long_program[,chain]] probabilities")
     p.add_argument("--curriculum", default=None,
                    help="SEQ:UNTIL,... sequence lengths by fraction of the job's time, e.g. 1024:0.15,2048:0.4,8192:1")
     p.add_argument("--batch-tokens", type=int, default=None,
