@@ -14,6 +14,11 @@ docs/fusion_profile.txt). Rows, each timed replayed from a CUDA graph (device ti
                         per-query / per-key positions: a block-sparse mask, no dense bias
   sdpa_no_mask_flash    no mask at all: the same FLOPs with nothing to read or skip, the
                         kernel-speed floor this attention could reach
+  *_gqa_packed          the same with each KV head's 4 query heads stacked as one query
+                        sequence ([1, Hkv, 4·(S+Q), D], the bias repeated): 4x the rows per
+                        head, one quarter of the heads — fewer, fuller tiles for 525 queries
+  sdpa_bias_efficient_expanded  the memory-efficient kernel with K/V repeated to 32 heads (it
+                        refuses GQA with a bias)
 The outputs of the masked rows are checked against the fp32 reference (a row that disagrees is
 reported, not timed). Writes fused_attention.json to --out.
 
@@ -110,6 +115,25 @@ def main() -> int:
     row("sdpa_bias_cudnn", sdpa(SDPBackend.CUDNN_ATTENTION))
     row("sdpa_bias_efficient", sdpa(SDPBackend.EFFICIENT_ATTENTION))
     row("sdpa_bias_default", sdpa())
+    group = HQ // HKV
+    packed_query = query.view(1, HKV, group * (S + Q), D)  # heads h·group .. h·group+group-1 -> KV head h
+    packed_bias = bias.repeat(1, 1, group, 1)
+
+    def packed(backend, mask):
+        def call():
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(packed_query, keys, values, attn_mask=mask, scale=scale)
+            return out.view(1, HQ, S + Q, D)
+        return call
+
+    row("sdpa_bias_cudnn_gqa_packed", packed(SDPBackend.CUDNN_ATTENTION, packed_bias))
+    row("sdpa_bias_efficient_gqa_packed", packed(SDPBackend.EFFICIENT_ATTENTION, packed_bias))
+    expanded_keys, expanded_values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+
+    def expanded():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return F.scaled_dot_product_attention(query, expanded_keys, expanded_values, attn_mask=bias, scale=scale)
+    row("sdpa_bias_efficient_expanded", expanded)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -127,6 +151,12 @@ def main() -> int:
         rows["sdpa_no_mask_flash"] = round(device_ms(unmasked, device, args.repeats), 4)
     except Exception as error:  # noqa: BLE001
         notes["sdpa_no_mask_flash"] = f"not measured: {type(error).__name__}"
+    if device.type == "cuda":
+        try:
+            rows["sdpa_no_mask_flash_gqa_packed"] = round(device_ms(packed(SDPBackend.FLASH_ATTENTION, None), device,
+                                                                    args.repeats), 4)
+        except Exception as error:  # noqa: BLE001
+            notes["sdpa_no_mask_flash_gqa_packed"] = f"not measured: {type(error).__name__}"
     flops = 4 * (S + Q) * (P + S + Q) * D * HQ
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "shape": {"selected": S, "query": Q, "past": P, "query_heads": HQ,

@@ -31,7 +31,7 @@ from kvcompile.core.records import WindowKind
 from kvcompile.errors import ConfigError, UnsupportedAttentionError, UsageError
 from kvcompile.fusion.chunks import ChunkCache, model_fingerprint
 from kvcompile.fusion.graph_replay import GraphReplays
-from kvcompile.fusion.loading import LayerLoads
+from kvcompile.fusion.loading import LayerLoads, LoadChannel
 from kvcompile.fusion.selectors import DEFAULT_SELECTOR, TokenSelector
 from kvcompile.runtime.masks import step_biases
 
@@ -70,6 +70,7 @@ class Fusion:
         self._inverse_frequencies: dict = {}  # layer -> _rope's entry
         self._variants: dict = {}
         self.replays = GraphReplays()  # the variant graphs replayed from CUDA graphs (graph_replay.py)
+        self._load_channels: dict = {}  # device -> LoadChannel: the loads' stream and per-layer events
 
     # chunk caches -------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,7 +174,16 @@ class Fusion:
                         f"by multiples of {record.window.size} positions (chunk {index} would start at {offset})")
             offsets.append(offset)
             offset += chunk.length
-        return LayerLoads(cache, chunks, offsets, self.reposition, self.rotation_of)
+        return LayerLoads(cache, chunks, offsets, self.reposition, self.rotation_of,
+                          channel=self.load_channel(cache.device) if cache.device.type == "cuda" else None)
+
+    def load_channel(self, device) -> LoadChannel:
+        """The side stream and per-layer events every fused prefill on `device` loads with (kept,
+        so replayed graphs can wait on the same events: fusion/loading.py)."""
+        key = str(device)
+        if key not in self._load_channels:
+            self._load_channels[key] = LoadChannel(device, self.spec.num_layers)
+        return self._load_channels[key]
 
     def inverse_frequencies(self, layer: int, device):
         """The layer's RoPE inverse frequencies on `device` (None: no RoPE), computed once per

@@ -11,10 +11,11 @@ biases) are copied into the graph's own buffers before each replay; the cache's 
 where they are, so their addresses are part of the signature (a cache allocated again at the
 same place — what the caching allocator does for same-sized requests — hits). A signature
 seen once runs eagerly: capturing costs about one more eager run, which only pays for shapes
-that come back. The replayed graph does not wait per layer for the chunk loads
-(fusion/loading.py: an event recorded outside a capture cannot be waited on inside it), so
-before a replay the stream waits for all of them; the loads start first and the probe's
-layers come two thirds of the way through them anyway.
+that come back. The replayed graph waits per layer for the chunk loads as the eager one does:
+the loads record the same "external" events every call (fusion/loading.py, LoadChannel), and a
+wait on such an event is captured as a graph node, which waits for the event's latest record
+when the graph runs. Without external events (older torch) the stream waits for every load
+before a replay instead.
 
 Outputs of a replay are the graph's static buffers, overwritten by its next replay: callers
 copy what they keep.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import nullcontext
 from collections import Counter, OrderedDict
 from typing import Optional, Sequence
 
@@ -59,8 +61,10 @@ class GraphReplays:
         # host-resident values (kcache) are copied by the host inside the graph: not capturable
         if (not self.enabled or not all(t.is_cuda for t in args) or torch.cuda.is_current_stream_capturing()):
             return graph(*args)
+        # waits inside: the graph waits on these events per layer (captured as wait nodes)
+        waits = tuple(id(event) for event in loads.events) if loads is not None and loads.graph_waitable else None
         key = (name, id(graph), tuple(_signature(t) for t in copied),
-               tuple(_signature(t) + (t.data_ptr(),) for t in in_place))
+               tuple(_signature(t) + (t.data_ptr(),) for t in in_place), waits)
         entry = self._graphs.get(key)
         if key in self._refused:
             return graph(*args)
@@ -70,9 +74,9 @@ class GraphReplays:
             self._sightings[key] += 1
             if self._sightings[key] < 2:
                 return graph(*args)
-        if loads is not None:
+        if loads is not None and waits is None:
             loads.finish()
-        with no_layer_waits():
+        with no_layer_waits() if waits is None else nullcontext():
             if entry is None:
                 try:
                     entry = self._capture(graph, copied, in_place)

@@ -37,13 +37,20 @@ class LayerLoads:
     re-rotated by `reposition(keys, layer, delta)`; layer by layer, on a side stream on CUDA."""
 
     def __init__(self, cache, chunks: Sequence, offsets: List[int], reposition: Callable,
-                 rotation_of: Optional[Callable] = None, group: int = 8):
+                 rotation_of: Optional[Callable] = None, group: int = 8, channel: Optional["LoadChannel"] = None):
         self.cache = cache
         total = offsets[-1] + chunks[-1].length
         device = cache.device
         self.overlapped = device.type == "cuda" and not any(cache.is_host_layer(i) for i in range(len(cache.keys)))
         self.events: List[Optional[torch.cuda.Event]] = [None] * len(cache.keys)
-        self.stream = torch.cuda.Stream(device) if self.overlapped else None
+        self.stream = None
+        # whether a CUDA graph captured over these loads may wait on their events inside it
+        self.graph_waitable = False
+        if self.overlapped:
+            channel = channel if channel is not None else LoadChannel(device, len(cache.keys))
+            self.stream = channel.stream
+            if channel.events is not None:
+                self.events, self.graph_waitable = list(channel.events), True
         cache.reserve(total)
         # each token's shift: its chunk's offset (repeat_interleave with output_size: no host sync)
         lengths = torch.tensor([c.length for c in chunks], device=device)
@@ -67,7 +74,8 @@ class LayerLoads:
 
     def record(self, layer: int) -> None:
         if self.stream is not None:
-            self.events[layer] = torch.cuda.Event()
+            if not self.graph_waitable:
+                self.events[layer] = torch.cuda.Event()
             self.events[layer].record(self.stream)
 
     def load_packed_group(self, layers: range, chunks, offsets, total: int, reposition, rotation_of) -> None:
@@ -176,6 +184,23 @@ class LayerLoads:
             _READY_EVENTS.reset(token)
 
 
+class LoadChannel:
+    """The side stream chunk loads run on and one event per layer, kept across fused prefills.
+
+    The events are "external" ones: a CUDA graph captured while waiting on them keeps the waits
+    as graph nodes, so a replayed probe or recompute still waits for each layer's load (the
+    loads of the call it replays in record the same events again) instead of for all of them
+    before it starts. A torch without external events gets None: replays then wait for every
+    load first (fusion/graph_replay.py)."""
+
+    def __init__(self, device, layers: int):
+        self.stream = torch.cuda.Stream(device)
+        try:
+            self.events: Optional[List[torch.cuda.Event]] = [torch.cuda.Event(external=True) for _ in range(layers)]
+        except TypeError:
+            self.events = None
+
+
 def write_chunks(layer_cache: torch.Tensor, rows: torch.Tensor) -> None:
     """rows [chunks, Hkv, L, D] of equal-length chunks laid side by side -> the first chunks · L
     positions of one layer's cache [1, Hkv, capacity, D], in one copy kernel (the cache's
@@ -199,8 +224,8 @@ def packed_alike(chunks, cache) -> bool:
 
 @contextmanager
 def no_layer_waits():
-    """Graphs run inside do not wait per layer (a CUDA graph being captured or replayed: the
-    stream waited for every load before, fusion/graph_replay.py)."""
+    """Graphs run inside do not wait per layer (a CUDA graph captured or replayed over loads
+    whose events it cannot wait on: the stream waited for every load before, graph_replay.py)."""
     token = _READY_EVENTS.set(None)
     try:
         yield

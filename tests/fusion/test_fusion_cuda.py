@@ -124,6 +124,35 @@ def test_replayed_cuda_graphs_give_the_eager_results(selector):
     assert fusion.replays.replayed >= 2
 
 
+def test_replayed_graphs_wait_for_each_layers_load():
+    """A replayed probe / recompute waits on the loads of the call it replays in, layer by layer
+    (external events captured as wait nodes, fusion/loading.py LoadChannel): with the loads held
+    back ~50 ms on their stream and the cache poisoned with NaN before every call, each call
+    still equals the eager result for its own chunks, alternating two sets at one address."""
+    compiled = kvcompile.compile(build("llama").cuda())
+    fusion = compiled.fusion
+    docs_a, query = documents(seed=4)
+    docs_b, _ = documents(seed=5)
+    sets = {name: [pinned(compiled.precompute_chunk(d)) for d in docs] for name, docs in (("a", docs_a), ("b", docs_b))}
+    fusion.replays.enabled = False
+    eager = {name: fusion.prefill(compiled.new_cache(1, 256), chunks, query, 0.2) for name, chunks in sets.items()}
+    fusion.replays.enabled = True
+    cache = compiled.new_cache(1, 256)
+    channel = fusion.load_channel(cache.device)
+    assert channel.events is not None, "this torch has no external CUDA events: replays wait for every load"
+    for name in ("a", "a", "b", "a", "b", "b"):
+        cache.length = 0
+        for keys, values in zip(cache.keys, cache.values):
+            keys.fill_(float("nan"))
+            values.fill_(float("nan"))
+        channel.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(channel.stream):
+            torch.cuda._sleep(100_000_000)  # the loads queue behind ~50 ms of nothing
+        got = fusion.prefill(cache, sets[name], query, 0.2)
+        assert (got - eager[name]).abs().max().item() <= TOLERANCE, name
+    assert fusion.replays.replayed >= 4
+
+
 @pytest.mark.parametrize("family", ("llama", "cohere2"))
 def test_packed_chunks_fuse_like_chunks_pinned_one_by_one(family):
     """ChunkCache.pin()'s packed buffer takes LayerLoads' grouped path (a copy per chunk and
