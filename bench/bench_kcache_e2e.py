@@ -5,6 +5,11 @@ Runtimes, each at the largest batch whose GPU-resident cache of `--context` toke
   kvc_kcache_layer  kvcompile, CacheConfig(kind="kcache", select="layer", topn=256): K on the GPU,
                     V in pinned host memory, one top-N selection shared by a layer's heads
   kvc_kcache_head   the same with select="head" (one selection per KV head, narrow host rows)
+  <kvc row>_mb2     the same batch and cache decoded as 2 micro-batches whose CUDA-graph steps
+                    replay concurrently on their own streams (kvcompile/runtime/microbatch.py), so
+                    one's V fetch over the host link overlaps the other's HBM work; the row also
+                    times the same graphs one after the other (serial_step_ms). kvc_full_mb2 is
+                    the control: no host fetch to hide, so it should gain little
   hf_dynamic        HF model forward with a DynamicCache, one token per step (what generate runs)
   hf_offloaded      the same with the offloaded cache (transformers 5: DynamicCache(offloading=True);
                     older: OffloadedCache). Its GPU footprint is ~2 layers, so the budget allows a
@@ -39,9 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floors import add_floors_argument, floors_for  # noqa: E402
 from kcache_e2e_runtimes import (  # noqa: E402
-    GIB, Shape, attention_floor_ms, build_model, cache_classes,
-    free_memory,
-    gpu_kv_bytes_per_token, host_kv_bytes_per_token, llama_config, run_hf, run_kvcompile)
+    GIB, Shape, attention_floor_ms, base_runtime, build_model, cache_classes,
+    free_memory, microbatches_of,
+    gpu_kv_bytes_per_token, host_kv_bytes_per_token, llama_config, run_hf, run_kvcompile,
+    run_kvcompile_microbatched)
 
 
 # driver ----------------------------------------------------------------------------------------
@@ -55,9 +61,10 @@ def largest_batch(name: str, shape: Shape, args) -> tuple[int, str]:
 
 
 def finish_row(row: dict, name: str, shape: Shape, batch: int, limit: str, args) -> dict:
-    kcache = name.startswith("kvc_kcache")
+    base = base_runtime(name)
+    kcache = base.startswith("kvc_kcache")
     row.update(name=name, label=f"{name} B={batch}", batch=batch, batch_limited_by=limit,
-               topn=args.topn if kcache else None, select=name.rsplit("_", 1)[1] if kcache else None,
+               topn=args.topn if kcache else None, select=base.rsplit("_", 1)[1] if kcache else None,
                gpu_kv_bytes_per_token=gpu_kv_bytes_per_token(name, shape),
                host_kv_bytes_per_token=host_kv_bytes_per_token(name, shape))
     row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)  # = batch × steps / time of the steps
@@ -72,10 +79,11 @@ def finish_row(row: dict, name: str, shape: Shape, batch: int, limit: str, args)
 
 
 def summarize(rows: list) -> dict:
-    """Ratios of each kcache runtime to the full-cache runtimes (the last row of a name wins)."""
+    """Ratios of each kcache runtime to the full-cache runtimes, and of each micro-batched
+    runtime to its single-batch one (the last row of a name wins)."""
     by_name = {r["name"]: r for r in rows}
     summary = {}
-    for name in ("kvc_kcache_layer", "kvc_kcache_head"):
+    for name in (n for n in RUNTIMES if n.startswith("kvc_kcache")):
         for peer in ("kvc_full", "hf_dynamic"):
             if name in by_name and peer in by_name:
                 summary[f"{name}/{peer} tokens_per_s"] = by_name[name]["tokens_per_s"] / by_name[peer]["tokens_per_s"]
@@ -83,10 +91,19 @@ def summarize(rows: list) -> dict:
                     by_name[name]["gpu_kv_bytes_per_token"] / by_name[peer]["gpu_kv_bytes_per_token"])
     if "kvc_full" in by_name and "hf_dynamic" in by_name:
         summary["kvc_full/hf_dynamic tokens_per_s"] = by_name["kvc_full"]["tokens_per_s"] / by_name["hf_dynamic"]["tokens_per_s"]
+    for name in (n for n in by_name if microbatches_of(n) > 1):
+        if base_runtime(name) in by_name:
+            summary[f"{name}/{base_runtime(name)} tokens_per_s"] = (
+                by_name[name]["tokens_per_s"] / by_name[base_runtime(name)]["tokens_per_s"])
+        summary[f"{name} serial/overlapped step_ms"] = by_name[name]["overlap_speedup"]
     return summary
 
 
-RUNTIMES = ("kvc_full", "kvc_kcache_layer", "kvc_kcache_head", "hf_dynamic", "hf_offloaded")
+RUNTIMES = ("kvc_full", "kvc_full_mb2", "kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_head",
+            "kvc_kcache_head_mb2", "hf_dynamic", "hf_offloaded")
+# runtimes that share one filled cache (same layout and batch), run in this order
+CACHE_GROUPS = (("kvc_full", "kvc_full_mb2"),
+                ("kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_head", "kvc_kcache_head_mb2"))
 
 
 def run(args) -> dict:
@@ -123,23 +140,26 @@ def run(args) -> dict:
         free_memory(device)
 
     wanted = args.only or RUNTIMES
-    if "kvc_full" in wanted:
-        batch, limit = largest_batch("kvc_full", shape, args)
-        record("kvc_full", batch, limit, lambda: run_kvcompile(
-            model, kvcompile.CacheConfig(kind="full"), batch, args, device)[0])
-    shared = {}  # the cache filled for the "layer" graph serves the "head" graph too (same layout)
-    for select in ("layer", "head"):
-        name = f"kvc_kcache_{select}"
-        if name in wanted:
-            batch, limit = largest_batch(name, shape, args)
-            cache_config = kvcompile.CacheConfig(kind="kcache", topn=args.topn, select=select)
+    for group in CACHE_GROUPS:
+        names = [name for name in group if name in wanted]
+        shared = {}  # the cache the first runtime of the group fills serves the others (same layout)
+        for name in names:
+            base, parts = base_runtime(name), microbatches_of(name)
+            batch, limit = largest_batch(base, shape, args)
+            cache_config = (kvcompile.CacheConfig(kind="full") if base == "kvc_full" else
+                            kvcompile.CacheConfig(kind="kcache", topn=args.topn, select=base.rsplit("_", 1)[1]))
 
-            def measure(cache_config=cache_config, batch=batch):
-                row, shared["cache"] = run_kvcompile(model, cache_config, batch, args, device, shared.get("cache"))
+            def measure(cache_config=cache_config, batch=batch, parts=parts, rows=len(names)):
+                if parts > 1:
+                    row, shared["cache"] = run_kvcompile_microbatched(
+                        model, cache_config, batch, parts, args, device, shared.get("cache"), rows)
+                else:
+                    row, shared["cache"] = run_kvcompile(model, cache_config, batch, args, device,
+                                                         shared.get("cache"), rows)
                 return row
 
             record(name, batch, limit, measure)
-    shared.clear()
+        shared.clear()
     if "hf_dynamic" in wanted:
         batch, limit = largest_batch("hf_dynamic", shape, args)
         record("hf_dynamic", batch, limit, lambda: run_hf("hf_dynamic", model, batch, args, device))
@@ -180,17 +200,21 @@ def plot(result: dict, path: Path) -> None:
     failed = [name for name, message in result.get("errors", {}).items() if not message.startswith("skipped")]
     colors = {"kvc_full": "tab:gray", "kvc_kcache_layer": "tab:orange", "kvc_kcache_head": "tab:blue",
               "hf_dynamic": "tab:green", "hf_offloaded": "tab:purple"}
+    colors.update({name: colors[base_runtime(name)] for name in RUNTIMES if name not in colors})
+    hatches = ["//" if microbatches_of(r["name"]) > 1 else "" for r in rows]  # micro-batched: hatched
     labels = [r["label"] for r in rows] + [f"{name}\n(failed)" for name in failed]
     x = range(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    left.bar(x, [r["tokens_per_s"] for r in rows], color=[colors[r["name"]] for r in rows])
+    bars = left.bar(x, [r["tokens_per_s"] for r in rows], color=[colors[r["name"]] for r in rows])
     for i, r in enumerate(rows):
         left.text(i, r["tokens_per_s"], f"{r['tokens_per_s']:.0f}", ha="center", va="bottom", fontsize=8)
     for i in range(len(rows), len(labels)):
         left.text(i, 0, "not measured", ha="center", va="bottom", fontsize=8, rotation=90)
     left.set_ylabel("decode tokens/s")
     left.set_title(f"decode throughput, {result['context']} context, {result['budget_gib']} GiB GPU KV budget")
-    right.bar(x, [r["gpu_kv_bytes_per_token"] / 1024 for r in rows], color=[colors[r["name"]] for r in rows])
+    bars += right.bar(x, [r["gpu_kv_bytes_per_token"] / 1024 for r in rows], color=[colors[r["name"]] for r in rows])
+    for bar, hatch in zip(bars, hatches + hatches):
+        bar.set_hatch(hatch)
     right.set_ylabel("GPU KV cache KiB per token")
     right.set_title("GPU-resident KV bytes per token")
     left.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)

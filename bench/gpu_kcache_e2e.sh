@@ -5,6 +5,8 @@
 #   OUT=/tmp/out bash bench/gpu_kcache_e2e.sh [extra bench args, e.g. --floors DIR/floors.json]
 # (bench/gpu_kcache.sh --score-sweep leaves score_variant.env: source it first to run the
 # fastest score-kernel variant here too)
+# E2E_TESTS="tests/runtime/test_microbatch.py ..." runs those files' gpu-marked tests first
+# (their log lands in the same file); $KVCOMPILE_KERNELS_LIB pins a prebuilt kernel library.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
@@ -24,6 +26,13 @@ SECONDS=0
 load_kernel_library || exit 1
 echo "build+load: ${SECONDS}s"
 git log -1 --format='HEAD %h %s' 2>/dev/null; git status --short plugins 2>/dev/null | head
+
+if [ -n "${E2E_TESTS:-}" ]; then
+  echo "== gpu tests: $E2E_TESTS"
+  SECONDS=0
+  timeout ${TESTS_TIMEOUT:-150} python3 -m pytest $E2E_TESTS -q -m gpu -p no:cacheprovider 2>&1 | tail -15
+  echo "tests rc=${PIPESTATUS[0]} in ${SECONDS}s"
+fi
 
 echo "== benchmark"
 SECONDS=0

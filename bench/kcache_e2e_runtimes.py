@@ -70,8 +70,21 @@ class Shape:
         return self.kv_heads * self.head_dim * self.element
 
 
+def microbatches_of(name: str) -> int:
+    """How many micro-batches a runtime's name asks for: "kvc_kcache_layer_mb2" -> 2, else 1."""
+    head, _, tail = name.rpartition("_mb")
+    return int(tail) if head and tail.isdigit() else 1
+
+
+def base_runtime(name: str) -> str:
+    """The runtime without its micro-batching: "kvc_kcache_layer_mb2" -> "kvc_kcache_layer"
+    (same cache, batch and floor; only the step is split)."""
+    return name.rpartition("_mb")[0] if microbatches_of(name) > 1 else name
+
+
 def gpu_kv_bytes_per_token(name: str, shape: Shape) -> int:
     """Bytes of cache per token that stay on the GPU across a step."""
+    name = base_runtime(name)
     row = shape.kv_row_bytes()
     if name == "kvc_full" or name == "hf_dynamic":
         return 2 * shape.layers * row
@@ -84,6 +97,7 @@ def gpu_kv_bytes_per_token(name: str, shape: Shape) -> int:
 
 def host_kv_bytes_per_token(name: str, shape: Shape) -> int:
     """Bytes of cache per token kept in host memory between steps."""
+    name = base_runtime(name)
     if name == "hf_offloaded":
         return 2 * shape.layers * shape.kv_row_bytes()
     if name.startswith("kvc_kcache"):
@@ -116,7 +130,9 @@ def sync(device: torch.device) -> None:
 
 
 def attention_floor_ms(name: str, shape: Shape, batch: int, context: int, topn: int) -> float:
-    """Per decode step, all layers: the bytes the attention must move / the rate they move at."""
+    """Per decode step, all layers: the bytes the attention must move / the rate they move at
+    (the same for a micro-batched step: its micro-batches move the batch's bytes between them)."""
+    name = base_runtime(name)
     kv_bytes = batch * context * shape.kv_row_bytes()  # one layer's K (or V)
     if name in ("kvc_full", "hf_dynamic"):
         per_layer = 2 * kv_bytes / hbm_bytes_per_s()
@@ -209,25 +225,38 @@ def sdpa_backends_ms(cache, device, iters: int) -> dict:
     return out
 
 
-def capacity(args) -> int:
-    """Cache positions to allocate: the context plus every step the kcache "layer" and "head"
-    graphs append to the one shared cache, eager and graph-replayed (a full buffer would double
-    itself: see cache.reserve). The graph-replayed steps attend this whole capacity."""
-    return args.context + 4 * (args.warmup + args.steps) + 8
+def capacity(args, rows: int = 2) -> int:
+    """Cache positions to allocate: the context plus every step that the `rows` runtimes sharing
+    the cache append to it, two timed runs of warm-up + steps each (eager and graph-replayed, or
+    micro-batches overlapped and serial); a full buffer would double itself (cache.reserve).
+    The graph-replayed steps attend this whole capacity."""
+    return args.context + 2 * rows * (args.warmup + args.steps) + 8
 
 
-def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
-    """Compile for `cache_config`, fill a cache (or reuse `cache`), time decode steps -> (row, cache)."""
+def compile_timed(model, cache_config):
+    """(compiled model, seconds the compile took)."""
     start_s = time.perf_counter()
     import kvcompile
 
     # kvcompile.frontend.trace defers shape guards to run time, which torch 2.11 +
     # transformers 5.17 (the GPU machine's versions) need; no workaround is needed here.
     compiled = kvcompile.compile(model, cache_config)
-    compile_s = time.perf_counter() - start_s
+    return compiled, time.perf_counter() - start_s
+
+
+def filled_cache(compiled, batch: int, args, cache=None, rows: int = 2):
+    """`cache` if given (a cache of the same layout, shared by the runtimes of one kind), else
+    a new one filled with `args.context` synthetic positions."""
     if cache is None:
-        cache = compiled.new_cache(batch, capacity(args))
+        cache = compiled.new_cache(batch, capacity(args, rows))
         fill_kvcompile_cache(cache, args.context)
+    return cache
+
+
+def run_kvcompile(model, cache_config, batch: int, args, device, cache=None, rows: int = 2):
+    """Compile for `cache_config`, fill a cache (or reuse `cache`), time decode steps -> (row, cache)."""
+    compiled, compile_s = compile_timed(model, cache_config)
+    cache = filled_cache(compiled, batch, args, cache, rows)
     next_ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)
 
     def step():
@@ -266,6 +295,55 @@ def run_kvcompile(model, cache_config, batch: int, args, device, cache=None):
 
             row["full_decode_backends"] = decode_backends.chosen()
             row["sdpa_backends_ms_per_layer"] = sdpa_backends_ms(cache, device, args.steps)
+    return row, cache
+
+
+def time_microbatched(decoder, ids, args, device, overlap: bool):
+    """Mean ms per greedy step of every micro-batch (`args.warmup` steps first), and the last
+    ids. The caller's stream waits for all micro-batches before the end event: the steps
+    themselves never join."""
+    for _ in range(args.warmup):
+        ids = decoder.greedy_step(ids, overlap)
+    decoder.join()
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    start_s = time.perf_counter()
+    for _ in range(args.steps):
+        ids = decoder.greedy_step(ids, overlap)
+    decoder.join()
+    if device.type != "cuda":
+        return (time.perf_counter() - start_s) * 1e3 / args.steps, ids
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / args.steps, ids
+
+
+def run_kvcompile_microbatched(model, cache_config, batch: int, parts: int, args, device, cache=None,
+                               rows: int = 2):
+    """The batch decoded as `parts` micro-batches over row views of one cache
+    (kvcompile/runtime/microbatch.py): their captured steps replayed concurrently on their own
+    streams (step_ms), then the same graphs one after the other on one stream (serial_step_ms:
+    what micro-batching costs without the overlap) -> (row, cache)."""
+    from kvcompile.runtime.microbatch import MicroBatchDecoder
+
+    compiled, compile_s = compile_timed(model, cache_config)
+    cache = filled_cache(compiled, batch, args, cache, rows)
+    reset_peak(device)
+    capture = device.type == "cuda" and args.cuda_graph
+    decoder = MicroBatchDecoder(compiled, cache, parts, capture=capture)
+    ids = decoder.split(torch.randint(0, model.config.vocab_size, (batch,), device=device))
+    step_ms, ids = time_microbatched(decoder, ids, args, device, overlap=True)
+    serial_ms, ids = time_microbatched(decoder, ids, args, device, overlap=False)
+    row = dict(step_ms=step_ms, serial_step_ms=serial_ms, overlap_speedup=serial_ms / step_ms,
+               step_mode="cuda_graph" if capture else "static_eager", microbatches=len(decoder.sizes),
+               microbatch_sizes=decoder.sizes, compile_s=round(compile_s, 1), cache_capacity=cache.capacity,
+               peak_gpu_gib=peak_gib(device), cache_device_gib=cache.device_bytes() / GIB,
+               context_at_end=decoder.caches[0].length)
+    print(f"  micro-batches {decoder.sizes}: overlapped {step_ms:.2f} ms, serial {serial_ms:.2f} ms a step",
+          flush=True)
+    del decoder
     return row, cache
 
 
