@@ -8,7 +8,7 @@ import torch
 
 import kvcompile
 from kvcompile.errors import InputValidationError
-from kvcompile.runtime.microbatch import MicroBatchDecoder, split_sizes
+from kvcompile.runtime.microbatch import FinishedFlags, MicroBatchDecoder, split_sizes
 from tiny_models import compiled_tiny, padded_batch
 
 # (kind, topn, select): the full cache, kcache exact (topn ≥ context) and a top-4 that selects
@@ -123,6 +123,43 @@ def test_the_loop_stops_when_every_sequence_has_finished(stream):
     split = compiled.generate(input_ids, max_new_tokens=8, eos_token_id=eos, microbatches=2, on_tokens=on_tokens)
     assert whole.shape[1] == input_ids.shape[1] + 4
     assert torch.equal(split, whole)
+
+
+class FakeEvent:
+    """Stands in for a CUDA event: done or not, and whether the host waited for it."""
+
+    def __init__(self, done: bool):
+        self.done, self.waited = done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+def test_finished_flags_read_late_but_never_more_than_the_lag_behind():
+    # Every sequence has finished after step 1. The host learns it without waiting while the
+    # events are pending, waits only for steps more than `lag` behind, and reads done steps at once.
+    flags = FinishedFlags(parts=2, steps=6, device=torch.device("cpu"), lag=2)
+    flags.cuda = True  # poll as on CUDA, with the events below
+    flags.flags[:, 1:] = True
+    flags.events = [[FakeEvent(False) for _ in range(6)] for _ in range(2)]
+    assert flags.poll(1) is None and flags.read == 0  # steps 0-1 pending, within the lag
+    assert flags.poll(2) is None and flags.read == 1  # step 0 waited for (2 behind), not finished
+    assert [part[0].waited for part in flags.events] == [True, True]
+    assert flags.poll(3) == 1  # step 1 waited for: every sequence finished there
+    assert not any(part[2].waited for part in flags.events)
+    early = FinishedFlags(parts=2, steps=6, device=torch.device("cpu"), lag=2)
+    early.cuda = True
+    early.flags[:, 0] = True
+    early.events = [[FakeEvent(True) for _ in range(6)] for _ in range(2)]
+    assert early.poll(0) == 0  # done events are read at once
+    late = FinishedFlags(parts=2, steps=6, device=torch.device("cpu"), lag=2)
+    late.cuda = True
+    late.flags[:, 4] = True
+    late.events = [[FakeEvent(False) for _ in range(6)] for _ in range(2)]
+    assert late.poll(5) is None and late.poll(5, wait=True) == 4  # the end of the loop waits for all
 
 
 def test_sampling_with_microbatches_is_refused():
