@@ -249,6 +249,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                         help="time kvcompile's decode steps eagerly only (default: eager, then replayed "
                              "from one CUDA graph per step; tokens/s from the graph)")
+    parser.add_argument("--mb-priorities", type=int, nargs="+",
+                        help="CUDA stream priority of each micro-batch in the _mb rows (lower first; "
+                             "default all equal), e.g. -1 0")
     add_floors_argument(parser)
     parser.add_argument("--plot", type=Path, help="redraw the PNG from an existing JSON and exit")
     args = parser.parse_args(argv)

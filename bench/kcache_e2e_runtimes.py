@@ -332,13 +332,14 @@ def run_kvcompile_microbatched(model, cache_config, batch: int, parts: int, args
     cache = filled_cache(compiled, batch, args, cache, rows)
     reset_peak(device)
     capture = device.type == "cuda" and args.cuda_graph
-    decoder = MicroBatchDecoder(compiled, cache, parts, capture=capture)
+    decoder = MicroBatchDecoder(compiled, cache, parts, capture=capture, priorities=args.mb_priorities)
     ids = decoder.split(torch.randint(0, model.config.vocab_size, (batch,), device=device))
     step_ms, ids = time_microbatched(decoder, ids, args, device, overlap=True)
     serial_ms, ids = time_microbatched(decoder, ids, args, device, overlap=False)
     row = dict(step_ms=step_ms, serial_step_ms=serial_ms, overlap_speedup=serial_ms / step_ms,
                step_mode="cuda_graph" if capture else "static_eager", microbatches=len(decoder.sizes),
-               microbatch_sizes=decoder.sizes, compile_s=round(compile_s, 1), cache_capacity=cache.capacity,
+               microbatch_sizes=decoder.sizes, stream_priorities=args.mb_priorities,
+               compile_s=round(compile_s, 1), cache_capacity=cache.capacity,
                peak_gpu_gib=peak_gib(device), cache_device_gib=cache.device_bytes() / GIB,
                context_at_end=decoder.caches[0].length)
     print(f"  micro-batches {decoder.sizes}: overlapped {step_ms:.2f} ms, serial {serial_ms:.2f} ms a step",

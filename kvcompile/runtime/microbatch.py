@@ -22,7 +22,7 @@ in the last bits). On the CPU (no streams) the same code runs the micro-batches 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -61,15 +61,22 @@ class MicroBatchDecoder:
     return one tensor per micro-batch, living on that micro-batch's stream: `gather` (or
     `join`) before the caller's stream reads them. Use it from one caller stream.
     capture=False runs the static-shape step eagerly (any device), as CudaGraphDecoder does.
+    priorities: one CUDA stream priority per micro-batch (lower runs first where both have
+    blocks waiting; torch.cuda.Stream's `priority`), to try a fixed order; default all equal.
     """
 
-    def __init__(self, compiled, cache, parts: int = 2, warmup: int = 2, capture: bool = True):
+    def __init__(self, compiled, cache, parts: int = 2, warmup: int = 2, capture: bool = True,
+                 priorities: Optional[Sequence[int]] = None):
         self.sizes = split_sizes(cache.batch, parts)
         self.device = cache.device
         starts = [sum(self.sizes[:part]) for part in range(len(self.sizes))]
         self.caches = [cache.rows(start, start + size) for start, size in zip(starts, self.sizes)]
         cuda = self.device.type == "cuda"
-        self.streams = [torch.cuda.Stream(self.device) if cuda else None for _ in self.sizes]
+        priorities = list(priorities) if priorities is not None else [0] * len(self.sizes)
+        if len(priorities) != len(self.sizes):
+            raise InputValidationError(f"{len(priorities)} stream priorities for {len(self.sizes)} micro-batches")
+        self.streams = [torch.cuda.Stream(self.device, priority=priority) if cuda else None
+                        for priority in priorities]
         self.decoders = []
         for part_cache, stream in zip(self.caches, self.streams):
             if stream is not None:

@@ -162,6 +162,14 @@ def test_finished_flags_read_late_but_never_more_than_the_lag_behind():
     assert late.poll(5) is None and late.poll(5, wait=True) == 4  # the end of the loop waits for all
 
 
+def test_one_stream_priority_per_micro_batch():
+    compiled = compiled_for("full", None, None)
+    input_ids, attention_mask = padded_batch(seed=1)
+    _, cache = compiled.prefill(input_ids, attention_mask, cache=compiled.new_cache(3, 16))
+    with pytest.raises(InputValidationError, match="1 stream priorities for 2 micro-batches"):
+        MicroBatchDecoder(compiled, cache, parts=2, capture=False, priorities=[0])
+
+
 def test_sampling_with_microbatches_is_refused():
     compiled = compiled_for("full", None, None)
     input_ids, attention_mask = padded_batch(seed=1)
@@ -195,8 +203,8 @@ def test_cuda_graph_generate_in_microbatches_equals_the_whole_batch(kind, topn):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["full", "kcache"])
-def test_overlapped_and_serial_replays_give_the_same_tokens(kind):
+@pytest.mark.parametrize("kind, priorities", [("full", None), ("kcache", None), ("kcache", (-1, 0))])
+def test_overlapped_and_serial_replays_give_the_same_tokens(kind, priorities):
     # Many steps enqueued back to back on two streams, no join in between, then the same number
     # replayed one micro-batch after the other: each matches the whole batch's graph.
     from kvcompile.frontend.tiny_models import tiny_model
@@ -211,7 +219,7 @@ def test_overlapped_and_serial_replays_give_the_same_tokens(kind):
     logits, whole = compiled.prefill(input_ids, attention_mask, cache=compiled.new_cache(3, capacity))
     _, split = compiled.prefill(input_ids, attention_mask, cache=compiled.new_cache(3, capacity))
     whole_decoder = compiled.cuda_graph_decoder(whole)
-    decoder = MicroBatchDecoder(compiled, split, parts=2)
+    decoder = MicroBatchDecoder(compiled, split, parts=2, priorities=priorities)
     next_ids = logits[:, -1].argmax(-1)
     ids = decoder.split(next_ids)
     want, got = [], []
