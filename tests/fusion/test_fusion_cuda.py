@@ -124,33 +124,62 @@ def test_replayed_cuda_graphs_give_the_eager_results(selector):
     assert fusion.replays.replayed >= 2
 
 
-def test_replayed_graphs_wait_for_each_layers_load():
-    """A replayed probe / recompute waits on the loads of the call it replays in, layer by layer
+def _hold_back_loads(fusion, cache):
+    """Poison the cache with NaN and queue ~50 ms of nothing ahead of the next loads: a graph
+    that reads a layer before its load finished reads NaN."""
+    channel = fusion.load_channel(cache.device)
+    cache.length = 0
+    for keys, values in zip(cache.keys, cache.values):
+        keys.fill_(float("nan"))
+        values.fill_(float("nan"))
+    channel.stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(channel.stream):
+        torch.cuda._sleep(100_000_000)
+
+
+def test_replayed_recompute_waits_for_each_layers_load(monkeypatch):
+    """The replayed recompute waits on the loads of the call it replays in, layer by layer
     (external events captured as wait nodes, fusion/loading.py LoadChannel): with the loads held
-    back ~50 ms on their stream and the cache poisoned with NaN before every call, each call
-    still equals the eager result for its own chunks, alternating two sets at one address."""
+    back and the cache poisoned before every call, each call equals the eager result for its own
+    chunks, alternating two chunk sets at one cache address (fixed rows: no selector in play)."""
     compiled = kvcompile.compile(build("llama").cuda())
     fusion = compiled.fusion
+    assert fusion.load_channel(torch.device("cuda")).events is not None, "no external CUDA events in this torch"
+    rows = torch.tensor([40, 41, 42, 43, 70, 71, 90, 91, 92, 100])
+    monkeypatch.setattr(type(fusion), "select", lambda self, *args, **kwargs: rows)
     docs_a, query = documents(seed=4)
     docs_b, _ = documents(seed=5)
     sets = {name: [pinned(compiled.precompute_chunk(d)) for d in docs] for name, docs in (("a", docs_a), ("b", docs_b))}
     fusion.replays.enabled = False
-    eager = {name: fusion.prefill(compiled.new_cache(1, 256), chunks, query, 0.2) for name, chunks in sets.items()}
+    eager = {name: fusion.prefill(compiled.new_cache(1, 256), chunks, query, 0.1) for name, chunks in sets.items()}
     fusion.replays.enabled = True
     cache = compiled.new_cache(1, 256)
-    channel = fusion.load_channel(cache.device)
-    assert channel.events is not None, "this torch has no external CUDA events: replays wait for every load"
     for name in ("a", "a", "b", "a", "b", "b"):
-        cache.length = 0
-        for keys, values in zip(cache.keys, cache.values):
-            keys.fill_(float("nan"))
-            values.fill_(float("nan"))
-        channel.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(channel.stream):
-            torch.cuda._sleep(100_000_000)  # the loads queue behind ~50 ms of nothing
-        got = fusion.prefill(cache, sets[name], query, 0.2)
+        _hold_back_loads(fusion, cache)
+        got = fusion.prefill(cache, sets[name], query, 0.1)
         assert (got - eager[name]).abs().max().item() <= TOLERANCE, name
     assert fusion.replays.replayed >= 4
+
+
+def test_replayed_probe_reads_only_loaded_layers(monkeypatch):
+    """The question's probe (replayed after its first sight) ranks chunk tokens from keys that
+    were loaded: with the loads held back and the cache poisoned, its scores stay finite."""
+    import kvcompile.fusion.selection as selection
+
+    compiled = kvcompile.compile(build("llama").cuda())
+    fusion = compiled.fusion
+    finite = []
+    real_span_tokens = selection.span_tokens
+    monkeypatch.setattr(selection, "span_tokens",
+                        lambda score, *a, **k: finite.append(bool(torch.isfinite(score).all())) or
+                        real_span_tokens(score, *a, **k))
+    docs, query = documents(seed=4)
+    chunks = [pinned(compiled.precompute_chunk(d)) for d in docs]
+    cache = compiled.new_cache(1, 256)
+    for _ in range(4):
+        _hold_back_loads(fusion, cache)
+        fusion.prefill(cache, chunks, query, 0.2, "query_spans")
+    assert finite == [True] * 4 and fusion.replays.replayed >= 2
 
 
 @pytest.mark.parametrize("family", ("llama", "cohere2"))
