@@ -52,12 +52,17 @@ class LayerLoads:
             if channel.events is not None:
                 self.events, self.graph_waitable = list(channel.events), True
         cache.reserve(total)
-        # each token's shift: its chunk's offset (repeat_interleave with output_size: no host sync)
-        lengths = torch.tensor([c.length for c in chunks], device=device)
-        self.offsets = torch.tensor(offsets, device=device)
-        delta = torch.repeat_interleave(self.offsets, lengths, output_size=total)[None]
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(device))  # the cache buffers exist
+        # Each token's shift: its chunk's offset (repeat_interleave with output_size: no host
+        # sync). Made on the loads' stream: made on the current one, they would be freed at
+        # the end of this call and their memory handed to the current stream's next tensor
+        # while the loads, queued behind slow copies, have yet to read them (a GPU test holds
+        # the loads back and caught exactly that).
+        with torch.cuda.stream(self.stream) if self.stream is not None else _no_stream():
+            lengths = torch.tensor([c.length for c in chunks], device=device)
+            self.offsets = torch.tensor(offsets, device=device)
+            delta = torch.repeat_interleave(self.offsets, lengths, output_size=total)[None]
         if self.stream is not None and packed_alike(chunks, cache):
             for first in range(0, len(cache.keys), group):
                 with torch.cuda.stream(self.stream):
