@@ -37,6 +37,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -73,6 +74,8 @@ def arguments():
     for name, default in defaults.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--tiny", action="store_true", help="small shapes (a smoke run, e.g. on the CPU)")
+    parser.add_argument("--trace", action="store_true", help="with --profile: also write each profiled call's "
+                        "timeline (fusion_trace_ROW.json.gz, Chrome trace format)")
     parser.add_argument("--profile", default="", help="comma-separated rows to profile once each (torch.profiler): "
                         "writes fusion_profile.txt (host vs device time, top ops) into --out")
     args = parser.parse_args()
@@ -121,7 +124,10 @@ def main() -> int:
         rows[name] = timed(fn, device, args.repeats)
         print(f"{name:28s} {rows[name]:9.2f} ms", flush=True)
         if name in profiled:
-            profiles.append(profile_row(name, fn, device))
+            before = fusion.replays.replayed
+            trace = Path(args.out) / f"fusion_trace_{name}.json" if args.trace else None
+            profiles.append(profile_row(name, fn, device, trace) +
+                            f"\n(CUDA-graph replays during the profiled call: {fusion.replays.replayed - before})")
 
     def fused(ratio, selector=None, source=chunks, check_layer=None):
         selector = selector or kvcompile.fusion.selectors.DEFAULT_SELECTOR
@@ -219,7 +225,7 @@ def codec_rows(args, compiled, chunks, device, fused, run, notes, percent) -> No
             print(f"{name}: {notes[name]}", flush=True)
 
 
-def profile_row(name: str, fn, device: torch.device) -> str:
+def profile_row(name: str, fn, device: torch.device, trace: Optional[Path] = None) -> str:
     """One call of a row under torch.profiler: its wall time beside the time the device was busy
     (kernels + copies) and the host ops dispatched, then the top ops by host and by device time —
     says whether a row waits on the GPU or on the Python that launches its work."""
@@ -232,6 +238,13 @@ def profile_row(name: str, fn, device: torch.device) -> str:
         fn()
         synchronize(device)
         wall_ms = (time.perf_counter() - start) * 1e3
+    if trace is not None:  # the timeline, gzipped: which stream waits for what (bench/trace_gaps.py reads it)
+        import gzip
+
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+            packed.write(raw.read())
+        trace.unlink()
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events)
     launches = sum(e.count for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA")

@@ -84,6 +84,12 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   q.gather_rows = q.gather_rows < 1 ? 1 : q.gather_rows > 64 ? 64 : q.gather_rows;
   while (q.gather_rows > 1 && gather_smem_bytes(q) > 48 * 1024) --q.gather_rows;
   q.gather_chunks = (q.N + q.gather_rows - 1) / q.gather_rows;
+  // The fetch is bound by the host link, not by SMs: a few dozen CTAs keep enough loads in
+  // flight. Capping its grid leaves the other SMs to a concurrent stream's kernels (another
+  // micro-batch's score pass and GEMMs, runtime/microbatch.py); uncapped, its thousands of
+  // CTAs hold every SM for the whole fetch. $KVC_GATHER_CTAS sets the cap (0: none).
+  q.gather_ctas = 0;
+  if (const char* v = getenv("KVC_GATHER_CTAS")) q.gather_ctas = atoi(v) > 0 ? atoi(v) : 0;
   if (gather_smem_bytes(q) > 48 * 1024)
     return fail(KVC_ERR_ARGUMENT, "kcache_decode: a fetched row and the probabilities of its query rows (heads x tokens) are too wide for one CTA");
   if ((int64_t)q.B * q.Hkv * q.head_tiles > 65535 || (int64_t)q.B * q.select_rows > 65535)

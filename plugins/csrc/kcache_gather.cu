@@ -9,8 +9,9 @@ namespace {
 constexpr int kGatherThreads = 256;
 constexpr int kLoadsInFlight = 8;  // host-link latency is microseconds: keep many loads in flight
 
-// One CTA: `gather_rows` kept positions of one selection row. Writes partial sums per chunk so
-// the result does not depend on atomics' ordering.
+// One work item: `gather_rows` kept positions of one selection row; a CTA takes items
+// blockIdx.x, + gridDim.x, ... (the grid may be capped: p.gather_ctas). Writes partial sums per
+// chunk so the result does not depend on atomics' ordering.
 template <typename T>
 __global__ void __launch_bounds__(kGatherThreads)
 gather_kernel(kvc_kcache_decode_args a, KCachePlan p, const T* __restrict__ value_host,
@@ -25,68 +26,72 @@ gather_kernel(kvc_kcache_decode_args a, KCachePlan p, const T* __restrict__ valu
   float* probs = reinterpret_cast<float*>(smem_raw + sizeof(T) * R * W);     // [Hs, R]
   int32_t* positions = reinterpret_cast<int32_t*>(probs + Hs * R);           // [R]
 
-  const int chunk = blockIdx.x, select_row = blockIdx.y;
-  const int b = select_row / p.select_rows;
-  const int h0 = (select_row % p.select_rows) * Hs;  // first query row served
-  const int kv0 = p.select_rows == 1 ? 0 : select_row % p.select_rows;  // first KV head in a row
-  const int first = chunk * R;
-  const int count = min(R, p.N - first);
-  const int tid = threadIdx.x;
+  const int items = p.gather_chunks * p.B * p.select_rows;
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    const int chunk = item % p.gather_chunks, select_row = item / p.gather_chunks;
+    const int b = select_row / p.select_rows;
+    const int h0 = (select_row % p.select_rows) * Hs;  // first query row served
+    const int kv0 = p.select_rows == 1 ? 0 : select_row % p.select_rows;  // first KV head in a row
+    const int first = chunk * R;
+    const int count = min(R, p.N - first);
+    const int tid = threadIdx.x;
 
-  for (int i = tid; i < count; i += blockDim.x)
-    positions[i] = index[(int64_t)select_row * p.N + first + i];
-  __syncthreads();
+    for (int i = tid; i < count; i += blockDim.x)
+      positions[i] = index[(int64_t)select_row * p.N + first + i];
+    __syncthreads();
 
-  for (int i = tid; i < Hs * R; i += blockDim.x) {
-    const int h = i / R, r = i % R;
-    float pr = 0.f;
-    if (r < count) {
-      const int head = b * p.QR + h0 + h;
-      const MaxSum st = stats[head];
-      pr = __expf(logits[(int64_t)head * p.S + positions[r]] - st.max) * st.sum;
+    for (int i = tid; i < Hs * R; i += blockDim.x) {
+      const int h = i / R, r = i % R;
+      float pr = 0.f;
+      if (r < count) {
+        const int head = b * p.QR + h0 + h;
+        const MaxSum st = stats[head];
+        pr = __expf(logits[(int64_t)head * p.S + positions[r]] - st.max) * st.sum;
+      }
+      probs[i] = pr;
     }
-    probs[i] = pr;
-  }
 
-  const T* value = static_cast<const T*>(a.value) + b * a.value_stride_b;
-  const T* host = value_host + b * a.value_host_stride_b;
-  const int row_vecs = W / VE;
-  const int total = count * row_vecs;
-  for (int base = tid; base < total; base += blockDim.x * kLoadsInFlight) {
-    uint4 buf[kLoadsInFlight];
+    const T* value = static_cast<const T*>(a.value) + b * a.value_stride_b;
+    const T* host = value_host + b * a.value_host_stride_b;
+    const int row_vecs = W / VE;
+    const int total = count * row_vecs;
+    for (int base = tid; base < total; base += blockDim.x * kLoadsInFlight) {
+      uint4 buf[kLoadsInFlight];
 #pragma unroll
-    for (int k = 0; k < kLoadsInFlight; ++k) {
-      const int i = base + k * blockDim.x;
-      if (i < total) {
-        const int r = i / row_vecs, col = (i % row_vecs) * VE;
-        const int pos = positions[r], head = kv0 + col / D, d = col % D;
-        const T* src = pos < p.P ? host + (int64_t)pos * a.value_host_stride_p + head * D + d
-                                 : value + head * a.value_stride_h + (int64_t)(pos - p.P) * a.value_stride_t + d;
-        buf[k] = *reinterpret_cast<const uint4*>(src);
+      for (int k = 0; k < kLoadsInFlight; ++k) {
+        const int i = base + k * blockDim.x;
+        if (i < total) {
+          const int r = i / row_vecs, col = (i % row_vecs) * VE;
+          const int pos = positions[r], head = kv0 + col / D, d = col % D;
+          const T* src = pos < p.P ? host + (int64_t)pos * a.value_host_stride_p + head * D + d
+                                   : value + head * a.value_stride_h + (int64_t)(pos - p.P) * a.value_stride_t + d;
+          buf[k] = *reinterpret_cast<const uint4*>(src);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kLoadsInFlight; ++k) {
+        const int i = base + k * blockDim.x;
+        if (i < total) {
+          const int r = i / row_vecs, col = (i % row_vecs) * VE;
+          *reinterpret_cast<uint4*>(rows + r * W + col) = buf[k];
+        }
       }
     }
-#pragma unroll
-    for (int k = 0; k < kLoadsInFlight; ++k) {
-      const int i = base + k * blockDim.x;
-      if (i < total) {
-        const int r = i / row_vecs, col = (i % row_vecs) * VE;
-        *reinterpret_cast<uint4*>(rows + r * W + col) = buf[k];
-      }
-    }
-  }
-  __syncthreads();
+    __syncthreads();
 
-  for (int o = tid; o < Hs * D; o += blockDim.x) {
-    const int h = o / D, d = o % D;
-    const int col = ((h0 + h) / p.T / p.G - kv0) * D + d;
-    float acc = 0.f;
-    for (int r = 0; r < count; ++r) acc = fmaf(probs[h * R + r], to_float(rows[r * W + col]), acc);
-    partial[((int64_t)(b * p.QR + h0 + h) * p.gather_chunks + chunk) * D + d] = acc;
-  }
-  for (int h = tid; h < Hs; h += blockDim.x) {
-    float m = 0.f;
-    for (int r = 0; r < count; ++r) m += probs[h * R + r];
-    mass[(int64_t)(b * p.QR + h0 + h) * p.gather_chunks + chunk] = m;
+    for (int o = tid; o < Hs * D; o += blockDim.x) {
+      const int h = o / D, d = o % D;
+      const int col = ((h0 + h) / p.T / p.G - kv0) * D + d;
+      float acc = 0.f;
+      for (int r = 0; r < count; ++r) acc = fmaf(probs[h * R + r], to_float(rows[r * W + col]), acc);
+      partial[((int64_t)(b * p.QR + h0 + h) * p.gather_chunks + chunk) * D + d] = acc;
+    }
+    for (int h = tid; h < Hs; h += blockDim.x) {
+      float m = 0.f;
+      for (int r = 0; r < count; ++r) m += probs[h * R + r];
+      mass[(int64_t)(b * p.QR + h0 + h) * p.gather_chunks + chunk] = m;
+    }
+    __syncthreads();  // the next item overwrites the shared rows, probabilities and positions
   }
 }
 
@@ -114,7 +119,8 @@ cudaError_t launch_gather_t(const kvc_kcache_decode_args& a, const KCachePlan& p
                             const void* value_host_device, const float* logits,
                             const MaxSum* stats, const int32_t* index, float* partial,
                             float* mass, cudaStream_t stream) {
-  const dim3 grid(p.gather_chunks, p.B * p.select_rows);
+  const int items = p.gather_chunks * p.B * p.select_rows;
+  const dim3 grid(p.gather_ctas > 0 && p.gather_ctas < items ? p.gather_ctas : items);
   const size_t smem = gather_smem_bytes(p);
   gather_kernel<T><<<grid, kGatherThreads, smem, stream>>>(
       a, p, static_cast<const T*>(value_host_device), logits, stats, index, partial, mass);
