@@ -30,7 +30,10 @@ the fusion benchmark's, 6 chunks of up to 512 tokens each (`chunk_tokens=512`: e
 bytes, so a chunk holds its header and 83 lines, 507 tokens, 508 with the first chunk's BOS).
 At that length the chain's lookups reach back thousands of tokens, past hundreds of distractor
 lines, which short training programs (every name reassigned every few dozen lines) never ask
-for; training_long_program_doc covers it.
+for; training_long_program_doc covers it. training_chain_doc teaches the chain itself: the
+evaluation's chunked layout at 2-8 chunks of 48-512 tokens, several planted chains and a
+question on each at the end, drawn from the training seed stream (reference-long's first job
+answered copies at chance at every distance; docs/REFERENCE_MODEL.md, "Teaching the chain").
 """
 from __future__ import annotations
 
@@ -207,14 +210,16 @@ def training_chain_doc(rng: random.Random, target_bytes: int) -> str:
     """A training-split document in the evaluation's chunked layout, with several planted chains.
 
     `# part N` chunks of equal size (2-8 chunks of 48-512 tokens, drawn to fit `target_bytes`,
-    so short documents are the short-range, easier versions of the task) filled with distractor
-    lines as in cross_chunk_example. Planted in them: 1-8 chains (`S = v1` in a chunk, `T = S`
-    in a later one, and usually `S = v2` after the copy, so that resolving T at question time
-    gives the stale v2) and 0-2 literals never overwritten. The document ends with one assert
-    per planted name, in random order, the first right after the last chunk as the
-    evaluation's question is; a quarter of the documents also assert distractors inside the
-    chunks (short-range copies). Planted names are never asserted before the end, so no answer
-    can be read off an earlier assert. Every assert is true (tests run an interpreter)."""
+    so short documents are the short-range, easier versions of the task; in ~1% of documents a
+    small chunk gets more planted lines than its room and grows) filled with distractor lines
+    as in cross_chunk_example. Planted in them: 1-9 chains (`S = v1` in a chunk, `T = S` in a
+    later one, and usually `S = v2` after the copy, so that resolving T at question time gives
+    the stale v2) and 0-2 literals never overwritten. The document ends with one assert per
+    planted name, in random order, the first right after the last chunk as the evaluation's
+    question is; half the documents also assert distractors inside the chunks (4-15% of
+    lines, mostly copies: short-range versions of the skill, and more answers). Planted names
+    are never asserted before the end, so no answer can be read off an earlier assert. Every
+    assert is true (tests run an interpreter)."""
     n_chunks = rng.randint(*CHAIN_DOC_CHUNKS)
     low, high = CHAIN_DOC_CHUNK_TOKENS
     while n_chunks > 2 and target_bytes // n_chunks < low:
@@ -222,8 +227,8 @@ def training_chain_doc(rng: random.Random, target_bytes: int) -> str:
     chunk_tokens = max(low, min(high, rng.randint(low, max(low, target_bytes // n_chunks - 24))))
     budgets = [chunk_line_budget(c, chunk_tokens) for c in range(n_chunks)]
     names = rng.sample(PROGRAM_NAMES, len(PROGRAM_NAMES))
-    # At most a third of a chunk's lines are planted, and at least 24 names stay distractors.
-    n_chains = rng.randint(1, max(1, min(8, n_chunks + 2, sum(budgets) // 9)))
+    # At most a third of the lines are planted, and at least 20 names stay distractors.
+    n_chains = rng.randint(1, max(1, min(9, n_chunks + 3, sum(budgets) // 9)))
     n_direct = rng.randint(0, 2)
     planted, distractors = names[:2 * n_chains + n_direct], names[2 * n_chains + n_direct:]
     answers: dict[str, str] = {}
@@ -248,7 +253,7 @@ def training_chain_doc(rng: random.Random, target_bytes: int) -> str:
         answers[name] = _literal(rng)
         specials.append((rng.randrange(n_chunks), rng.random(), f"{name} = {answers[name]}\n"))
 
-    assert_rate = rng.uniform(0.03, 0.12) if rng.random() < 0.25 else 0.0
+    assert_rate = rng.uniform(0.04, 0.15) if rng.random() < 0.5 else 0.0
     env: dict[str, str] = {}
     copied: set[str] = set()  # distractors whose current value came by a copy
     asked: set[str] = set()   # asserted since their last assignment: not asked again
