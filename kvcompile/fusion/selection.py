@@ -5,7 +5,8 @@ chunks are being placed in (fusion/loading.py): chunk heads need nothing; CacheB
 deviation and the question's attention run the check graph (layers 0..L over every token, no
 past) and keep its K/V of those layers, which attend across chunks; the question's probe
 (`query_spans`, the default) runs the question alone over the reused cache; gradual filtering
-narrows a deviation shortlist at a deeper layer. Each returns the chosen rows, sorted, as a CPU
+narrows a deviation shortlist at a deeper layer. Each returns the chosen rows, sorted: the
+question's probe on the cache's device (its ranking needs no host sync), the others as a CPU
 tensor (one host sync: the ranking).
 """
 from __future__ import annotations
@@ -114,4 +115,4 @@ def select_by_question_probe(fusion, cache, query, lengths: List[int], count: in
     loads.wait([layer])
     keys = torch.cat([past_keys[layer], outputs[2 * layer]], dim=2)
     score = question_attention_peaks(outputs[-1], keys, fusion.spec.layers[layer].scale, total)
-    return span_tokens(score.cpu(), count, exclude_first=lengths[0])
+    return span_tokens(score, count, exclude_first=lengths[0])  # stays on the device: no host sync

@@ -90,19 +90,30 @@ def question_attention_peaks(query, keys, scale: float, chunk_tokens: int) -> to
 def span_tokens(score: torch.Tensor, count: int, exclude_first: int = 0, before: int = SPAN_BEFORE,
                 after: int = SPAN_AFTER) -> torch.Tensor:
     """Sorted rows of the spans [seed - before, seed + after] around the best-scored seeds, taken
-    in score order until `count` rows are chosen (the first chunk's rows are exact: never)."""
+    in score order until `count` rows are chosen (the first chunk's rows are exact: never).
+
+    Greedy in words: seeds in descending score; each adds its span's rows not yet chosen, in
+    row order, until the budget is spent. The same rows in tensor ops, on the score's device
+    (no host sync, so the recompute is enqueued while the probe still runs): a row is added by
+    the best-ranked seed whose span covers it, so the greedy's order is (that seed's rank, row)
+    and the choice is the `count` smallest such keys. Every row past the first chunk is its own
+    seed, so exactly min(count, rows past it) are chosen."""
     total = score.shape[0]
     budget = min(count, total - exclude_first)
-    chosen = bytearray(total)  # plain Python in the loop: no per-seed tensor ops on the critical path
-    taken = 0
-    for seed in score[exclude_first:].argsort(descending=True).add(exclude_first).tolist():
-        if taken >= budget:
-            break
-        for row in range(max(exclude_first, seed - before), min(total, seed + after + 1)):
-            if not chosen[row] and taken < budget:
-                chosen[row] = 1
-                taken += 1
-    return torch.tensor([row for row in range(total) if chosen[row]], dtype=torch.long)
+    device = score.device
+    if budget <= 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    order = score[exclude_first:].argsort(descending=True, stable=True)
+    never = total  # a rank no seed has
+    rank = torch.full((total + after + before,), never, dtype=torch.long, device=device)
+    # rank of the seed at row s, stored at s + after: row r's window [r - after, r + before] of
+    # seeds is then rank[r : r + after + before + 1]
+    rank[exclude_first + after + order] = torch.arange(order.numel(), device=device)
+    first_cover = rank.unfold(0, after + before + 1, 1).amin(dim=1)
+    rows = torch.arange(total, device=device)
+    key = first_cover * total + rows
+    key[:exclude_first] = never * total + total  # never chosen
+    return key.topk(budget, largest=False).indices.sort().values
 
 
 def chunk_heads(lengths: List[int], count: int) -> torch.Tensor:

@@ -135,6 +135,33 @@ def test_span_tokens_fill_the_budget_with_spans_around_the_best_seeds():
     assert span_tokens(score, 0, exclude_first=10).numel() == 0
 
 
+def greedy_spans(score, count, exclude_first, before, after):
+    """span_tokens' definition, step by step: seeds in descending score (ties by row), each
+    adding its span's rows not chosen yet, in row order, until the budget is spent."""
+    total = score.shape[0]
+    budget, chosen = min(count, total - exclude_first), []
+    for seed in score[exclude_first:].argsort(descending=True, stable=True).add(exclude_first).tolist():
+        for row in range(max(exclude_first, seed - before), min(total, seed + after + 1)):
+            if row not in chosen and len(chosen) < budget:
+                chosen.append(row)
+    return sorted(chosen)
+
+
+def test_span_tokens_equal_the_greedy_spans_on_random_scores():
+    """The tensor-op form (no host sync on the GPU) chooses the greedy's rows, ties included."""
+    from kvcompile.fusion.selectors import span_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        total = int(torch.randint(1, 80, (1,), generator=generator))
+        exclude_first = int(torch.randint(0, total + 1, (1,), generator=generator))
+        count = int(torch.randint(0, total + 5, (1,), generator=generator))
+        before, after = (int(x) for x in torch.randint(0, 6, (2,), generator=generator))
+        score = torch.randint(0, 5 if trial % 2 else 1000, (total,), generator=generator).float()  # ties often
+        got = span_tokens(score, count, exclude_first, before, after).tolist()
+        assert got == greedy_spans(score, count, exclude_first, before, after), (trial, total, exclude_first, count)
+
+
 def test_default_check_layers():
     from kvcompile.fusion.selectors import DEFAULT_SELECTOR, TokenSelector
 
