@@ -19,6 +19,8 @@ docs/fusion_profile.txt). Rows, each timed replayed from a CUDA graph (device ti
                         head, one quarter of the heads — fewer, fuller tiles for 525 queries
   sdpa_bias_efficient_expanded  the memory-efficient kernel with K/V repeated to 32 heads (it
                         refuses GQA with a bias)
+  concat_*              the op's past ++ new of one K (or V): torch.cat of the strided cache view
+                        against two copies into one buffer (ops/cached_attention past_then_new)
 The outputs of the masked rows are checked against the fp32 reference (a row that disagrees is
 reported, not timed). Writes fused_attention.json to --out.
 
@@ -151,6 +153,14 @@ def main() -> int:
         rows["sdpa_no_mask_flash"] = round(device_ms(unmasked, device, args.repeats), 4)
     except Exception as error:  # noqa: BLE001
         notes["sdpa_no_mask_flash"] = f"not measured: {type(error).__name__}"
+    # the op's past ++ new: torch.cat of a strided cache view vs two copies (past_then_new)
+    from kvcompile.ops.cached_attention.definition import past_then_new
+
+    capacity = torch.zeros(1, HKV, P + 2 * (S + Q), D, device=device, dtype=dtype)
+    past_view, new_rows = capacity[:, :, :P], keys[:, :, P:].contiguous()
+    rows["concat_torch_cat"] = round(device_ms(lambda: torch.cat([past_view, new_rows], dim=2), device,
+                                               args.repeats), 4)
+    rows["concat_two_copies"] = round(device_ms(lambda: past_then_new(past_view, new_rows), device, args.repeats), 4)
     if device.type == "cuda":
         try:
             rows["sdpa_no_mask_flash_gqa_packed"] = round(device_ms(packed(SDPBackend.FLASH_ATTENTION, None), device,
@@ -161,7 +171,8 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "shape": {"selected": S, "query": Q, "past": P, "query_heads": HQ,
                                                     "kv_heads": HKV, "head_dim": D, "dtype": str(dtype)},
-              "ms": rows, "tflops": {k: round(flops / (v * 1e-3) / 1e12, 1) for k, v in rows.items()},
+              "ms": rows, "tflops": {k: round(flops / (v * 1e-3) / 1e12, 1) for k, v in rows.items()
+                                     if not k.startswith("concat")},
               "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fused_attention.json").write_text(json.dumps(result, indent=1) + "\n")

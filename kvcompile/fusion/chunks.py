@@ -84,7 +84,10 @@ class ChunkCache:
         """Whether keys/values are still the views of `packed` (nothing replaced them since pin())."""
         if self.packed is None or len(self.keys) != self.packed.shape[0]:
             return False
-        return all(k.data_ptr() == self.packed[i, 0].data_ptr() and v.data_ptr() == self.packed[i, 1].data_ptr()
+        # addresses computed, not sliced: this runs per chunk on every fused prefill's host path
+        base, size = self.packed.data_ptr(), self.packed.element_size()
+        layer_step, side_step = self.packed.stride(0) * size, self.packed.stride(1) * size
+        return all(k.data_ptr() == base + i * layer_step and v.data_ptr() == base + i * layer_step + side_step
                    for i, (k, v) in enumerate(zip(self.keys, self.values)))
 
     @property

@@ -35,6 +35,19 @@ def expand_kv_heads(x: Tensor, query_heads: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def past_then_new(past: Tensor, new: Tensor) -> Tensor:
+    """[B, H, P + T, D]: the past rows, then the new ones, as two plain copies into one buffer.
+    The past is a strided view of the cache (its capacity between heads); torch.cat's batched
+    kernel for such inputs was most of the 3 ms of cats in the 8B fused prefill's profile
+    (docs/fusion_profile.txt); bench/bench_fused_attention.py times both ways."""
+    if past.shape[2] == 0:
+        return new
+    out = new.new_empty(new.shape[0], new.shape[1], past.shape[2] + new.shape[2], new.shape[3])
+    out[:, :, :past.shape[2]].copy_(past)
+    out[:, :, past.shape[2]:].copy_(new)
+    return out
+
+
 def _attention_with_lse(query: Tensor, keys: Tensor, values: Tensor, bias, scale: float):
     """Attention of [B, H, M, D] queries over the given keys, and its log-sum-exp [B, H, M].
 
@@ -128,8 +141,7 @@ def cached_attention(
         return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)
     if query.shape[2] == 1 and key_cache.shape[2] > 0:
         return decode_attention(query, key, value, key_cache, value_cache, attn_bias, scale, sinks)
-    keys = torch.cat([key_cache, key], dim=2)  # [B, Hkv, P+T, D]
-    values = torch.cat([value_cache, value], dim=2)
+    keys, values = past_then_new(key_cache, key), past_then_new(value_cache, value)  # [B, Hkv, P+T, D]
     if sinks is not None:
         return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)
     # enable_gqa lets SDPA read each KV head for its query group instead of materialising
