@@ -153,7 +153,7 @@ class KVCacheManager:
         with torch.cuda.stream(self.copy_stream):
             for layer in host_layers:
                 source = new_values[layer].transpose(1, 2)  # [B, T, Hkv, D]
-                self.values[layer][:, start:end].copy_(source, non_blocking=True)
+                copy_to_host_rows(self.values[layer][:, start:end], source)
                 new_values[layer].record_stream(self.copy_stream)
         self.host_copies_done = torch.cuda.Event()
         self.host_copies_done.record(self.copy_stream)
@@ -169,3 +169,21 @@ class KVCacheManager:
         per_token = self.batch * self.spec.kv_heads * self.spec.head_dim * element
         device_tensors = self.spec.num_layers + sum(not self.is_host_layer(i) for i in range(self.spec.num_layers))
         return per_token * self.length * device_tensors
+
+
+def copy_to_host_rows(destination: torch.Tensor, source: torch.Tensor) -> None:
+    """source (CUDA) -> destination, a view of pinned host memory, without blocking the host.
+
+    With a batch above one, a step's rows of the host cache [B, capacity, Hkv, D] are not one
+    contiguous block, and torch copies a non-contiguous host destination through a pageable
+    temporary: the host then waits for the stream to reach the copy, i.e. for the whole decode
+    step. That serialised micro-batches (runtime/microbatch.py: the host could not enqueue one
+    micro-batch's step before the other's had finished) and left a gap before every step. Each
+    sequence's rows are contiguous, so they go as one asynchronous copy per sequence."""
+    if destination.is_contiguous():
+        destination.copy_(source, non_blocking=True)
+        return
+    source = source.contiguous()
+    for row in range(destination.shape[0]):
+        destination[row].copy_(source[row], non_blocking=True)
+

@@ -231,3 +231,20 @@ def test_overlapped_and_serial_replays_give_the_same_tokens(kind, priorities):
     got = [decoder.gather(ids) for ids in got]
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_host_rows_copy_per_sequence_equals_one_strided_copy():
+    """copy_to_host_rows (runtime/cache.py): a step's rows of a host cache [B, capacity, Hkv, D]
+    are written one sequence at a time when they are not one block (no host-blocking copy)."""
+    from kvcompile.runtime.cache import copy_to_host_rows
+
+    generator = torch.Generator().manual_seed(0)
+    host = torch.zeros(3, 10, 2, 4)
+    source = torch.randn(3, 2, 1, 4, generator=generator).transpose(1, 2)  # [B, T=1, Hkv, D], as the decoder's
+    expected = host.clone()
+    expected[:, 6:7] = source
+    copy_to_host_rows(host[:, 6:7], source)
+    assert torch.equal(host, expected)
+    single = torch.zeros(1, 10, 2, 4)  # one sequence: one contiguous block
+    copy_to_host_rows(single[:, 2:5], torch.ones(1, 3, 2, 4))
+    assert single[:, 2:5].eq(1).all() and single[:, :2].eq(0).all() and single[:, 5:].eq(0).all()
