@@ -6,7 +6,8 @@ Each document (training-split long programs, short programs, chunked chain docum
 evaluation cross-chunk prompts at several layouts) is run once with its answers in place; for
 every `assert X == v` the model's argmax before `v` is compared with `v`. Asserts are grouped
 by how X got its value (a literal; a copy whose source still holds that value; a *stale* copy
-whose source was overwritten since, the chain's case) and, for copies, by the "hop": how many
+whose source was overwritten since, the chain's case; "asked before" when X was already
+asserted since its assignment, so the answer can be read off that earlier assert) and, for copies, by the "hop": how many
 tokens back the copied source's assignment sits from the copy line (what the copy has to reach
 while it is read). Evaluation prompts also count the trap (the source's latest value).
 The program interpreter here is independent of the generators (as in tests/reference).
@@ -38,6 +39,7 @@ def assert_facts(text: str, offset: int = 1) -> list[dict]:
     value: dict[str, str] = {}
     made: dict[str, tuple] = {}  # name -> ("literal", line_pos) | ("copy", source, line_pos, hop)
     written_at: dict[str, int] = {}
+    asked: set[str] = set()  # asserted since the last assignment: the answer is on an earlier line
     facts, pos = [], offset
     for line in text.splitlines(keepends=True):
         body = line.rstrip("\n")
@@ -53,6 +55,9 @@ def assert_facts(text: str, offset: int = 1) -> list[dict]:
                 record.update(kind="stale_copy" if stale else "copy", hop=kind[3],
                               trap=value.get(source) if stale else None)
             record["lookup"] = pos - made[name][-2 if kind[0] == "copy" else 1]  # tokens back to X's line
+            if name in asked:
+                record["kind"] += " (asked before)"
+            asked.add(name)
             facts.append(record)
         elif m := re.fullmatch(r"(\w+) = (\w+)", body):
             dest, src = m[1], m[2]
@@ -63,6 +68,7 @@ def assert_facts(text: str, offset: int = 1) -> list[dict]:
                 value[dest] = value[src]
                 made[dest] = ("copy", src, pos, pos - written_at[src])
             written_at[dest] = pos
+            asked.discard(dest)
         pos += len(line.encode())
     return facts
 

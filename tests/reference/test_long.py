@@ -260,7 +260,7 @@ def test_cli_length_defaults_follow_the_model():
 
 
 # --- the GPU script, end to end on the CPU ---------------------------------------------------------
-@pytest.mark.slow  # ~1-2 minutes on 2 busy cores
+@pytest.mark.slow  # ~2-3 minutes on 2 busy cores
 def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     root = tmp_path / "lib"
     root.mkdir()
@@ -283,6 +283,21 @@ def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
     assert {"retrieval", "cross_chunk"} <= set(report) and report["cross_chunk"]["chunk_tokens"] == 512
     assert set(report["retrieval"]) >= {"2048", "4096", "8192"}
     assert len(list((tmp_path / "out").rglob("*"))) <= 9  # 8 files + the ckpt folder
+
+    # The resume job, as documented: from the exported bf16 folder, with the resume defaults
+    # (five-share mix with chain documents, curriculum 2048 -> 4096 -> 8192).
+    env.update(RESUME=str(tmp_path / "export"), TRAIN_S="20", EVAL_S="25", HARD_S="90", FINAL_EVAL="0",
+               LOG_EVERY="2", OUT=str(tmp_path / "out2"), EXPORT_DIR=str(tmp_path / "export2"))
+    del env["CURRICULUM"]
+    done = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_train_long.sh")], env=env,
+                          capture_output=True, text=True, timeout=200)
+    assert "train exit: 0" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "out2" / "ckpt" / "train_log.jsonl").read_text().splitlines()]
+    start = [r for r in log if r.get("event") == "start"][-1]
+    assert start["resume"] == str(tmp_path / "export") and start["step"] == report["step"]
+    assert start["args"]["mix"] == "0.2,0.05,0.25,0.05,0.45"
+    assert start["args"]["curriculum"] == "2048:0.4,4096:0.9,8192:1"
+    assert any("bpb_chain" in r for r in log[log.index(start):])
 
 
 # --- the shipped weights, once exported into weights_long/ ---------------------------------------
