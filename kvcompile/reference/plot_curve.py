@@ -89,7 +89,8 @@ def _plot_long(steps, evals, retrieval_keys, log_path, png_path, plt) -> None:
     fig, (ax, ax_tasks) = plt.subplots(1, 2, figsize=(13, 4.8))
     x = [tokens(r["step"]) for r in steps]
     for key, label in (("bpb_text", "train: stdlib text"), ("bpb_program", "train: programs"),
-                       ("bpb_long_program", "train: long programs"), ("bpb_retrieval", "train: retrieval tables")):
+                       ("bpb_long_program", "train: long programs"), ("bpb_chain", "train: chain documents"),
+                       ("bpb_retrieval", "train: retrieval tables")):
         if steps and key in steps[0]:
             ax.plot(x, [r[key] for r in steps], lw=0.8, label=label)
     ax.plot([tokens(r["step"]) for r in evals], [r["eval"]["heldout_bpb"] for r in evals],
