@@ -98,9 +98,10 @@ def _plot_long(steps, evals, retrieval_keys, log_path, png_path, plt) -> None:
     ax.set(xlabel="tokens seen (M)", ylabel="bits per byte", ylim=(0, 3.0),
            title="reference-long: loss (bits per byte)")
     with_tasks = [r for r in evals if "cross_chunk_prefill" in r["eval"]]
-    for key in retrieval_keys + ["cross_chunk_prefill", "cross_chunk_reuse"]:
+    for key in retrieval_keys + ["cross_chunk_prefill", "cross_chunk_reuse", "cross_chunk_2x128_prefill"]:
         points = [(tokens(r["step"]), r["eval"][key]) for r in with_tasks if key in r["eval"]]
         label = (f"retrieval @{key.split('_')[1]}" if key.startswith("retrieval_")
+                 else "cross-chunk 2x128, full prefill" if key == "cross_chunk_2x128_prefill"
                  else "cross-chunk 6x512, " + ("full prefill" if key.endswith("prefill") else "full reuse"))
         if points:
             ax_tasks.plot(*zip(*points), "o-", label=label)

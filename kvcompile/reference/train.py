@@ -183,7 +183,8 @@ def quick_eval(model, windows, tasks: bool, count: int = 16, suite=None, seq_len
 
     suite: the model's evaluation lengths (kvcompile.eval.Suite); retrieval is scored at its
     full context and, when shorter, at the length being trained (seq_len); cross-chunk "chain"
-    in its layout. Without a suite: retrieval at 2048 and 4 chunks x 16 lines."""
+    in its layout (and, for a long suite, at 2 chunks x 128 tokens under full prefill). Without a
+    suite: retrieval at 2048 and 4 chunks x 16 lines."""
     from kvcompile.eval import HFRunner
     from kvcompile.eval.cross_chunk import score_cross_chunk
     from kvcompile.eval.perplexity import bits_per_byte
@@ -203,6 +204,11 @@ def quick_eval(model, windows, tasks: bool, count: int = 16, suite=None, seq_len
             chunks = score_cross_chunk(runner, count, seed=0, kinds=("chain",), **layout)["chain"]
             out["cross_chunk_prefill"] = chunks["full_prefill"]
             out["cross_chunk_reuse"] = chunks["full_reuse"]
+            if suite is not None and suite.chunk_tokens:
+                # The chain at short range too: copying shows here before it reaches 6 x 512.
+                short = score_cross_chunk(runner, count, seed=0, kinds=("chain",), n_chunks=2,
+                                          chunk_tokens=128)["chain"]
+                out["cross_chunk_2x128_prefill"] = short["full_prefill"]
     model.train()
     return out
 

@@ -216,12 +216,20 @@ def test_long_curve_plots(tmp_path):
                {"event": "decay", "step": 90},
                {"step": 100, "tokens": 6553600, "loss": 1.5, "bpb_text": 2.0, "bpb_retrieval": 2.0,
                 "bpb_program": 1.2, "bpb_long_program": 1.1, "elapsed_s": 9.0},
-               {"step": 100, "eval": {"heldout_bpb": 2.1, "retrieval_8192": 0.5,
-                                      "cross_chunk_prefill": 0.4, "cross_chunk_reuse": 0.2}}]
+               {"step": 100, "eval": {"heldout_bpb": 2.1, "retrieval_8192": 0.5, "cross_chunk_prefill": 0.4,
+                                      "cross_chunk_reuse": 0.2, "cross_chunk_2x128_prefill": 0.6}}]
     log = tmp_path / "train_log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     plot(str(log), str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_quick_eval_of_a_long_suite_scores_the_chain_at_short_range_too():
+    torch.set_num_threads(1)
+    windows = [[TOK.bos_id] + list(range(32, 95))]
+    out = train.quick_eval(tiny_long_model(), windows, tasks=True, count=1, suite=suite_for_context(8192),
+                           seq_len=256)
+    assert {"retrieval_8192", "retrieval_256", "cross_chunk_prefill", "cross_chunk_2x128_prefill"} <= set(out)
 
 
 # --- loading and the CLI ---------------------------------------------------------------------
