@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 
-def build_model(layers: int, seed: int, init: str | None = None):
+def build_model(layers: int, seed: int, init: str | None = None, shape: dict | None = None):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     from kvcompile.reference.architecture import reference_config
@@ -32,6 +32,8 @@ def build_model(layers: int, seed: int, init: str | None = None):
         return AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32, attn_implementation="sdpa")
     config = reference_config("long-tiny")
     config.num_hidden_layers = layers
+    for key, value in (shape or {}).items():  # a narrower model: more steps per CPU minute
+        setattr(config, key, value)
     torch.manual_seed(seed)
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
 
@@ -57,6 +59,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=8.0, help="training wall time")
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--shape", default=None,
+                   help="config overrides, e.g. hidden_size=64,intermediate_size=256,num_attention_heads=4,"
+                        "num_key_value_heads=2,head_dim=16")
     p.add_argument("--init", default=None, help="start from this model folder instead of a random model")
     p.add_argument("--mix", default="0,0,0,0,1", help="SequenceMixer shares (default: chain documents only)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -73,7 +78,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     layouts = [tuple(map(int, item.split("x"))) for item in args.layouts.split(",")]
-    model = build_model(args.layers, args.seed, args.init)
+    shape = {k: int(v) for k, v in (item.split("=") for item in args.shape.split(","))} if args.shape else None
+    model = build_model(args.layers, args.seed, args.init, shape)
     report = {"args": vars(args), "params": sum(p.numel() for p in model.parameters()),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     began = time.time()
