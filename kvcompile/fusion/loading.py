@@ -67,7 +67,7 @@ class LayerLoads:
             for first in range(0, len(cache.keys), group):
                 with torch.cuda.stream(self.stream):
                     layers = range(first, min(first + group, len(cache.keys)))
-                    self.load_packed_group(layers, chunks, offsets, total, reposition, rotation_of)
+                    self.load_packed_group(layers, chunks, reposition, rotation_of)
         else:
             for layer in range(len(cache.keys)):
                 with torch.cuda.stream(self.stream) if self.stream is not None else _no_stream():
@@ -83,7 +83,7 @@ class LayerLoads:
                 self.events[layer] = torch.cuda.Event()
             self.events[layer].record(self.stream)
 
-    def load_packed_group(self, layers: range, chunks, offsets, total: int, reposition, rotation_of) -> None:
+    def load_packed_group(self, layers: range, chunks, reposition, rotation_of) -> None:
         """Equal-length chunks packed by ChunkCache.pin(): one copy per chunk moves this group of
         layers' K and V to a device staging buffer; layers sharing a rotation are re-rotated in
         one call (chunks × layers as its batch), and each layer's K and V are written into the

@@ -178,12 +178,11 @@ def copy_to_host_rows(destination: torch.Tensor, source: torch.Tensor) -> None:
     contiguous block, and torch copies a non-contiguous host destination through a pageable
     temporary: the host then waits for the stream to reach the copy, i.e. for the whole decode
     step. That serialised micro-batches (runtime/microbatch.py: the host could not enqueue one
-    micro-batch's step before the other's had finished) and left a gap before every step. Each
-    sequence's rows are contiguous, so they go as one asynchronous copy per sequence."""
+    micro-batch's step before the other's had finished; measured on the H200, docs/KCACHE.md).
+    Each sequence's rows are contiguous, so they go as one asynchronous copy per sequence."""
     if destination.is_contiguous():
         destination.copy_(source, non_blocking=True)
         return
     source = source.contiguous()
     for row in range(destination.shape[0]):
         destination[row].copy_(source[row], non_blocking=True)
-

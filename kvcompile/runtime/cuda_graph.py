@@ -27,20 +27,25 @@ from kvcompile.errors import ContextLengthError
 from kvcompile.runtime.masks import step_biases
 
 
-def capture_graph(fn, device):
+def capture_graph(fn, device, warmup: int = 1, after_warmup=None, stream=None, error_mode: str = "global"):
     """(a CUDA graph of `fn()`, what `fn` returned while captured: the graph's output buffers).
 
-    `fn` runs once eagerly on a side stream first: lazily created kernel state (cuBLAS
-    workspaces, cuDNN plans) must exist before a capture, which may not allocate it. Nothing
-    has run when this returns: replay the graph for the first result."""
+    `fn` runs `warmup` times eagerly on a side stream first (`after_warmup()` after each, to
+    undo what a run changed): lazily created kernel state (cuBLAS workspaces, cuDNN plans)
+    must exist before a capture, which may not allocate it. `stream`: the stream to capture on
+    (default: torch's capture stream); `error_mode`: torch.cuda.graph's capture_error_mode.
+    Nothing has run when this returns: replay the graph for the first result."""
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
-        fn()
+        for _ in range(warmup):
+            fn()
+            if after_warmup is not None:
+                after_warmup()
     current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode=error_mode):
         outputs = fn()
     return graph, outputs
 
@@ -86,7 +91,6 @@ class CudaGraphDecoder:
         self.capture_stream = capture_stream
         self.graph = None
         if capture:
-            self.graph = torch.cuda.CUDAGraph()
             self._capture(warmup)
 
     def _body(self):
@@ -113,19 +117,16 @@ class CudaGraphDecoder:
         from kvcompile.ops.cached_attention import decode_backends
 
         valid, positions = self.valid.clone(), self.positions.clone()
-        side = torch.cuda.Stream(self.cache.device)
-        side.wait_stream(torch.cuda.current_stream(self.cache.device))
+
+        def restore_masks():
+            self.valid.copy_(valid)
+            self.positions.copy_(positions)
+
         with decode_backends.static_past_length():
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._body()
-                    self.valid.copy_(valid)
-                    self.positions.copy_(positions)
-            torch.cuda.current_stream(self.cache.device).wait_stream(side)
             # "relaxed": the kcache op asks whether its host buffer is pinned (a driver query
             # that the strict capture mode refuses, though it enqueues nothing)
-            with torch.cuda.graph(self.graph, stream=self.capture_stream, capture_error_mode="relaxed"):
-                self.logits, self.new_values = self._body()
+            self.graph, (self.logits, self.new_values) = capture_graph(
+                self._body, self.cache.device, warmup, restore_masks, self.capture_stream, "relaxed")
 
     @torch.no_grad()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:

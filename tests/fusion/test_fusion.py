@@ -261,7 +261,7 @@ def test_packed_chunks_load_in_layer_groups_like_the_direct_copy(family, group):
     assert packed_alike(chunks, packed)
     for first in range(0, len(packed.keys), group):
         loads.cache = packed
-        loads.load_packed_group(range(first, min(first + group, len(packed.keys))), chunks, [0, 8, 16], 24,
+        loads.load_packed_group(range(first, min(first + group, len(packed.keys))), chunks,
                                 compiled.fusion.reposition, compiled.fusion.rotation_of)
     for layer in range(len(direct.keys)):
         assert torch.equal(packed.keys[layer][:, :, :24], direct.keys[layer][:, :, :24])
