@@ -19,6 +19,10 @@ docs/fusion_profile.txt). Rows, each timed replayed from a CUDA graph (device ti
                         head, one quarter of the heads — fewer, fuller tiles for 525 queries
   sdpa_bias_efficient_expanded  the memory-efficient kernel with K/V repeated to 32 heads (it
                         refuses GQA with a bias)
+  op_recompute_parts_N  the op's whole multi-token step (past ++ new, then the attention) with the
+                        keys unsplit (N=1: SDPA, cuDNN) or in N parts merged by log-sum-exp
+                        (ops/cached_attention/split_keys.py); op_probe_parts_N the same for the
+                        question probe's shape (Q queries after the whole past, no chosen rows)
   concat_*              the op's past ++ new of one K (or V): torch.cat of the strided cache view
                         against two copies into one buffer (ops/cached_attention past_then_new)
 The outputs of the masked rows are checked against the fp32 reference (a row that disagrees is
@@ -167,12 +171,48 @@ def main() -> int:
                                                                     args.repeats), 4)
         except Exception as error:  # noqa: BLE001
             notes["sdpa_no_mask_flash_gqa_packed"] = f"not measured: {type(error).__name__}"
+    # the op itself (past ++ new and the attention), unsplit and with its keys in parts
+    # (ops/cached_attention/split_keys.py), on this shape and on the question probe's (Q queries
+    # after the whole past, no chosen rows)
+    from kvcompile.ops.cached_attention import split_keys
+
+    def op_rows(label, q, past_k, new_k, past_v, new_v, mask, want):
+        def unsplit():
+            return F.scaled_dot_product_attention(q, past_then_new(past_k, new_k), past_then_new(past_v, new_v),
+                                                  attn_mask=mask, scale=scale, enable_gqa=True)
+        chosen = split_keys.parts_for_call(q, past_k.shape[2] + new_k.shape[2])
+        notes[f"{label}_parts_chosen"] = chosen
+        for parts in (1, 2, 3, 4, 6, 8):
+            name = f"{label}_parts_{parts}"
+            fn = unsplit if parts == 1 else (lambda parts=parts: split_keys.split_key_attention(
+                q, new_k, new_v, past_k, past_v, mask, scale, parts))
+            try:
+                error = (fn().float() - want).abs().max().item()
+                if error > tolerance:
+                    notes[name] = f"not timed: max |error| {error:.3g} > {tolerance}"
+                else:
+                    rows[name] = round(device_ms(fn, device, args.repeats), 4)
+            except Exception as error:  # noqa: BLE001
+                notes[name] = f"not measured: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            print(f"{name:24s} {rows.get(name, notes.get(name))}", flush=True)
+
+    op_rows("op_recompute", query, keys[:, :, :P], keys[:, :, P:], values[:, :, :P], values[:, :, P:], bias, expected)
+    probe_q_pos = torch.arange(P, P + Q, device=device)
+    probe_k_pos = torch.arange(P + Q, device=device)
+    no_stale = torch.zeros(P + Q, dtype=torch.bool, device=device)
+    probe_query = query[:, :, S:].contiguous()
+    probe_keys, probe_values = keys[:, :, :P + Q], values[:, :, :P + Q]
+    probe_expected = F.scaled_dot_product_attention(
+        probe_query.float(), probe_keys.float(), probe_values.float(), scale=scale, enable_gqa=True,
+        attn_mask=dense_bias(probe_q_pos, probe_k_pos, no_stale, torch.float32))
+    op_rows("op_probe", probe_query, probe_keys[:, :, :P], probe_keys[:, :, P:], probe_values[:, :, :P],
+            probe_values[:, :, P:], dense_bias(probe_q_pos, probe_k_pos, no_stale, dtype), probe_expected)
     flops = 4 * (S + Q) * (P + S + Q) * D * HQ
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "shape": {"selected": S, "query": Q, "past": P, "query_heads": HQ,
                                                     "kv_heads": HKV, "head_dim": D, "dtype": str(dtype)},
               "ms": rows, "tflops": {k: round(flops / (v * 1e-3) / 1e12, 1) for k, v in rows.items()
-                                     if not k.startswith("concat")},
+                                     if not k.startswith(("concat", "op_probe"))},
               "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fused_attention.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -68,3 +68,73 @@ def test_cuda_decode_path_equals_sdpa_over_concatenated_cache(shape, dtype, atol
     assert got.dtype == dtype and got.is_cuda
     want = concat_reference(*step, shape[-1] ** -0.5)
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
+
+
+# --- multi-token steps with the keys split in parts (ops/cached_attention/split_keys.py) ---------
+
+def scattered_step(P, S, Q, Hq=4, Hkv=2, D=16, dtype=torch.float32, device="cpu", seed=0):
+    """The fused prefill's recompute: S chosen past rows at scattered positions (their stale
+    rows hidden) and Q question tokens after the past, as one step over the cache."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    chosen = torch.randperm(P, generator=g)[:S].sort().values
+    q_pos = torch.cat([chosen, torch.arange(P, P + Q)])
+    k_pos = torch.cat([torch.arange(P), q_pos])
+    stale = torch.zeros(P + S + Q, dtype=torch.bool)
+    stale[chosen] = True
+    visible = (k_pos[None] <= q_pos[:, None]) & ~stale[None]
+    bias = torch.zeros(1, 1, S + Q, P + S + Q).masked_fill(~visible, torch.finfo(dtype).min).to(device, dtype)
+    T = S + Q
+    return rand(1, Hq, T, D), rand(1, Hkv, T, D), rand(1, Hkv, T, D), rand(1, Hkv, P, D), rand(1, Hkv, P, D), bias
+
+
+@pytest.mark.parametrize("parts", [2, 3, 8])
+@pytest.mark.parametrize("P,S,Q", [(200, 30, 5), (61, 7, 3), (1000, 150, 20)])
+def test_split_key_attention_equals_sdpa_over_the_concatenated_cache(parts, P, S, Q):
+    from kvcompile.ops.cached_attention.split_keys import split_key_attention
+
+    step = scattered_step(P, S, Q)
+    got = split_key_attention(*step, 0.25, parts)
+    torch.testing.assert_close(got, concat_reference(*step, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_split_parts_where_every_key_is_hidden_get_no_weight():
+    # The first queries see only the first keys: every later part is wholly hidden from them,
+    # with parts made of padding only, too (8 parts of 16 rows for 40 keys).
+    from kvcompile.ops.cached_attention.split_keys import split_key_attention
+
+    P, T = 30, 10
+    q, k, v, kc, vc, _ = scattered_step(P, 0, T)
+    bias = torch.zeros(1, 1, T, P + T)
+    bias[..., P:] = torch.triu(torch.full((T, T), MIN), diagonal=1)
+    bias[..., 0, 5:P] = MIN  # query 0 sees keys 0..4 and itself only
+    got = split_key_attention(q, k, v, kc, vc, bias, 0.25, 8)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, concat_reference(q, k, v, kc, vc, bias, 0.25), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("blocks_heads,queries,keys,sms,want", [
+    (32, 525, 3661, 132, 3),     # the 8B recompute: 160 blocks on 132 SMs (2 waves) -> 480 (4 waves of 1/3)
+    (32, 64, 3136, 132, 4),      # the question probe: 32 blocks -> 4 parts fill one wave
+    (32, 3136, 3136, 132, 1),    # a full prefill fills the GPU already
+    (32, 64, 700, 132, 1),       # too few keys for two parts of 512
+])
+def test_parts_for_splits_only_what_underfills_the_gpu(blocks_heads, queries, keys, sms, want):
+    from kvcompile.ops.cached_attention.split_keys import parts_for
+
+    assert parts_for(1, blocks_heads, queries, keys, sms) == want
+    assert parts_for(2, blocks_heads, queries, keys, sms) == 1  # batch > 1: never (the parts are the batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("P,S,Q,parts", [(3072, 461, 64, 4), (3072, 0, 64, 8), (1500, 200, 17, 2)])
+def test_cuda_split_key_attention_equals_the_op_unsplit(P, S, Q, parts):
+    from kvcompile.ops.cached_attention.split_keys import split_key_attention
+
+    step = scattered_step(P, S, Q, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda")
+    got = split_key_attention(*step, 0.088, parts)
+    want = concat_reference(*step, 0.088).to(torch.bfloat16)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    via_op = torch.ops.kvcompile.cached_attention(*step, 0.088)  # the op's own choice of parts
+    torch.testing.assert_close(via_op, want, atol=2e-2, rtol=2e-2)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from kvcompile.ops import attention_math
-from kvcompile.ops.cached_attention import decode_backends
+from kvcompile.ops.cached_attention import decode_backends, split_keys
 
 
 def expand_kv_heads(x: Tensor, query_heads: int) -> Tensor:
@@ -141,6 +141,10 @@ def cached_attention(
         return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)
     if query.shape[2] == 1 and key_cache.shape[2] > 0:
         return decode_attention(query, key, value, key_cache, value_cache, attn_bias, scale, sinks)
+    if sinks is None and key_cache.shape[2] > 0:
+        parts = split_keys.parts_for_call(query, key_cache.shape[2] + key.shape[2])
+        if parts > 1:  # few queries over a long past: the keys in parts, more thread blocks (split_keys.py)
+            return split_keys.split_key_attention(query, key, value, key_cache, value_cache, attn_bias, scale, parts)
     keys, values = past_then_new(key_cache, key), past_then_new(value_cache, value)  # [B, Hkv, P+T, D]
     if sinks is not None:
         return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)
