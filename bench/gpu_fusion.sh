@@ -34,7 +34,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has tests; then
 echo "== gpu tests"
 SECONDS=0
-timeout 100 python3 -m pytest tests/fusion/test_fusion_cuda.py tests/ops/test_rerotate_keys.py -q -p no:cacheprovider \
+timeout 100 python3 -m pytest tests/fusion/test_fusion_cuda.py tests/ops/test_rerotate_keys.py tests/ops/test_cached_attention.py -q -p no:cacheprovider \
   -m gpu -o addopts="" --maxfail=20 2>&1 | tee "$OUT/fusion_tests.log" | tail -30
 timeout 40 python3 -m pytest tests/test_gpu_runtime.py -q -p no:cacheprovider -m gpu -o addopts="" -k fusion \
   2>&1 | tee -a "$OUT/fusion_tests.log" | tail -5
