@@ -99,11 +99,12 @@ def summarize(rows: list) -> dict:
     return summary
 
 
-RUNTIMES = ("kvc_full", "kvc_full_mb2", "kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_head",
+RUNTIMES = ("kvc_full", "kvc_full_mb2", "kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_layer_mb3", "kvc_kcache_head",
             "kvc_kcache_head_mb2", "hf_dynamic", "hf_offloaded")
 # runtimes that share one filled cache (same layout and batch), run in this order
 CACHE_GROUPS = (("kvc_full", "kvc_full_mb2"),
-                ("kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_head", "kvc_kcache_head_mb2"))
+                ("kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_layer_mb3", "kvc_kcache_head",
+                 "kvc_kcache_head_mb2"))
 
 
 def run(args) -> dict:
