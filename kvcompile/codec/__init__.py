@@ -44,6 +44,7 @@ DEFAULT_LEVEL = 4  # ≥ 3.5x smaller than 8-bit, the least task loss measured t
 LOSSLESS_LEVEL = 0  # symbol-exact for per-(layer, token) 8-bit input
 LEVELS: Dict[int, str] = {level: spec.note for level, spec in quant.LEVELS.items()}
 STREAM_CHANNELS = 4  # channels per rANS stream (one final state per 4 channels, not per channel)
+GROUPS = (1, 2, 4, 8)  # the stream widths the GPU decoders take
 _FP16_MAX = 65504.0
 
 
@@ -58,8 +59,27 @@ def _from_rows(rows: np.ndarray, heads: int, dim: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rows)).reshape(layers, tokens, heads, dim).permute(0, 2, 1, 3)
 
 
-def encode(kv, level: int = DEFAULT_LEVEL, chunk_tokens: int = CHUNK_TOKENS, fingerprint: str = "") -> bytes:
-    """(keys, values), each [layers, kv_heads, tokens, head_dim] -> bitstream bytes."""
+def stream_group(channels: int, chunk_tokens: int, group=None) -> int:
+    """Channels per rANS stream: `group` (one of GROUPS, dividing `channels`), by default the
+    widest up to STREAM_CHANNELS that divides them; a stream of chunk_tokens·group symbols must
+    fit format 3's u16 length (at most one word a symbol, plus two)."""
+    if group is None:
+        group = math.gcd(STREAM_CHANNELS, channels)
+        while group > 1 and chunk_tokens * group + 2 > chunk_codec.MAX_STREAM_WORDS:
+            group //= 2
+    if group not in GROUPS or channels % group:
+        raise UsageError(f"group (channels per stream) must be one of {GROUPS} and divide {channels}, got {group}")
+    if chunk_tokens * group + 2 > chunk_codec.MAX_STREAM_WORDS:
+        raise UsageError(f"chunk_tokens x group must be at most {chunk_codec.MAX_STREAM_WORDS - 2}, got "
+                         f"{chunk_tokens} x {group}")
+    return group
+
+
+def encode(kv, level: int = DEFAULT_LEVEL, chunk_tokens: int = CHUNK_TOKENS, fingerprint: str = "",
+           group=None) -> bytes:
+    """(keys, values), each [layers, kv_heads, tokens, head_dim] -> bitstream bytes (format 3).
+    `group`: channels per rANS stream (stream_group; wider streams cost fewer bits and give the
+    GPU fewer threads)."""
     if level not in quant.LEVELS:
         raise UsageError(f"unknown codec level {level}; levels: {', '.join(map(str, LEVELS))}")
     keys, values = kv
@@ -77,10 +97,13 @@ def encode(kv, level: int = DEFAULT_LEVEL, chunk_tokens: int = CHUNK_TOKENS, fin
     rows = {"k": _as_rows(keys), "v": _as_rows(values)}
     if level != 0 and max(np.abs(r).max(initial=0.0) for r in rows.values()) > _FP16_MAX:
         raise UsageError("lossy codec levels store float16 scales; this KV exceeds 65504: use level 0")
-    header = Header(layers, heads, dim, dtype, level, math.gcd(STREAM_CHANNELS, heads * dim), tokens,
+    header = Header(layers, heads, dim, dtype, level, stream_group(heads * dim, chunk_tokens, group), tokens,
                     chunk_tokens, fingerprint)
-    chunks = [chunk_codec.encode_chunk(header, {w: r[:, start:start + chunk_tokens] for w, r in rows.items()})
-              for start in range(0, tokens, chunk_tokens)]
+    quantised = [chunk_codec.quantise_chunk(header, {w: r[:, start:start + chunk_tokens] for w, r in rows.items()})
+                 for start in range(0, tokens, chunk_tokens)]
+    # the header's tables are chosen on every chunk's symbols; a chunk overrides them per (side, layer)
+    header.centres, header.shapes = chunk_codec.choose_tables(header, quantised)
+    chunks = [chunk_codec.code_chunk(header, q) for q in quantised]
     from kvcompile.codec import bitstream
 
     return bitstream.write(header, chunks)
@@ -107,8 +130,8 @@ def _decode_on_gpu(header: Header, chunks, device) -> torch.Tensor:
     if len(tokens) != 1:
         raise ValueError("_decode_on_gpu takes chunks of one token count")
     count = tokens.pop()
-    layout = chunk_codec.Layout.of(header, count)
     for index, data in chunks:  # before any allocation sized by the header
+        layout = chunk_codec.Layout.of_chunk(header, count, data)
         if len(data) < layout.words or len(data) % 4:
             raise BitstreamError(f"KV bitstream chunk {index} is shorter than its fixed part or not whole words")
         chunk_codec.check_scales(header, index, data, layout, count)  # the kernel trusts finite, in-range scales
@@ -125,7 +148,7 @@ def decode(blob: bytes, device="cpu"):
     if torch.device(device).type == "cuda":
         chunks = list(iter_chunks(stream, header))  # read and checked before allocating
         for index, data in chunks:
-            if len(data) < chunk_codec.Layout.of(header, header.chunk_span(index)[1]).words:
+            if len(data) < chunk_codec.Layout.of_chunk(header, header.chunk_span(index)[1], data).words:
                 raise BitstreamError(f"KV bitstream chunk {index} is shorter than its fixed part")
         keys = torch.empty(shape, dtype=dtype, device=device)
         values = torch.empty_like(keys)

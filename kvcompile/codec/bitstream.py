@@ -1,11 +1,18 @@
-"""The KV bitstream (format 2): a versioned, checksummed container of independently decodable chunks.
+"""The KV bitstream (format 3; format 2 still read): a versioned, checksummed container of
+independently decodable chunks.
 
 docs/CODEC.md has the byte table. All integers little-endian, no pickle, no JSON:
 
   header  magic "KVCB", version u16, fixed fields (shape, dtype, level, tokens, chunking,
-          fingerprint), then one (bytes u32, crc32 u32) row per chunk, then the CRC-32 of all
-          of it. Everything a decoder needs to size its output is here.
-  chunks  back to back, chunk i is `bytes_i` long and checked against `crc32_i` on its own.
+          fingerprint), then one (bytes u32, crc32 u32) row per chunk, then (format 3) each
+          (side, layer, channel)'s table — centre u8 [2, L, C], then shape u8 [2, L, C] — then the
+          CRC-32 of all of it. Everything a decoder needs to size its output is here.
+  chunks  back to back, chunk i is `bytes_i` long and checked against `crc32_i` on its own; a
+          chunk decodes given the header alone (format 3: a chunk uses the header's tables for a
+          (side, layer) unless it carries its own, chunk.py).
+
+Format 2 stored every channel's table in every chunk (2 bytes a channel a chunk: 1.8% of the
+issue's workload); format 3 stores them once, in the header (docs/CODEC.md, "Format 3").
 
 `read_header(stream)` reads exactly the header from a file-like object (or bytes), so chunks can
 then be read one at a time as they arrive (`iter_chunks`). Any inconsistency raises BitstreamError.
@@ -16,12 +23,16 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, List, Tuple
+from typing import BinaryIO, Iterator, List, Optional, Tuple
+
+import numpy as np
 
 from kvcompile.errors import InputError
 
 MAGIC = b"KVCB"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # what encode writes
+READ_VERSIONS = (2, 3)  # what read_header accepts
+MAX_TABLE_CELLS = 1 << 27  # 2·L·C of a header's tables: beyond any real model, refused before reading
 DTYPES = ("float32", "float16", "bfloat16")  # dtype code = index
 # magic, version, flags, layers, kv_heads, head_dim, dtype, level, group, tokens, chunk_tokens,
 # chunks, fingerprint length
@@ -51,6 +62,9 @@ class Header:
     fingerprint: str = ""
     chunk_bytes: List[int] = field(default_factory=list)
     chunk_crcs: List[int] = field(default_factory=list)
+    version: int = FORMAT_VERSION
+    centres: Optional[np.ndarray] = field(default=None, repr=False)  # format 3: u8 [2, L, C] each channel's centre
+    shapes: Optional[np.ndarray] = field(default=None, repr=False)  # format 3: u8 [2, L, C] its table in the bank
 
     @property
     def channels(self) -> int:
@@ -67,12 +81,23 @@ class Header:
 
     def to_bytes(self) -> bytes:
         name = self.fingerprint.encode()
-        fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, 0, self.layers, self.kv_heads, self.head_dim,
+        fixed = _FIXED.pack(MAGIC, self.version, 0, self.layers, self.kv_heads, self.head_dim,
                             DTYPES.index(self.dtype), self.level, self.group, self.tokens,
                             self.chunk_tokens, self.chunks, len(name))
         rows = b"".join(_ROW.pack(n, crc) for n, crc in zip(self.chunk_bytes, self.chunk_crcs))
         body = fixed + name + rows
+        if self.version >= 3:  # the tables as held (a fuzzer's edited shape fields disagree with them)
+            if self.centres is None or self.shapes is None:
+                raise ValueError("a format-3 header needs its centres and shapes")
+            body += np.asarray(self.centres, np.uint8).tobytes() + np.asarray(self.shapes, np.uint8).tobytes()
         return body + _CRC.pack(zlib.crc32(body))
+
+    def channel_tables(self) -> np.ndarray:
+        """Format 3: u8 [2, 2, L, C] (centres, then shapes) as the header stores them."""
+        want = (2, self.layers, self.channels)
+        if self.centres is None or self.shapes is None or self.centres.shape != want or self.shapes.shape != want:
+            raise ValueError(f"a format-3 header needs centres and shapes of shape {want}")
+        return np.ascontiguousarray(np.stack([self.centres, self.shapes]).astype(np.uint8))
 
 
 def _read_exactly(stream: BinaryIO, size: int, what: str) -> bytes:
@@ -91,9 +116,13 @@ def read_header(stream) -> Header:
      name_length) = _FIXED.unpack(fixed)
     if magic != MAGIC:
         raise BitstreamError("not a kvcompile KV bitstream (bad magic)")
-    if version != FORMAT_VERSION:
-        raise BitstreamError(f"KV bitstream version {version} is not supported (this kvcompile reads {FORMAT_VERSION})")
-    rest = _read_exactly(stream, name_length + chunks * _ROW.size + _CRC.size, "its header")
+    if version not in READ_VERSIONS:
+        raise BitstreamError(f"KV bitstream version {version} is not supported (this kvcompile reads "
+                             f"{', '.join(map(str, READ_VERSIONS))})")
+    cells = 2 * layers * heads * dim if version >= 3 else 0  # one table (centre + shape) each
+    if cells > MAX_TABLE_CELLS:
+        raise BitstreamError("KV bitstream header claims a cache too large for its tables (corrupted)")
+    rest = _read_exactly(stream, name_length + chunks * _ROW.size + 2 * cells + _CRC.size, "its header")
     body = fixed + rest[:-_CRC.size]
     if zlib.crc32(body) != _CRC.unpack(rest[-_CRC.size:])[0]:
         raise BitstreamError("KV bitstream header fails its checksum (corrupted)")
@@ -113,8 +142,17 @@ def read_header(stream) -> Header:
     rows = [_ROW.unpack_from(rest, name_length + i * _ROW.size) for i in range(chunks)]
     if any(n > MAX_CHUNK_BYTES for n, _ in rows):
         raise BitstreamError("KV bitstream names a chunk over 2 GiB (corrupted)")
-    return Header(layers, heads, dim, DTYPES[dtype], level, group, tokens, chunk_tokens, fingerprint,
-                  [n for n, _ in rows], [crc for _, crc in rows])
+    header = Header(layers, heads, dim, DTYPES[dtype], level, group, tokens, chunk_tokens, fingerprint,
+                    [n for n, _ in rows], [crc for _, crc in rows], version)
+    if version >= 3:
+        at = name_length + chunks * _ROW.size
+        tables = np.frombuffer(rest, np.uint8, 2 * cells, at).reshape(2, 2, layers, heads * dim)
+        header.centres, header.shapes = tables[0], tables[1]
+        from kvcompile.codec.chunk import check_tables
+
+        if not check_tables(header, header.centres, header.shapes):
+            raise BitstreamError("KV bitstream header names a table outside the codec's bank")
+    return header
 
 
 def check_chunk(header: Header, index: int, data: bytes) -> bytes:

@@ -14,6 +14,7 @@ anything is decoded (RestoreMismatchError, one line).
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -100,6 +101,7 @@ def restore_cache(model, source, extra_capacity: int = 0):
     """A new batch-1 cache holding the decoded context (kvcompile.runtime.cache.KVCacheManager):
     the whole chunks in one restore-graph call, a short last chunk through the codec."""
     import kvcompile.codec as codec
+    from kvcompile.codec import chunk as chunk_codec
 
     if isinstance(source, tuple):  # already decoded (keys, values)
         keys, values = source
@@ -111,6 +113,13 @@ def restore_cache(model, source, extra_capacity: int = 0):
     cache = model.new_cache(1, header.tokens + extra_capacity)
     chunks = [data for _, data in codec.iter_chunks(stream, header)]
     whole = header.tokens // header.chunk_tokens
+    # the restore graph's streams are STREAM_CHANNELS wide; a bitstream written with another
+    # width (codec.encode's group) decodes through the codec instead
+    if header.group != math.gcd(codec.STREAM_CHANNELS, header.channels):
+        whole = 0
+    # the graph's kv_decode node (and an exported restore.onnx) reads format-2 chunks: a format-3
+    # chunk is laid out as one (the same words; its header's tables copied into it)
+    chunks[:whole] = [chunk_codec.to_format2(header, index, data) for index, data in enumerate(chunks[:whole])]
     if whole:
         offsets, at = [], 0
         for data in chunks[:whole]:

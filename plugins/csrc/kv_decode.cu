@@ -8,7 +8,8 @@
 // reference) and writes the value straight into the cache [L, H, capacity, D] at the chunk's
 // first token; G channels of a token go out as one store when they are contiguous.
 //
-// Nothing is trusted: each chunk's offset and size are checked against the data buffer, its
+// Chunks of bitstream format 2 or 3 (args.version; format 3 takes the header's tables in
+// args.channel_tables). Nothing is trusted: each chunk's offset and size are checked against the data buffer, its
 // token range against the cache, every stream's word range against the chunk, every centre and
 // table id against the bank; a stream that runs out of words, has words left over or ends in the
 // wrong state marks its chunk's status. Reads stay inside the chunk, writes inside the cache,
@@ -57,28 +58,29 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(kvc_kv_decode_args a) 
   }
   const int tokens = view.tokens, first = view.first;
   const uint8_t* base = view.base;
-  const int64_t centres_at = view.centres_at, shapes_at = view.shapes_at, ends_at = view.ends_at;
-  const int64_t words_at = view.words_at, words = view.words;
-  const uint16_t* word = reinterpret_cast<const uint16_t*>(base + words_at);
+  const uint16_t* word = reinterpret_cast<const uint16_t*>(base + view.words_at);
 
   const int side = stream / (L * S);
   const int layer = (stream / S) % L;
   const int channel0 = (stream % S) * G;
   const int half = a.halves[side * L + layer];
   const int alphabet = 2 * half + 1;
-  const int64_t begin = stream ? load_u32(base + ends_at + 4LL * (stream - 1)) : 0;
-  const int64_t end = load_u32(base + ends_at + 4LL * stream);
-  if (end - begin < 2 || end > words || alphabet > a.bank_width) {
+  int64_t begin, end;
+  if (!stream_span(view, stream, &begin, &end) || alphabet > a.bank_width) {
     fail(a.status, chunk, KVC_DECODE_BAD_STREAM);
+    return;
+  }
+  const uint8_t *centres, *shapes;
+  if (!layer_tables(a, view, side * L + layer, L, C, &centres, &shapes)) {
+    fail(a.status, chunk, KVC_DECODE_BAD_TABLE);
     return;
   }
   int centre[G];
   const uint16_t* table[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const int at = (side * L + layer) * C + channel0 + g;
-    centre[g] = base[centres_at + at];
-    const int shape = base[shapes_at + at];
+    centre[g] = centres[channel0 + g];
+    const int shape = shapes[channel0 + g];
     const int row = a.table_base[side * L + layer] + shape;
     if (centre[g] >= alphabet || shape >= a.bank_shapes || row < 0 || row >= a.bank_rows) {
       fail(a.status, chunk, KVC_DECODE_BAD_TABLE);
@@ -203,6 +205,8 @@ extern "C" int kvc_kv_decode_with(const kvc_kv_decode_args* args, void* stream_h
   if (!a.data || !a.chunk_table || !a.halves || !a.table_base || !a.bank_cdf || !a.scale_steps || !a.keys ||
       !a.values || !a.status || a.data_bytes < 0)
     return KVC_ERR_ARGUMENT;
+  if (a.version != 0 && a.version != 2 && a.version != 3) return KVC_ERR_ARGUMENT;
+  if (a.version == 3 && !a.channel_tables) return KVC_ERR_ARGUMENT;
   if (a.bank_rows < 1 || a.bank_width < 2 || a.bank_width > 256 || a.bank_shapes < 1 ||
       (size_t)a.bank_rows * a.bank_width * 2 > 96 * 1024)
     return KVC_ERR_ARGUMENT;

@@ -27,13 +27,20 @@ __device__ inline uint32_t load_u32(const uint8_t* p) {  // 4-byte aligned by th
 __device__ inline void fail(int32_t* status, int chunk, int code) { atomicMax(status + chunk, code); }
 
 // Chunk `chunk` as the chunk table places it in the blob. Layout (kvcompile/codec/chunk.py,
-// Layout.of): scales, then centres, shapes, stream ends and words at these byte offsets from base.
+// Layout.of), at these byte offsets from base: scales, then
+//   format 2: centres u8 [2L, C] and shapes at tables_at, u32 cumulative stream ends at ends_at;
+//   format 3: own-table flags u8 [2L] at own_at, the own (side, layer)s' centres and shapes at
+//             tables_at, u32 starts (one per 32 streams) at ends_at, u16 lengths at lengths_at;
+// then the words.
 struct ChunkView {
   const uint8_t* base;
   int tokens, first;  // its token count, and the cache row its first token goes to
-  int64_t centres_at, shapes_at, ends_at, words_at;
+  bool v3;
+  int64_t own_at, tables_at, ends_at, lengths_at, words_at;
   int64_t words;  // 16-bit words from words_at to the chunk's end
 };
+
+__device__ inline int64_t pad4(int64_t n) { return (n + 3) & ~(int64_t)3; }
 
 // Fills `c` for `streams` streams over L layers of C channels; false when the table entry or the
 // layout does not fit the blob or the cache (the chunk is then KVC_DECODE_BAD_CHUNK). Both decoders
@@ -50,14 +57,65 @@ __device__ __forceinline__ bool view_chunk(const kvc_kv_decode_args& a, int chun
   c->tokens = (int)tokens64;
   c->first = (int)first64;
   c->base = a.data + offset;
+  c->v3 = a.version == 3;
   const int64_t scale_bytes =
       a.log_scales ? 8LL * L + ((2LL * L * c->tokens + 3) / 4) * 4 : 8LL * L * c->tokens;
-  c->centres_at = scale_bytes;
-  c->shapes_at = c->centres_at + 2LL * L * C;
-  c->ends_at = c->shapes_at + 2LL * L * C;
-  c->words_at = c->ends_at + 4LL * streams;
+  c->own_at = c->tables_at = scale_bytes;
+  if (c->v3) {
+    if (scale_bytes + 2LL * L > bytes) return false;
+    int own = 0;  // (side, layer)s carrying their own tables: they size the tables part
+    for (int sl = 0; sl < 2 * L; ++sl) own += c->base[c->own_at + sl] != 0;
+    c->tables_at = c->own_at + pad4(2LL * L);
+    c->ends_at = c->tables_at + pad4(2LL * C * own);
+    c->lengths_at = c->ends_at + 4LL * ((streams + 31) / 32);
+    c->words_at = c->lengths_at + pad4(2LL * streams);
+  } else {
+    c->ends_at = c->tables_at + 4LL * L * C;
+    c->words_at = c->lengths_at = c->ends_at + 4LL * streams;
+  }
   if (c->words_at > bytes || ((bytes - c->words_at) & 3)) return false;
   c->words = (bytes - c->words_at) / 2;
+  return true;
+}
+
+// The words [begin, end) of `stream`, from the chunk's first word; false when the stream is
+// shorter than its initial state or runs past the chunk (KVC_DECODE_BAD_STREAM). Format 3: its
+// warp's start plus the lengths of the streams before it in the warp.
+__device__ __forceinline__ bool stream_span(const ChunkView& c, int stream, int64_t* begin, int64_t* end) {
+  if (c.v3) {
+    const uint16_t* lengths = reinterpret_cast<const uint16_t*>(c.base + c.lengths_at);
+    int64_t at = load_u32(c.base + c.ends_at + 4LL * (stream >> 5));
+    for (int j = stream & ~31; j < stream; ++j) at += lengths[j];
+    *begin = at;
+    *end = at + lengths[stream];
+  } else {
+    *begin = stream ? load_u32(c.base + c.ends_at + 4LL * (stream - 1)) : 0;
+    *end = load_u32(c.base + c.ends_at + 4LL * stream);
+  }
+  return *end - *begin >= 2 && *end <= c.words;
+}
+
+// The centres and shapes of (side, layer) `sl`'s C channels: the chunk's own (format 2, or a
+// format-3 chunk whose flag says so) or the header's; false when a format-3 flag is neither 0
+// nor 1 (KVC_DECODE_BAD_TABLE). The values still need checking against the alphabet and bank.
+__device__ __forceinline__ bool layer_tables(const kvc_kv_decode_args& a, const ChunkView& c, int sl, int L, int C,
+                                             const uint8_t** centres, const uint8_t** shapes) {
+  if (!c.v3) {
+    *centres = c.base + c.tables_at + (int64_t)sl * C;
+    *shapes = *centres + 2LL * L * C;
+    return true;
+  }
+  const uint8_t own = c.base[c.own_at + sl];
+  if (own > 1) return false;
+  if (own) {
+    int before = 0;
+    for (int j = 0; j < sl; ++j) before += c.base[c.own_at + j] != 0;
+    *centres = c.base + c.tables_at + 2LL * C * before;
+    *shapes = *centres + C;
+  } else {
+    *centres = a.channel_tables + (int64_t)sl * C;
+    *shapes = *centres + 2LL * L * C;
+  }
   return true;
 }
 

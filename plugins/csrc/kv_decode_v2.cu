@@ -247,12 +247,10 @@ __global__ void __launch_bounds__(kBlock, 8) decode_kernel_v2(kvc_kv_decode_args
   }
   const int tokens = view.tokens, first = view.first;
   const uint8_t* base = view.base;
-  const int64_t centres_at = view.centres_at, shapes_at = view.shapes_at, ends_at = view.ends_at;
-  const int64_t words_at = view.words_at, words = view.words;
 
   // This thread's stream, checked as v1 checks it; a lane without one still joins the warp's staging.
   Work<G> w;
-  w.word = reinterpret_cast<const uint16_t*>(base + words_at);
+  w.word = reinterpret_cast<const uint16_t*>(base + view.words_at);
   w.ok = stream < streams;
   w.vector_ok = false;
   w.state = kStateLow;
@@ -270,13 +268,13 @@ __global__ void __launch_bounds__(kBlock, 8) decode_kernel_v2(kvc_kv_decode_args
     const int side = stream / (L * S), layer = (stream / S) % L, sl = side * L + layer;
     w.channel0 = (stream % S) * G;
     w.alphabet = 2 * a.halves[sl] + 1;
-    const int64_t begin = stream ? load_u32(base + ends_at + 4LL * (stream - 1)) : 0;
-    const int64_t end = load_u32(base + ends_at + 4LL * stream);
-    if (end - begin < 2 || end > words || w.alphabet > a.bank_width) code = KVC_DECODE_BAD_STREAM;
+    int64_t begin = 0, end = 0;
+    const uint8_t *centres = base, *shapes = base;
+    if (!stream_span(view, stream, &begin, &end) || w.alphabet > a.bank_width) code = KVC_DECODE_BAD_STREAM;
+    else if (!layer_tables(a, view, sl, L, C, &centres, &shapes)) code = KVC_DECODE_BAD_TABLE;
     for (int g = 0; g < G && code == KVC_DECODE_OK; ++g) {
-      const int at = sl * C + w.channel0 + g;
-      const int centre = base[centres_at + at];
-      const int shape = base[shapes_at + at];
+      const int centre = centres[w.channel0 + g];
+      const int shape = shapes[w.channel0 + g];
       const int row = a.table_base[sl] + shape;
       if (centre >= w.alphabet || shape >= a.bank_shapes || row < 0 || row >= a.bank_rows) code = KVC_DECODE_BAD_TABLE;
       // fast: row is in [table_base[sl], + bank_shapes), inside the window by its construction

@@ -105,6 +105,8 @@ typedef struct {
   const float* scale_steps;    /* device [256]: 2^(-code/16), code 255 = 0 */
   void* keys; void* values;
   int32_t* status;             /* device [chunks] */
+  int32_t version;             /* the chunks' bitstream format: 3, or 2 (0 also reads as 2: a zeroed struct) */
+  const uint8_t* channel_tables;  /* format 3: device [2, 2, layers, C]: the header's centres, then shapes */
 } kvc_kv_decode_args;
 
 int kvc_kv_decode(const kvc_kv_decode_args* args, void* stream);

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,8 +199,59 @@ def test_bad_bitstreams_fail_with_the_codec_error():
         codec.decode(blob + b"x")
     newer = bytearray(blob)
     struct.pack_into("<H", newer, 4, bitstream.FORMAT_VERSION + 1)
-    with pytest.raises(codec.BitstreamError, match="version 3 is not supported"):
+    with pytest.raises(codec.BitstreamError, match="version 4 is not supported"):
         codec.decode(bytes(newer))
+
+
+FIXTURES = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name", ["format2_level4_float16", "format2_level0_float32", "format2_level2_bfloat16"])
+def test_format_2_files_keep_decoding(name):
+    """Bitstreams the format-2 encoder wrote (commit 1a33d79) decode to what it decoded them to."""
+    blob = (FIXTURES / f"{name}.kvcb").read_bytes()
+    assert codec.read_header(blob).version == 2
+    keys, values = codec.decode(blob)
+    assert np.array_equal(torch.stack([keys, values]).float().numpy(), np.load(FIXTURES / f"{name}.npy"))
+
+
+def test_format_3_chunks_use_the_header_tables_unless_their_own_code_smaller():
+    keys, values = kv(layers=2, tokens=96)
+    keys[:, :, 64:] = keys[:, :, 64:] * 0.05 + 2.0  # the last chunk's keys: another distribution
+    blob = codec.encode((keys, values), level=1, chunk_tokens=32)
+    stream = io.BytesIO(blob)
+    header = codec.read_header(stream)
+    assert header.version == 3 and header.centres.shape == (2, 2, 32)
+    own = [chunk.parse_chunk(header, i, data).own for i, data in codec.iter_chunks(stream, header)]
+    assert not own[0].any() and own[2][0].all()  # chunk 2's keys carry their own tables
+    got = codec.decode(blob)
+    assert (got[0] - keys).abs().max() <= keys.abs().amax(dim=(1, 3), keepdim=True).max() / 15
+
+
+def test_format_3_chunks_transcode_to_format_2():
+    """to_format2 (what the restore graph reads) keeps every symbol: the same values decode."""
+    blob = codec.encode(kv(tokens=100), level=4, chunk_tokens=32)
+    stream = io.BytesIO(blob)
+    header = codec.read_header(stream)
+    old = bitstream.Header(header.layers, header.kv_heads, header.head_dim, header.dtype, header.level, header.group,
+                           header.tokens, header.chunk_tokens, version=2)
+    for index, data in codec.iter_chunks(stream, header):
+        want = chunk.decode_chunk_rows(header, index, data)
+        got = chunk.decode_chunk_rows(old, index, chunk.to_format2(header, index, data))
+        assert all(np.array_equal(want[w], got[w]) for w in chunk.SIDES)
+
+
+def test_stream_groups_and_their_limits():
+    keys, values = kv(layers=1, tokens=40)
+    for group in (1, 2, 4, 8):
+        blob = codec.encode((keys, values), level=1, chunk_tokens=16, group=group)
+        assert codec.read_header(blob).group == group
+        assert torch.equal(codec.decode(blob)[0], codec.decode(codec.encode((keys, values), level=1, chunk_tokens=16))[0])
+    with pytest.raises(UsageError, match="one of"):
+        codec.encode((keys, values), level=1, group=3)
+    with pytest.raises(UsageError, match="chunk_tokens x group"):
+        codec.encode((keys, values), level=1, chunk_tokens=40000, group=2)
+    assert codec.stream_group(32, 40000) == 1 and codec.stream_group(32, 256) == 4
 
 
 def test_corrupt_chunk_contents_fail_even_with_a_valid_crc():
@@ -211,7 +263,7 @@ def test_corrupt_chunk_contents_fail_even_with_a_valid_crc():
     failures = 0
     for trial in range(60):
         bad = bytearray(data)
-        where = int(rng.integers(layout.centres, len(bad)))
+        where = int(rng.integers(layout.own, len(bad)))
         bad[where] ^= int(rng.integers(1, 256))
         try:
             chunk.decode_chunk_rows(header, 0, bytes(bad))

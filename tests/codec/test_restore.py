@@ -96,6 +96,7 @@ def test_a_context_that_leaves_no_room_is_refused_up_front(setup):
 
 def test_the_restore_graph_writes_the_cache_layout_of_kcache_layers():
     from kvcompile.frontend.tiny_models import tiny_model
+    from kvcompile.codec import chunk as chunk_codec
     from kvcompile.passes.restore_from_codec import restore_graph
 
     compiled = kvcompile.compile(tiny_model("llama"), kvcompile.CacheConfig(kind="kcache", topn=8, full_layers=1))
@@ -103,7 +104,8 @@ def test_the_restore_graph_writes_the_cache_layout_of_kcache_layers():
     blob = codec.encode((kv.keys, kv.values), level=2, chunk_tokens=32)
     header, stream = codec.read_header(io.BytesIO(blob)), io.BytesIO(blob)
     codec.read_header(stream)
-    chunks = [data for _, data in codec.iter_chunks(stream, header)]
+    # the graph reads format-2 chunks: restore_cache lays a format-3 chunk out as one (to_format2)
+    chunks = [chunk_codec.to_format2(header, i, data) for i, data in codec.iter_chunks(stream, header)]
     data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
     outputs = restore_graph(compiled.spec, 2, 32)(data, torch.tensor([0, len(chunks[0])]))
     keys, values = codec.decode(blob)

@@ -12,11 +12,16 @@ Shapes:
   attributes     layers, kv_heads, head_dim, tokens (per chunk: every chunk of one call has the
                  same count), group (channels per stream), log_scales (0 for level 0), dtype
                  (0 float32, 1 float16, 2 bfloat16: KVC_DTYPE_*)
+  channel_tables [2, 2, L, C] uint8  format 3: the bitstream header's centres then shapes (None
+                 for format 2, whose chunks carry their own)
+  version        the chunks' bitstream format, 2 (default) or 3
   returns        [2, L, Hkv, N·tokens, D] in dtype: keys then values, chunk n at tokens
                  n·tokens .. (n+1)·tokens - 1
 
 `level_tables(level, layers)` gives the four table inputs of a codec level; they are inputs, not
 constants, so the ONNX body can read them. Values are exactly kvcompile.codec.decode's.
+The ONNX body reads format-2 chunks only (the restore graph feeds it chunk.to_format2's);
+`decode_chunks` passes format 3 to the torch op with its header's tables.
 
 CPU: the codec's reference decoder (numpy), which raises BitstreamError on any inconsistency.
 CUDA: the kernel library's kvc_kv_decode (all chunks in one launch) when it loads, which checks
@@ -26,6 +31,7 @@ CPU path otherwise.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import numpy as np
 import torch
@@ -54,7 +60,7 @@ def level_tables(level: int, layers: int, device="cpu"):
 
 
 def check_args(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads, head_dim,
-               tokens, group, log_scales, dtype) -> None:
+               tokens, group, log_scales, dtype, channel_tables=None, version=2) -> None:
     """Raise ValueError naming the argument that breaks the contract above (shapes only: the
     bytes are checked while decoding)."""
     if data.dim() != 1 or data.dtype != torch.uint8:
@@ -69,26 +75,40 @@ def check_args(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, l
         raise ValueError("kv_decode: bank_cdf must be int32 [R, W+1] and scale_steps [256]")
     if dtype not in range(len(DTYPES)) or log_scales not in (0, 1):
         raise ValueError(f"kv_decode: dtype must be 0, 1 or 2 and log_scales 0 or 1, got {dtype}, {log_scales}")
+    if version not in (2, 3):
+        raise ValueError(f"kv_decode: version must be 2 or 3, got {version}")
+    want = (2, 2, layers, kv_heads * head_dim)
+    if version == 3 and (channel_tables is None or channel_tables.dtype != torch.uint8
+                         or tuple(channel_tables.shape) != want):
+        raise ValueError(f"kv_decode: format 3 needs channel_tables, uint8 {list(want)}")
 
 
-def _header(layers, kv_heads, head_dim, tokens, group, log_scales, dtype, halves):
+def _header(layers, kv_heads, head_dim, tokens, group, log_scales, dtype, halves, channel_tables, version):
     """The codec Header (and level) these attributes describe, for the reference decoder."""
     import kvcompile.codec.quantise as quantise
     from kvcompile.codec.bitstream import DTYPES as NAMES, Header
+    from kvcompile.codec.chunk import check_tables
 
     for level, spec in quantise.LEVELS.items():
         want = np.concatenate([spec.side(w).halves(layers) for w in ("k", "v")])
         if spec.log_scales == bool(log_scales) and np.array_equal(want, halves):
-            return Header(layers, kv_heads, head_dim, NAMES[dtype], level, group, tokens, tokens)
+            header = Header(layers, kv_heads, head_dim, NAMES[dtype], level, group, tokens, tokens, version=version)
+            if version == 3:
+                header.centres, header.shapes = channel_tables.cpu().numpy()
+                if not check_tables(header, header.centres, header.shapes):
+                    from kvcompile.codec.bitstream import BitstreamError
+
+                    raise BitstreamError("kv_decode: channel_tables name a table outside the codec's bank")
+            return header
     raise ValueError("kv_decode: halves and log_scales match no codec level")
 
 
 def kv_decode_reference(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads,
-                        head_dim, tokens, group, log_scales, dtype) -> Tensor:
+                        head_dim, tokens, group, log_scales, dtype, channel_tables=None, version=2) -> Tensor:
     import kvcompile.codec.chunk as chunk
 
     halves_np = halves.cpu().numpy()
-    header = _header(layers, kv_heads, head_dim, tokens, group, log_scales, dtype, halves_np)
+    header = _header(layers, kv_heads, head_dim, tokens, group, log_scales, dtype, halves_np, channel_tables, version)
     expected = level_tables(header.level, layers)
     if not (torch.equal(bank_cdf.cpu(), expected[0]) and torch.equal(table_base.cpu(), expected[2])
             and torch.equal(scale_steps.cpu().float(), expected[3])):
@@ -112,18 +132,18 @@ def kv_decode_reference(data, chunk_offsets, bank_cdf, halves, table_base, scale
 @torch.library.custom_op("kvcompile::kv_decode", mutates_args=())
 def kv_decode(data: Tensor, chunk_offsets: Tensor, bank_cdf: Tensor, halves: Tensor, table_base: Tensor,
               scale_steps: Tensor, layers: int, kv_heads: int, head_dim: int, tokens: int, group: int,
-              log_scales: int, dtype: int) -> Tensor:
+              log_scales: int, dtype: int, channel_tables: Optional[Tensor] = None, version: int = 2) -> Tensor:
     args = (data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads, head_dim, tokens,
-            group, log_scales, dtype)
+            group, log_scales, dtype, channel_tables, version)
     check_args(*args)
     return kv_decode_reference(*args)
 
 
 @kv_decode.register_kernel("cuda")
 def _kv_decode_cuda(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads, head_dim,
-                    tokens, group, log_scales, dtype):
+                    tokens, group, log_scales, dtype, channel_tables=None, version=2):
     args = (data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads, head_dim, tokens,
-            group, log_scales, dtype)
+            group, log_scales, dtype, channel_tables, version)
     check_args(*args)
     from kvcompile.ops.kv_decode import kernels
 
@@ -134,7 +154,7 @@ def _kv_decode_cuda(data, chunk_offsets, bank_cdf, halves, table_base, scale_ste
 
 @kv_decode.register_fake
 def _(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads, head_dim, tokens, group,
-      log_scales, dtype):
+      log_scales, dtype, channel_tables=None, version=2):
     chunks = chunk_offsets.shape[0]
     return data.new_empty((2, layers, kv_heads, chunks * tokens, head_dim), dtype=DTYPES[dtype])
 
@@ -147,11 +167,13 @@ def decode_chunks(header, chunks, device="cpu", tokens=None) -> Tensor:
         offsets.append(at)
         parts.append(data + b"\0" * (-len(data) % 4))  # chunks are multiples of 4 bytes already
         at += len(parts[-1])
-    blob = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).to(device)
+    joined = b"".join(parts)  # torch.frombuffer refuses an empty buffer: empty chunks are the decoder's to refuse
+    blob = (torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.zeros(0, dtype=torch.uint8)).to(device)
     bank_cdf, halves, table_base, steps = level_tables(header.level, header.layers, device)
     from kvcompile.codec.bitstream import DTYPES as NAMES
     from kvcompile.codec.quantise import LEVELS
 
+    tables = torch.from_numpy(header.channel_tables()).to(device) if header.version >= 3 else None
     return kv_decode(blob, torch.tensor(offsets, dtype=torch.int64, device=device), bank_cdf, halves, table_base,
                      steps, header.layers, header.kv_heads, header.head_dim, tokens or header.chunk_tokens, header.group,
-                     int(LEVELS[header.level].log_scales), NAMES.index(header.dtype))
+                     int(LEVELS[header.level].log_scales), NAMES.index(header.dtype), tables, header.version)

@@ -40,6 +40,7 @@ class KvDecodeArgs(ctypes.Structure):
         ("chunk_table", _ptr), ("halves", _ptr), ("table_base", _ptr), ("bank_cdf", _ptr),
         ("bank_rows", _int), ("bank_width", _int), ("bank_shapes", _int),
         ("scale_steps", _ptr), ("keys", _ptr), ("values", _ptr), ("status", _ptr),
+        ("version", _int), ("channel_tables", _ptr),
     ]
 
 
@@ -48,7 +49,7 @@ def kernels_available() -> bool:
 
 
 def can_use_kernels(data: Tensor, group: int, width: int) -> bool:
-    if not data.is_cuda or group not in (1, 2, 4, 8) or width > 256 or data.data_ptr() % 4:
+    if not data.is_cuda or not data.numel() or group not in (1, 2, 4, 8) or width > 256 or data.data_ptr() % 4:
         return False
     return kernels_available()
 
@@ -65,10 +66,12 @@ def _kernel_tables(bank_cdf: Tensor, halves: Tensor, table_base: Tensor, scale_s
 
 
 def launch(data: Tensor, chunk_table: Tensor, tables, out: Tensor, layers: int, kv_heads: int, head_dim: int,
-           group: int, log_scales: int, dtype: int, status: Tensor, kernel=None) -> None:
+           group: int, log_scales: int, dtype: int, status: Tensor, kernel=None, version: int = 2,
+           channel_tables=None) -> None:
     """Enqueue the decoder on the current stream: chunk_table [N, 4] int64 (offset, bytes, tokens,
     first token) on the device; out [2, L, H, capacity, D]; status [N] int32 zeroed; kernel one
-    of KERNELS."""
+    of KERNELS; version the chunks' format (3: channel_tables, the header's [2, 2, L, C] uint8
+    centres and shapes, contiguous on the device)."""
     if kernel not in KERNELS:
         raise ValueError(f"kv_decode: kernel must be one of {sorted(k for k in KERNELS if k)} or None, got {kernel!r}")
     import kvcompile.codec.tables as bank
@@ -80,7 +83,11 @@ def launch(data: Tensor, chunk_table: Tensor, tables, out: Tensor, layers: int, 
         log_scales=log_scales, chunks=chunk_table.shape[0], data=data.data_ptr(), data_bytes=data.numel(),
         chunk_table=chunk_table.data_ptr(), halves=halves32.data_ptr(), table_base=base32.data_ptr(),
         bank_cdf=cdf16.data_ptr(), bank_rows=cdf16.shape[0], bank_width=cdf16.shape[1], bank_shapes=bank.SHAPES,
-        scale_steps=steps.data_ptr(), keys=out[0].data_ptr(), values=out[1].data_ptr(), status=status.data_ptr())
+        scale_steps=steps.data_ptr(), keys=out[0].data_ptr(), values=out[1].data_ptr(), status=status.data_ptr(),
+        version=version, channel_tables=channel_tables.data_ptr() if channel_tables is not None else None)
+    if version == 3 and (channel_tables is None or not channel_tables.is_contiguous()
+                         or channel_tables.numel() != 4 * layers * kv_heads * head_dim):
+        raise ValueError("kv_decode: format 3 needs the header's channel tables, contiguous uint8 [2, 2, L, C]")
     with torch.cuda.device(data.device):
         code = lib.kvc_kv_decode_with(ctypes.byref(args), torch.cuda.current_stream(data.device).cuda_stream,
                                       KERNELS[kernel])
@@ -114,7 +121,7 @@ def packed_chunks(chunks: list, tokens: int, device) -> tuple:
 
 
 def run(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, kv_heads, head_dim, tokens, group,
-        log_scales, dtype) -> Tensor:
+        log_scales, dtype, channel_tables=None, version=2) -> Tensor:
     from kvcompile.ops.kv_decode.definition import DTYPES
 
     device = data.device
@@ -126,7 +133,9 @@ def run(data, chunk_offsets, bank_cdf, halves, table_base, scale_steps, layers, 
     out = torch.empty((2, layers, kv_heads, chunks * tokens, head_dim), dtype=DTYPES[dtype], device=device)
     status = torch.zeros(chunks, dtype=torch.int32, device=device)
     tables = _kernel_tables(bank_cdf.to(device), halves.to(device), table_base.to(device), scale_steps.to(device))
+    if channel_tables is not None:
+        channel_tables = channel_tables.to(device).contiguous()
     launch(data.contiguous(), chunk_table.contiguous(), tables, out, layers, kv_heads, head_dim, group, log_scales,
-           dtype, status)
+           dtype, status, version=version, channel_tables=channel_tables)
     check_status(status)
     return out

@@ -164,7 +164,10 @@ def kv_decode(data: UINT8, chunk_offsets: INT64, bank_cdf: INT32, halves: INT64,
     return op.Cast(values, to=onnx_dtype)
 
 
-def node_attributes(layers, kv_heads, head_dim, tokens, group, log_scales, dtype, context=None) -> dict:
+def node_attributes(layers, kv_heads, head_dim, tokens, group, log_scales, dtype, channel_tables=None, version=2,
+                    context=None) -> dict:
+    if version != 2:  # the restore graph feeds format-2 chunks (kvcompile.codec.chunk.to_format2)
+        raise ValueError("kv_decode's ONNX body reads format-2 chunks; transcode format 3 with chunk.to_format2")
     return {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "tokens": tokens, "group": group,
             "log_scales": log_scales, "onnx_dtype": ONNX_DTYPES[dtype]}
 
