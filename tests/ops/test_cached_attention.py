@@ -29,7 +29,7 @@ def concat_reference(query, key, value, key_cache, value_cache, bias, scale):
     keys = torch.cat([key_cache, key], dim=2).float()
     values = torch.cat([value_cache, value], dim=2).float()
     return torch.nn.functional.scaled_dot_product_attention(
-        query.float(), keys, values, attn_mask=bias, scale=scale, enable_gqa=True)
+        query.float(), keys, values, attn_mask=bias.float(), scale=scale, enable_gqa=True)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
