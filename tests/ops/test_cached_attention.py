@@ -114,10 +114,10 @@ def test_split_parts_where_every_key_is_hidden_get_no_weight():
 
 
 @pytest.mark.parametrize("blocks_heads,queries,keys,sms,want", [
-    (32, 525, 3661, 132, 3),     # the 8B recompute: 160 blocks on 132 SMs (2 waves) -> 480 (4 waves of 1/3)
-    (32, 64, 3136, 132, 4),      # the question probe: 32 blocks -> 4 parts fill one wave
+    (32, 525, 3661, 132, 2),     # the 8B recompute: 160 blocks on 132 SMs -> 320
+    (32, 64, 3136, 132, 4),      # the question probe: 32 blocks -> 4 parts of 784 keys (not 9)
     (32, 3136, 3136, 132, 1),    # a full prefill fills the GPU already
-    (32, 64, 700, 132, 1),       # too few keys for two parts of 512
+    (32, 64, 1500, 132, 1),      # too few keys for two parts of 768
 ])
 def test_parts_for_splits_only_what_underfills_the_gpu(blocks_heads, queries, keys, sms, want):
     from kvcompile.ops.cached_attention.split_keys import parts_for

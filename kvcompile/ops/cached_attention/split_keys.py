@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 # keys per part never below this: shorter parts spend more on the merge than they save
-MIN_KEYS_PER_PART = 512
+MIN_KEYS_PER_PART = 768
 MAX_PARTS = 8
 QUERY_BLOCK = 128  # queries per thread block in the fused kernels (cuDNN's and flash's tile)
 ALIGN = 16  # rows per part a multiple of this: the bias's strides stay 32-byte aligned
@@ -43,22 +43,19 @@ def _sm_count(device) -> int:
 
 
 def parts_for(batch: int, query_heads: int, queries: int, keys: int, sm_count: int) -> int:
-    """How many parts to split `keys` into: the S (1..MAX_PARTS) whose last wave of thread blocks
-    ends soonest, counting a block's time as 1/S of an unsplit one, with parts of at least
-    MIN_KEYS_PER_PART keys, and only below two waves of blocks unsplit. 1 means do not split."""
+    """How many parts to split `keys` into: enough for two thread blocks per SM, with parts of at
+    least MIN_KEYS_PER_PART keys, at most MAX_PARTS. 1 means do not split (batch > 1, a GPU
+    already filled twice, or too few keys).
+
+    Fitted to the H200 at the 8B recompute's shape (docs/fused_attention.json, 2026-11-29): the
+    recompute's 160 blocks ran 0.338 / 0.221 / 0.224 / 0.254 ms in 1 / 2 / 3 / 4 parts (this rule:
+    2), the 64-query probe's 32 blocks 0.100 / 0.085 / 0.086 / 0.081 / 0.100 in 1 / 2 / 3 / 4 / 6
+    parts (this rule: 4, parts of 784 keys)."""
     if batch != 1:
         return 1
     blocks = query_heads * -(-queries // QUERY_BLOCK)
-    if blocks >= 2 * sm_count:  # two full waves or more: the tail wave costs little, the merge would not
-        return 1
-    best, best_time = 1, float(-(-blocks // sm_count))
-    for parts in range(2, MAX_PARTS + 1):
-        if keys // parts < MIN_KEYS_PER_PART:
-            break
-        time = -(-blocks * parts // sm_count) / parts
-        if time < best_time * 0.9:  # a tenth better at least: the merge is not free
-            best, best_time = parts, time
-    return best
+    wanted = -(-2 * sm_count // blocks)
+    return max(1, min(wanted, keys // MIN_KEYS_PER_PART, MAX_PARTS))
 
 
 def parts_for_call(query: Tensor, keys: int) -> int:
@@ -128,8 +125,8 @@ def attend_parts(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scal
 
 def merge_parts(out: Tensor, lse: Tensor) -> Tensor:
     """[parts, Hq, M, D] outputs and [parts, Hq, M] log-sum-exps -> [1, Hq, M, D] in out's dtype."""
-    weights = torch.softmax(lse, dim=0).unsqueeze(-1)  # exp(lse_s - logsumexp_s lse_s)
-    return (out.float() * weights).sum(dim=0, keepdim=True).to(out.dtype)
+    weights = torch.softmax(lse, dim=0).unsqueeze(-1)  # exp(lse_s - logsumexp_s lse_s), fp32
+    return (out * weights).sum(dim=0, keepdim=True).to(out.dtype)  # promoted to fp32 in the product
 
 
 def split_key_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
