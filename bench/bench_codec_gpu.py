@@ -11,7 +11,9 @@ Measured, every figure on the running device:
   ours        kvc_kv_decode, all 12 chunks in one launch and one chunk per launch; fp16 KV written
               into a [L, H, T, D] cache (dequantisation included); checked bit-equal to the CPU decoder;
               both kernels side by side (v1: kv_decode.cu, v2: kv_decode_v2.cu), the top-level
-              figures being the faster one's
+              figures being the faster one's. Bitstream format 3, once per stream width (--groups,
+              default 4 and 8 channels a stream; the first gives the top-level figures), and the
+              fastest kernel again on the same chunks laid out as format 2 ("<kernel>_format2")
   nvCOMP ANS  the same symbols as bytes, one buffer per chunk, batched decode (symbols only)
   LMCache     torchac_cuda (CacheGen's GPU arithmetic coder), one chunk per launch (symbols only)
   sizes       bits per symbol of each, and the per-(layer, channel) empirical entropy (the bound)
@@ -68,24 +70,30 @@ def workload_symbols(chunks, tokens, layers, channels, seed=0) -> np.ndarray:
     return symbols.astype(np.int8)
 
 
-def _encode_one(args):
-    level, layers, heads, dim, rows = args
+def _code_one(args):
+    header, quantised = args
     register_bench_level()
-    from kvcompile.codec import bitstream, chunk
+    from kvcompile.codec import chunk
 
-    tokens = rows["k"].shape[1]
-    header = bitstream.Header(layers, heads, dim, "float16", level, 4, tokens, tokens)
     began = time.perf_counter()
-    data = chunk.encode_chunk(header, rows)
+    data = chunk.code_chunk(header, quantised)
     return data, time.perf_counter() - began
 
 
-def encode_chunks(level, layers, heads, dim, chunk_rows, workers):
-    """chunk_rows: list of {"k", "v": [L, T, C] float32} -> (chunk bytes list, wall seconds)."""
+def encode_chunks(level, layers, heads, dim, chunk_rows, workers, group=4):
+    """chunk_rows: list of {"k", "v": [L, T, C] float32} -> (format-3 Header with its tables, chunk
+    bytes list, wall seconds). As codec.encode: every chunk quantised, the header's tables chosen
+    on all of them, then each chunk coded (a process per chunk)."""
+    from kvcompile.codec import bitstream, chunk
+
     began = time.perf_counter()
+    tokens = chunk_rows[0]["k"].shape[1]
+    header = bitstream.Header(layers, heads, dim, "float16", level, group, tokens * len(chunk_rows), tokens)
+    quantised = [chunk.quantise_chunk(header, rows) for rows in chunk_rows]
+    header.centres, header.shapes = chunk.choose_tables(header, quantised)
     with ProcessPoolExecutor(max_workers=workers, mp_context=_SPAWN) as pool:
-        results = list(pool.map(_encode_one, [(level, layers, heads, dim, rows) for rows in chunk_rows]))
-    return [data for data, _ in results], time.perf_counter() - began
+        results = list(pool.map(_code_one, [(header, q) for q in quantised]))
+    return header, [data for data, _ in results], time.perf_counter() - began
 
 
 def channel_entropy_bits(symbols: np.ndarray) -> float:
@@ -104,24 +112,27 @@ def event_seconds(fn, repeats: int) -> dict:
     return {"best_s": min(times), "median_s": float(np.median(times))}
 
 
-def bench_ours(chunks_bytes, layers, heads, dim, tokens, repeats, kernel=None):
+def bench_ours(chunks_bytes, header, repeats, kernel=None):
+    """Time `kernel` on the chunks (format header.version; format 3 with the header's tables)."""
     from kvcompile.ops.kv_decode import kernels
     from kvcompile.ops.kv_decode.definition import level_tables
 
     device = torch.device("cuda")
+    layers, heads, dim, tokens, group = header.layers, header.kv_heads, header.head_dim, header.chunk_tokens, header.group
     blob, table = kernels.packed_chunks(chunks_bytes, tokens, device)
     n = len(chunks_bytes)
     tables = kernels._kernel_tables(*level_tables(BENCH_LEVEL, layers, device))
+    channel_tables = torch.from_numpy(header.channel_tables()).to(device) if header.version == 3 else None
     out = torch.empty((2, layers, heads, n * tokens, dim), dtype=torch.float16, device=device)
     status = torch.zeros(n, dtype=torch.int32, device=device)
+    fmt = dict(kernel=kernel, version=header.version, channel_tables=channel_tables)
 
     def all_chunks():
-        kernels.launch(blob, table, tables, out, layers, heads, dim, 4, 1, 1, status, kernel=kernel)
+        kernels.launch(blob, table, tables, out, layers, heads, dim, group, 1, 1, status, **fmt)
 
     def chunk_per_launch():
         for i in range(n):
-            kernels.launch(blob, table[i:i + 1], tables, out, layers, heads, dim, 4, 1, 1, status[i:i + 1],
-                           kernel=kernel)
+            kernels.launch(blob, table[i:i + 1], tables, out, layers, heads, dim, group, 1, 1, status[i:i + 1], **fmt)
 
     one = event_seconds(all_chunks, repeats)
     kernels.check_status(status)
@@ -248,6 +259,70 @@ def guarded(fn, *args) -> dict:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
+def run_group(group, rows, symbols, entropy, pooled, kv_bytes, args, workers) -> dict:
+    """Encode the workload with `group` channels a stream (format 3), and time every kernel on
+    it; the fastest kernel also on the same chunks laid out as format 2 (chunk.to_format2: the
+    same words, tables and u32 ends per chunk), so the formats' rates compare in one run."""
+    import dataclasses
+
+    from kvcompile.codec import bitstream, chunk
+
+    L, H, D, T = args.layers, args.heads, args.dim, args.tokens
+    header, chunks_bytes, encode_wall = encode_chunks(BENCH_LEVEL, L, H, D, rows, workers, group)
+    blob = bitstream.write(header, chunks_bytes)
+    coded = len(blob)
+    words = sum(len(c) - chunk.Layout.of_chunk(header, T, c).words for c in chunks_bytes)
+    result = {"group": group, "format": header.version}
+    result["sizes"] = {
+        "entropy_bits_per_symbol": entropy, "entropy_pooled_over_chunks_bits_per_symbol": pooled,
+        "ours_bits_per_symbol": 8 * coded / symbols.size, "ours_words_only_bits_per_symbol": 8 * words / symbols.size,
+        "ours_bytes": coded, "ours_vs_entropy": (8 * coded / symbols.size) / entropy,
+        "ours_vs_entropy_pooled": (8 * coded / symbols.size) / pooled, "vs_8bit_symbols": symbols.size / coded}
+    result["encode_ours_cpu"] = {"seconds": encode_wall, "workers": workers,
+                                 "GBps_of_fp16_kv": kv_bytes / encode_wall / 1e9}
+    print("group", group, "encoded", json.dumps(result["sizes"]), flush=True)
+    ours = {}
+    cpu = chunk.decode_chunk_rows(header, 0, chunks_bytes[0])  # the CPU decoder is slow: one chunk
+    old = dataclasses.replace(header, version=2, centres=None, shapes=None)
+    format2 = [chunk.to_format2(header, i, c) for i, c in enumerate(chunks_bytes)]
+    first_out = None
+    for kernel in args.kernels.split(",") + ["format2"]:
+        name, fmt_header, data = kernel, header, chunks_bytes
+        if kernel == "format2":  # the fastest kernel once more, on format-2 chunks
+            kernel = min((k for k in ours if "error" not in ours[k]),
+                         key=lambda k: ours[k]["all_chunks_one_launch"]["best_s"], default=None)
+            if kernel is None:
+                break
+            name, fmt_header, data = f"{kernel}_format2", old, format2
+        try:  # a kernel that fails or differs is reported; the other kernel and the peers still run
+            out, timings = bench_ours(data, fmt_header, args.repeats, kernel)
+            # bit-exact: chunk 0 against the CPU decoder, every chunk against the first kernel's output
+            for side, which in enumerate(chunk.SIDES):
+                want = torch.from_numpy(cpu[which]).reshape(L, T, H, D).permute(0, 2, 1, 3).to(torch.float16)
+                assert torch.equal(out[side, :, :, :T].cpu(), want), f"{name}: chunk 0 {which} differs from the CPU"
+            if first_out is None:
+                first_out = out
+            else:
+                assert torch.equal(out, first_out), f"{name} differs from the first kernel on some chunk"
+            del out
+        except Exception as error:
+            ours[name] = {"error": f"{type(error).__name__}: {error}"}
+            print("ours", name, ours[name], flush=True)
+            continue
+        for timing in timings.values():
+            timing["GBps_of_fp16_kv"] = kv_bytes / timing["best_s"] / 1e9
+        timings["bit_exact_vs_cpu"] = True
+        ours[name] = timings
+        print("ours", group, name, json.dumps(timings), flush=True)
+    del first_out
+    fastest = min((k for k in ours if "error" not in ours[k] and not k.endswith("format2")),
+                  key=lambda k: ours[k]["all_chunks_one_launch"]["best_s"])
+    ours.update(fastest=fastest, all_chunks_one_launch=ours[fastest]["all_chunks_one_launch"],
+                one_chunk_per_launch=ours[fastest]["one_chunk_per_launch"], bit_exact_vs_cpu=True)
+    result["ours"] = ours
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
@@ -259,6 +334,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-8b", action="store_true")
     parser.add_argument("--kernels", default="v1,v2", help="our decoder kernels to time, comma-separated")
+    parser.add_argument("--groups", default="4,8", help="channels per rANS stream to encode and time, comma-separated "
+                                                         "(the first gives the top-level figures)")
     parser.add_argument("--random-8b-only", type=int, metavar="LAYERS", default=0,
                         help="only the codec sizes on the first LAYERS layers of the random 8B model, on the CPU")
     args = parser.parse_args(argv)
@@ -271,8 +348,6 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=1))
         return 0
     register_bench_level()
-    from kvcompile.codec import chunk, bitstream
-
     workers = min(args.chunks, os.cpu_count() or 1)
     L, H, D, T, N = args.layers, args.heads, args.dim, args.tokens, args.chunks
     C = H * D
@@ -281,51 +356,19 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     symbols = workload_symbols(N, T, L, C)  # [N, 2, L, T, C]
     rows = [{"k": symbols[i, 0].astype(np.float32) / 15, "v": symbols[i, 1].astype(np.float32) / 15} for i in range(N)]
-    chunks_bytes, encode_wall = encode_chunks(BENCH_LEVEL, L, H, D, rows, workers)
     kv_bytes = 2 * L * C * T * N * 2  # fp16 K and V
-    header = bitstream.Header(L, H, D, "float16", BENCH_LEVEL, 4, T, T)
-    layout = chunk.Layout.of(header, T)
-    coded = sum(len(c) for c in chunks_bytes)
-    words = sum(len(c) - layout.words for c in chunks_bytes)
-    entropy = channel_entropy_bits(symbols[:2])  # two chunks: the bound per channel
-    report["sizes"] = {
-        "entropy_bits_per_symbol": entropy, "ours_bits_per_symbol": 8 * coded / symbols.size,
-        "ours_words_only_bits_per_symbol": 8 * words / symbols.size, "ours_bytes": coded,
-        "ours_vs_entropy": (8 * coded / symbols.size) / entropy, "vs_8bit_symbols": symbols.size / coded}
-    report["encode_ours_cpu"] = {"seconds": encode_wall, "workers": workers, "GBps_of_fp16_kv": kv_bytes / encode_wall / 1e9}
-    print("workload and encode", round(time.perf_counter() - began, 1), "s", json.dumps(report["sizes"]), flush=True)
-
-    ours = {}
-    cpu = chunk.decode_chunk_rows(header, 0, chunks_bytes[0])  # the CPU decoder is slow: one chunk
-    first_out = None
-    for kernel in args.kernels.split(","):
-        try:  # a kernel that fails or differs is reported; the other kernel and the peers still run
-            out, timings = bench_ours(chunks_bytes, L, H, D, T, args.repeats, kernel)
-            # bit-exact: chunk 0 against the CPU decoder, every chunk against the first kernel's output
-            for side, which in enumerate(chunk.SIDES):
-                want = torch.from_numpy(cpu[which]).reshape(L, T, H, D).permute(0, 2, 1, 3).to(torch.float16)
-                assert torch.equal(out[side, :, :, :T].cpu(), want), f"{kernel}: chunk 0 {which} differs from the CPU"
-            if first_out is None:
-                first_out = out
-            else:
-                assert torch.equal(out, first_out), f"{kernel} differs from the first kernel on some chunk"
-            del out
-        except Exception as error:
-            ours[kernel] = {"error": f"{type(error).__name__}: {error}"}
-            print("ours", kernel, ours[kernel], flush=True)
-            continue
-        for timing in timings.values():
-            timing["GBps_of_fp16_kv"] = kv_bytes / timing["best_s"] / 1e9
-        timings["bit_exact_vs_cpu"] = True
-        ours[kernel] = timings
-        print("ours", kernel, json.dumps(timings), flush=True)
-    del first_out
-    fastest = min((k for k in ours if "error" not in ours[k]), key=lambda k: ours[k]["all_chunks_one_launch"]["best_s"])
-    ours.update(fastest=fastest, all_chunks_one_launch=ours[fastest]["all_chunks_one_launch"],
-                one_chunk_per_launch=ours[fastest]["one_chunk_per_launch"], bit_exact_vs_cpu=True)
-    report["ours"] = ours
-    print("ours", json.dumps(ours), flush=True)
+    entropy = channel_entropy_bits(symbols[:2])  # two chunks: the per-chunk bound per channel
+    pooled = channel_entropy_bits(symbols.transpose(1, 2, 0, 3, 4).reshape(1, 2 * L, N * T, C))  # all chunks
+    report["groups"] = {}
+    for group in [int(g) for g in args.groups.split(",")]:
+        report["groups"][str(group)] = run_group(group, rows, symbols, entropy, pooled, kv_bytes, args, workers)
+        save(report, args.out)
+    first = report["groups"][args.groups.split(",")[0]]  # the top-level figures: the first group's
+    report.update(sizes=first["sizes"], encode_ours_cpu=first["encode_ours_cpu"], ours=first["ours"])
+    print("workload, encode and ours", round(time.perf_counter() - began, 1), "s", flush=True)
     save(report, args.out)
+    coded = first["sizes"]["ours_bytes"]
+    ours = first["ours"]
 
     nv = guarded(bench_nvcomp, symbols.reshape(N, -1), args.repeats)
     if "decode" in nv:
