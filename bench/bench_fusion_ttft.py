@@ -14,6 +14,8 @@ and re-rotating their keys, and ends with the first token's logits. Rows (ms, be
   kvc_fuse_15_eager      the same without CUDA graphs: every op launched from Python (what a
                          shape seen for the first time costs)
   kvc_fuse_15_deviation  fusion, 15% recomputed, CacheBlend's KV deviation at check layer 1
+  kvc_fuse_15_spans_checkN  the default selector with its probe at layer N = half the depth
+  kvc_fuse_5             fusion, 5% recomputed, the default selector
   kvc_place              the chunk caches' loading and re-rotation alone
   kvc_fuse_15_codecL     kvc_fuse_15 from KV-codec bitstreams at level L in host memory: the
                          bitstreams go to the GPU and are decoded there, then fused (the six
@@ -146,6 +148,12 @@ def main() -> int:
         run(f"kvc_fuse_{percent}_eager", fused(args.ratio))
         fusion.replays.enabled = True
         run(f"kvc_fuse_{percent}_deviation", fused(args.ratio, "deviation", check_layer=1))
+        # the default selector probing half-way down instead of at 2/3 of the depth (waits for
+        # less of the transfer), and at 5% (where the reference model's quality sweep has it at
+        # 90% of the gap already)
+        half = args.layers // 2
+        run(f"kvc_fuse_{percent}_spans_check{half}", fused(args.ratio, check_layer=half))
+        run("kvc_fuse_5", fused(0.05))
 
         def place():
             fusion.place(compiled.new_cache(1, total), chunks).finish()
