@@ -86,7 +86,12 @@ struct Work {
   bool ok;                        // false: nothing to decode (no stream, or it failed a check)
   bool vector_ok;                 // the group is one aligned vector of the cache
   int alphabet;
-  int table[G];                   // row << 8 | centre; row in the block's window (fast) or in bank_cdf (slow)
+  // G <= 4: row << 8 | centre a channel, row in the block's window (fast) or in bank_cdf (slow);
+  // G = 8: two channels' shape << 8 | centre a word, 16 bits each, the row being row0 + shape (with
+  // 32-bit entries G = 8 spilled inside the symbol loop; packed, G <= 4 did: nvdisasm, sm_90)
+  static constexpr bool kPacked = G >= 8;
+  uint32_t table[kPacked ? (G + 1) / 2 : G];
+  int row0;                       // G = 8: the (side, layer)'s first bank row, in the window (fast) or bank_cdf
   int unit_at;                    // fast: (q - half) / half of this (side, layer) at units[unit_at + q]
   float top;                      // log scales: the (side, layer)'s maximum
   const uint8_t* scales;          // log scales: a u8 code per token; else a float32 scale per token
@@ -151,7 +156,8 @@ __device__ __forceinline__ void decode_stream(const kvc_kv_decode_args& a, Work<
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         const uint32_t slot = state & 0xFFFFu;
-        const int row = w.table[g] >> 8, centre = w.table[g] & 0xFF;
+        const uint32_t entry = Work<G>::kPacked ? (w.table[g >> 1] >> ((g & 1) * 16)) & 0xFFFFu : w.table[g];
+        const int row = (Work<G>::kPacked ? w.row0 : 0) + (int)(entry >> 8), centre = (int)(entry & 0xFFu);
         uint32_t start, freq;
         const int s = find_symbol<Fast>(slot, alphabet, ranges + row * width, buckets + row * kBuckets,
                                         a.bank_cdf + (int64_t)row * width, start, freq);
@@ -262,7 +268,8 @@ __global__ void __launch_bounds__(kBlock, 8) decode_kernel_v2(kvc_kv_decode_args
   w.dst = a.keys;
   w.channel0 = 0;
 #pragma unroll
-  for (int g = 0; g < G; ++g) w.table[g] = 0;
+  for (int g = 0; g < (Work<G>::kPacked ? (G + 1) / 2 : G); ++g) w.table[g] = 0;
+  w.row0 = 0;
   if (w.ok) {
     int code = KVC_DECODE_OK;
     const int side = stream / (L * S), layer = (stream / S) % L, sl = side * L + layer;
@@ -278,12 +285,14 @@ __global__ void __launch_bounds__(kBlock, 8) decode_kernel_v2(kvc_kv_decode_args
       const int row = a.table_base[sl] + shape;
       if (centre >= w.alphabet || shape >= a.bank_shapes || row < 0 || row >= a.bank_rows) code = KVC_DECODE_BAD_TABLE;
       // fast: row is in [table_base[sl], + bank_shapes), inside the window by its construction
-      w.table[g] = (fast ? (int)(row - window) : row) << 8 | centre;
+      if (Work<G>::kPacked) w.table[g >> 1] |= (uint32_t)(shape << 8 | centre) << ((g & 1) * 16);  // both < 256
+      else w.table[g] = (fast ? (int)(row - window) : row) << 8 | centre;
     }
     const float top = a.log_scales ? reinterpret_cast<const float*>(base)[sl] : 0.f;
     if (code == KVC_DECODE_OK && a.log_scales && !(top >= 0.f && isfinite(top))) code = KVC_DECODE_BAD_SCALE;
     if (code == KVC_DECODE_OK) {
       w.top = top;
+      w.row0 = fast ? (int)(a.table_base[sl] - window) : a.table_base[sl];  // read at G = 8
       w.unit_at = fast ? (sl - sl0) * width : 0;
       w.scales = a.log_scales ? base + 8LL * L + (int64_t)sl * tokens : base + 4LL * sl * tokens;
       w.end = (uint32_t)end;
