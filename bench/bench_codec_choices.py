@@ -6,6 +6,9 @@
                                                    # model's tasks (~3 min per setting on 2 cores)
     python bench/bench_codec_choices.py schedules  # K / V levels per layer half, through the codec
                                                    # (20 prompts per task, ~3 min per setting)
+    python bench/bench_codec_choices.py sizes      # bytes of every level's bitstream (JSON line);
+                                                   # with an older kvcompile first on PYTHONPATH,
+                                                   # that version's (docs/CODEC.md, "Format 3")
 
 KV: the reference model's cache of the first 1,023 held-out bytes (8 layers, 2 KV heads, head_dim
 32), chunks of 256 tokens. "bits" is the per-(layer, channel) empirical entropy of the symbols in
@@ -206,9 +209,25 @@ SCALE_SETTINGS = {  # (levels each side, scale mode) for K and V
 }
 
 
+def run_sizes(kv) -> None:
+    """Bytes of each level's bitstream of this KV, and the 8-bit baseline's (int8 + an fp32 scale
+    per (layer, token), K and V), as one JSON line."""
+    import json
+
+    import kvcompile.codec as codec
+    from kvcompile.codec.bitstream import FORMAT_VERSION
+
+    keys, values = kv
+    layers, heads, tokens, dim = keys.shape
+    eight = 2 * layers * tokens * (heads * dim + 4)
+    sizes = {str(level): len(codec.encode(kv, level=level, chunk_tokens=CHUNK)) for level in sorted(codec.LEVELS)}
+    print(json.dumps({"format": FORMAT_VERSION, "kv": list(keys.shape), "eight_bit_bytes": eight, "bytes": sizes,
+                      "vs_8bit": {level: round(eight / size, 4) for level, size in sizes.items()}}))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("delta", "tables", "scales", "schedules"))
+    parser.add_argument("what", choices=("delta", "tables", "scales", "schedules", "sizes"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model, kv = reference_kv()
@@ -218,6 +237,8 @@ def main(argv=None) -> int:
         run_tables(kv)
     elif args.what == "scales":
         run_scales(model, SCALE_SETTINGS)
+    elif args.what == "sizes":
+        run_sizes(kv)
     else:
         run_schedules(model)
     return 0
