@@ -7,6 +7,13 @@
 --encode-only with an older kvcompile first on PYTHONPATH writes that version's bitstream of the
 same workload (docs/CODEC.md, "Format 3", measures format 2 so); --blob reads format 2 or 3.
 
+    python bench/bench_codec_entropy.py --layers 4 --banks    # other banks' ideal cost (not coded)
+
+--banks: the ideal cost (Σ -log2 f/2^16, each channel's best centre and shape chosen on all chunks
+together, as the header's tables are) under the codec's bank and under candidate banks of the
+Laplace discretised by rounding (p(0) = 1 - e^(-1/2b), p(d) = sinh(1/2b) e^(-|d|/b)), 64 to 256
+shapes; what a new bank would gain before any rANS or side cost.
+
 The workload is bench_codec_gpu.py's (`workload_symbols`: 12 chunks x 256 tokens, 1,024 channels,
 31-level Laplace symbols with a random centre and spread per channel), with fewer layers so the CPU
 reference coder handles it; every figure is per symbol, so it carries over to 32 layers (the
@@ -132,6 +139,51 @@ def breakdown(blob: bytes, symbols: np.ndarray) -> dict:
     return out
 
 
+def rounded_laplace_bank(alphabet: int, shapes: int, gaussians: int = 0) -> np.ndarray:
+    """[shapes + gaussians, A] 16-bit frequency tables: rounded Laplaces with b log-spaced over
+    0.15 .. 60, then the codec bank's first `gaussians` Gaussian shapes, every other one."""
+    from kvcompile.codec import tables
+
+    distance = np.minimum(np.arange(alphabet), alphabet - np.arange(alphabet))
+    rows = []
+    for b in np.exp(np.linspace(np.log(0.15), np.log(60), shapes)):
+        p = np.sinh(0.5 / b) * np.exp(-distance / b)
+        p[0] = 1 - np.exp(-0.5 / b)
+        rows.append(p)
+    rows += [q ** (distance ** 2) for q in tables.gaussian_qs()[::2][:gaussians]]
+    return np.stack([tables.quantise_frequencies(p) for p in rows])
+
+
+def pooled_ideal_bits(symbols: np.ndarray, freqs: np.ndarray) -> float:
+    """Bits/symbol of symbols [N, 2, L, T, C] (values 0..A-1) under `freqs` [K, A], each
+    (side, layer, channel) taking its cheapest centre and table over all N chunks."""
+    n, sides, layers, tokens, channels = symbols.shape
+    alphabet = freqs.shape[1]
+    bits = 16 - np.log2(freqs.astype(np.float64))  # [K, A]
+    total = 0.0
+    for side in range(sides):
+        for layer in range(layers):
+            flat = symbols[:, side, layer].reshape(n * tokens, channels)
+            counts = np.zeros((channels, alphabet))
+            np.add.at(counts, (np.broadcast_to(np.arange(channels), flat.shape).ravel(), flat.ravel()), 1)
+            best = np.full(channels, np.inf)
+            for centre in range(alphabet):
+                best = np.minimum(best, (np.roll(counts, -centre, axis=1) @ bits.T).min(axis=1))
+            total += best.sum()
+    return total / symbols.size
+
+
+def compare_banks(symbols: np.ndarray) -> dict:
+    from kvcompile.codec import tables
+
+    q = symbols.astype(np.int64) + 15  # 0..30
+    out = {"codec bank (32 geometric + 32 Gaussian)": pooled_ideal_bits(q, tables.bank(31))}
+    for shapes in (64, 128, 256):
+        out[f"rounded Laplace, {shapes} shapes"] = pooled_ideal_bits(q, rounded_laplace_bank(31, shapes))
+    out["rounded Laplace 48 + Gaussian 16"] = pooled_ideal_bits(q, rounded_laplace_bank(31, 48, 16))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -142,6 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--group", type=int, default=None, help="channels per rANS stream (codec.encode's group)")
     parser.add_argument("--encode-only", metavar="FILE", help="write the workload's bitstream to FILE and stop")
     parser.add_argument("--blob", metavar="FILE", help="break down this bitstream of the workload instead of encoding")
+    parser.add_argument("--banks", action="store_true", help="compare candidate banks' ideal cost instead")
     parser.add_argument("--out", default=None, help="a JSON file for the result")
     args = parser.parse_args(argv)
     register_bench_level()
@@ -151,6 +204,16 @@ def main(argv=None) -> int:
 
     L, H, D, T, N = args.layers, args.heads, args.dim, args.tokens, args.chunks
     symbols = workload_symbols(N, T, L, H * D)  # [N, 2, L, T, C]
+    if args.banks:
+        pooled = per_channel_entropy_bits(symbols.transpose(1, 2, 0, 3, 4).reshape(1, 2 * L, N * T, H * D))
+        result = {"command": "python bench/bench_codec_entropy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "entropy_pooled_over_chunks": pooled / symbols.size,
+                  "ideal_bits_per_symbol_under_pooled_tables": compare_banks(symbols)}
+        print(json.dumps(result, indent=1))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     # as the GPU bench builds it: per-token quantisation at 15 levels a side reproduces the symbols
     kv = [torch.from_numpy(np.concatenate(list(symbols[:, side]), axis=1).astype(np.float32) / 15)
           .reshape(L, N * T, H, D).permute(0, 2, 1, 3).half() for side in range(2)]

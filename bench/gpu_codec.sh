@@ -58,7 +58,7 @@ echo "build+load: ${SECONDS}s"
 if part tests; then
 echo "== gpu tests (both kernels)"
 SECONDS=0
-timeout 100 python3 -m pytest tests/ops/test_kv_decode.py -q -p no:cacheprovider -m gpu -o addopts="" 2>&1 | tail -15
+timeout 300 python3 -m pytest tests/ops/test_kv_decode.py -q -p no:cacheprovider -m gpu -o addopts="" 2>&1 | tail -15
 echo "gpu tests: ${SECONDS}s"
 fi
 
@@ -103,7 +103,7 @@ for path in sorted(pathlib.Path("tests/codec/data").glob("format2_*.kvcb")):  # 
 torch.cuda.synchronize()
 print("memcheck script: decoded", ok, "rejected", rejected)
 PY
-timeout 100 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/codec_memcheck.py 2>&1 | tail -12
+timeout 200 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/codec_memcheck.py 2>&1 | tail -12
 unset KVCOMPILE_KV_DECODE_KERNEL
 echo "memcheck: ${SECONDS}s"
 fi
