@@ -63,8 +63,8 @@ class Header:
     chunk_bytes: List[int] = field(default_factory=list)
     chunk_crcs: List[int] = field(default_factory=list)
     version: int = FORMAT_VERSION
-    centres: Optional[np.ndarray] = field(default=None, repr=False)  # format 3: u8 [2, L, C] each channel's centre
-    shapes: Optional[np.ndarray] = field(default=None, repr=False)  # format 3: u8 [2, L, C] its table in the bank
+    centres: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # format 3: u8 [2, L, C] centres
+    shapes: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # format 3: u8 [2, L, C] bank shapes
 
     @property
     def channels(self) -> int:
