@@ -88,7 +88,12 @@ def breakdown(blob: bytes, symbols: np.ndarray) -> dict:
     header = read_header(stream)
     header_bytes = stream.tell()
     count = symbols.size
-    table_bytes = 4 * header.layers * header.channels if header.version >= 3 else 0
+    table_bytes = 0
+    if header.version >= 3:  # u32 length + the deflated tables, after the chunk rows
+        from kvcompile.codec.bitstream import _FIXED
+
+        at = _FIXED.size + len(header.fingerprint.encode()) + 8 * header.chunks
+        table_bytes = 4 + int.from_bytes(blob[at:at + 4], "little")
     bits = {"header": 8 * (header_bytes - table_bytes), "header_tables": 8 * table_bytes, "scales": 0,
             "chunk_tables": 0, "stream_ends": 0, "words": 0, "ideal": 0.0, "flush": 0.0}
     own = 0

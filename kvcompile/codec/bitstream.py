@@ -5,8 +5,10 @@ docs/CODEC.md has the byte table. All integers little-endian, no pickle, no JSON
 
   header  magic "KVCB", version u16, fixed fields (shape, dtype, level, tokens, chunking,
           fingerprint), then one (bytes u32, crc32 u32) row per chunk, then (format 3) each
-          (side, layer, channel)'s table — centre u8 [2, L, C], then shape u8 [2, L, C] — then the
-          CRC-32 of all of it. Everything a decoder needs to size its output is here.
+          (side, layer, channel)'s table — centre u8 [2, L, C], then shape u8 [2, L, C] — deflated
+          (zlib) after its length u32, then the CRC-32 of all of it. Everything a decoder needs to
+          size its output is here. (Deflate: the tables are read on the host, never by a kernel,
+          and a channel's centre and shape take ~7 of their 16 bits deflated on the issue's workload.)
   chunks  back to back, chunk i is `bytes_i` long and checked against `crc32_i` on its own; a
           chunk decodes given the header alone (format 3: a chunk uses the header's tables for a
           (side, layer) unless it carries its own, chunk.py).
@@ -39,6 +41,7 @@ DTYPES = ("float32", "float16", "bfloat16")  # dtype code = index
 _FIXED = struct.Struct("<4sHHHHHBBHIIIH")
 _ROW = struct.Struct("<II")
 _CRC = struct.Struct("<I")
+_LENGTH = struct.Struct("<I")  # format 3: the deflated tables' bytes
 MAX_CHUNK_BYTES = 1 << 31
 
 
@@ -86,10 +89,12 @@ class Header:
                             self.chunk_tokens, self.chunks, len(name))
         rows = b"".join(_ROW.pack(n, crc) for n, crc in zip(self.chunk_bytes, self.chunk_crcs))
         body = fixed + name + rows
-        if self.version >= 3:  # the tables as held (a fuzzer's edited shape fields disagree with them)
+        if self.version >= 3:  # the tables as held (a fuzzer's edited shape fields disagree with them), deflated
             if self.centres is None or self.shapes is None:
                 raise ValueError("a format-3 header needs its centres and shapes")
-            body += np.asarray(self.centres, np.uint8).tobytes() + np.asarray(self.shapes, np.uint8).tobytes()
+            packed = zlib.compress(np.asarray(self.centres, np.uint8).tobytes()
+                                   + np.asarray(self.shapes, np.uint8).tobytes(), 9)
+            body += _LENGTH.pack(len(packed)) + packed
         return body + _CRC.pack(zlib.crc32(body))
 
     def channel_tables(self) -> np.ndarray:
@@ -122,9 +127,17 @@ def read_header(stream) -> Header:
     cells = 2 * layers * heads * dim if version >= 3 else 0  # one table (centre + shape) each
     if cells > MAX_TABLE_CELLS:
         raise BitstreamError("KV bitstream header claims a cache too large for its tables (corrupted)")
-    rest = _read_exactly(stream, name_length + chunks * _ROW.size + 2 * cells + _CRC.size, "its header")
-    body = fixed + rest[:-_CRC.size]
-    if zlib.crc32(body) != _CRC.unpack(rest[-_CRC.size:])[0]:
+    rest = _read_exactly(stream, name_length + chunks * _ROW.size + (_LENGTH.size if version >= 3 else 0),
+                         "its header")
+    packed = b""
+    if version >= 3:  # the tables' deflated length, then the deflated tables
+        (packed_bytes,) = _LENGTH.unpack(rest[-_LENGTH.size:])
+        if packed_bytes > 2 * cells + 1024:  # deflate's worst case is a few bytes over its input
+            raise BitstreamError("KV bitstream header claims tables larger than its cache's (corrupted)")
+        packed = _read_exactly(stream, packed_bytes, "its header")
+    crc = _read_exactly(stream, _CRC.size, "its header")
+    body = fixed + rest + packed
+    if zlib.crc32(body) != _CRC.unpack(crc)[0]:
         raise BitstreamError("KV bitstream header fails its checksum (corrupted)")
     # The CRC only proves the header is what the writer wrote: check it is also consistent.
     if flags != 0 or dtype >= len(DTYPES) or min(layers, heads, dim, group, chunk_tokens) == 0:
@@ -145,8 +158,14 @@ def read_header(stream) -> Header:
     header = Header(layers, heads, dim, DTYPES[dtype], level, group, tokens, chunk_tokens, fingerprint,
                     [n for n, _ in rows], [crc for _, crc in rows], version)
     if version >= 3:
-        at = name_length + chunks * _ROW.size
-        tables = np.frombuffer(rest, np.uint8, 2 * cells, at).reshape(2, 2, layers, heads * dim)
+        inflate = zlib.decompressobj()
+        try:
+            raw = inflate.decompress(packed, 2 * cells)
+        except zlib.error:
+            raise BitstreamError("KV bitstream header's tables do not inflate (corrupted)") from None
+        if len(raw) != 2 * cells or not inflate.eof or inflate.unused_data or inflate.unconsumed_tail:
+            raise BitstreamError("KV bitstream header's tables do not match its shape (corrupted)")
+        tables = np.frombuffer(raw, np.uint8).reshape(2, 2, layers, heads * dim)
         header.centres, header.shapes = tables[0], tables[1]
         from kvcompile.codec.chunk import check_tables
 

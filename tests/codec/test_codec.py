@@ -228,6 +228,30 @@ def test_format_3_chunks_use_the_header_tables_unless_their_own_code_smaller():
     assert (got[0] - keys).abs().max() <= keys.abs().amax(dim=(1, 3), keepdim=True).max() / 15
 
 
+def test_format_3_header_tables_are_deflated_and_checked():
+    blob = codec.encode(kv(tokens=64), level=4, chunk_tokens=32)
+    header = codec.read_header(blob)
+    cells = 2 * header.layers * header.channels
+    fixed = bitstream._FIXED.size + len(header.fingerprint.encode()) + 8 * header.chunks
+    (packed,) = struct.unpack_from("<I", blob, fixed)
+    assert packed < 2 * cells  # deflated
+    tables = blob[fixed + 4:fixed + 4 + packed]
+    assert zlib.decompress(tables) == header.channel_tables().tobytes()
+    rest = blob[fixed + 4 + packed + 4:]
+
+    def resealed(new_tables: bytes) -> bytes:  # the header with other tables and a valid CRC
+        body = blob[:fixed] + struct.pack("<I", len(new_tables)) + new_tables
+        return body + struct.pack("<I", zlib.crc32(body)) + rest
+
+    assert codec.decode(resealed(tables))[0].shape == (4, 2, 64, 16)  # the helper rebuilds the header exactly
+    for bad, fragment in [(tables[:-3], "tables"), (b"\x00" * 40, "tables"),
+                          (zlib.compress(b"\x00" * (2 * cells - 1)), "tables"),
+                          (zlib.compress(b"\xff" * (2 * cells)), "outside the codec's bank"),
+                          (b"\x00" * (2 * cells + 2000), "larger than")]:
+        with pytest.raises(codec.BitstreamError, match=fragment):
+            codec.read_header(resealed(bad))
+
+
 def test_format_3_chunks_transcode_to_format_2():
     """to_format2 (what the restore graph reads) keeps every symbol: the same values decode."""
     blob = codec.encode(kv(tokens=100), level=4, chunk_tokens=32)
