@@ -220,9 +220,22 @@ def run_sizes(kv) -> None:
     keys, values = kv
     layers, heads, tokens, dim = keys.shape
     eight = 2 * layers * tokens * (heads * dim + 4)
-    sizes = {str(level): len(codec.encode(kv, level=level, chunk_tokens=CHUNK)) for level in sorted(codec.LEVELS)}
+    import io
+
+    from kvcompile.codec import chunk
+
+    sizes, own = {}, {}
+    for level in sorted(codec.LEVELS):
+        blob = codec.encode(kv, level=level, chunk_tokens=CHUNK)
+        sizes[str(level)] = len(blob)
+        stream = io.BytesIO(blob)
+        header = codec.read_header(stream)
+        if FORMAT_VERSION >= 3:  # how many (side, layer)s of each chunk carry their own tables
+            own[str(level)] = [int(chunk.parse_chunk(header, i, data).own.sum())
+                               for i, data in codec.iter_chunks(stream, header)]
     print(json.dumps({"format": FORMAT_VERSION, "kv": list(keys.shape), "eight_bit_bytes": eight, "bytes": sizes,
-                      "vs_8bit": {level: round(eight / size, 4) for level, size in sizes.items()}}))
+                      "vs_8bit": {level: round(eight / size, 4) for level, size in sizes.items()},
+                      **({"own_tables_per_chunk_of_2L": own} if own else {})}))
 
 
 def main(argv=None) -> int:
