@@ -37,7 +37,7 @@ class LayerLoads:
     re-rotated by `reposition(keys, layer, delta)`; layer by layer, on a side stream on CUDA."""
 
     def __init__(self, cache, chunks: Sequence, offsets: List[int], reposition: Callable,
-                 rotation_of: Optional[Callable] = None, group: int = 2, channel: Optional["LoadChannel"] = None):
+                 rotation_of: Optional[Callable] = None, group: int = 8, channel: Optional["LoadChannel"] = None):
         self.cache = cache
         total = offsets[-1] + chunks[-1].length
         device = cache.device
@@ -64,14 +64,14 @@ class LayerLoads:
             self.offsets = torch.tensor(offsets, device=device)
             delta = torch.repeat_interleave(self.offsets, lengths, output_size=total)[None]
         if self.stream is not None and packed_alike(chunks, cache):
-            # Groups of 2 layers: a graph waiting for layer i waits for its group's last copy, so
-            # the question probe of layer 21 of 32 waits for 22/32 of the transfer rather than
-            # 24/32 with groups of 8 (-0.5 ms of 8.3 on the 8B benchmark), and the deviation
-            # check of layers 0-1 for 2/32 rather than 8/32 (-1.5 ms); the extra copies and
-            # re-rotations cost ~80 launches of host time, enqueued while the first copies run.
-            for first in range(0, len(cache.keys), group):
+            # A first group of 2 layers, then groups of `group`: a graph waiting for layer i
+            # waits for its group's last copy, so CacheBlend's check of layers 0-1 starts after
+            # 2/32 of the 8B transfer instead of 8/32; later groups stay large because each
+            # costs host time (~25 launches: its copies, re-rotation and writes) and every load
+            # is enqueued before the first graph launches (groups of 2 throughout measured
+            # +3-4 ms of host time on the H200, docs/FUSION.md).
+            for layers in layer_groups(len(cache.keys), group):
                 with torch.cuda.stream(self.stream):
-                    layers = range(first, min(first + group, len(cache.keys)))
                     self.load_packed_group(layers, chunks, reposition, rotation_of)
         else:
             for layer in range(len(cache.keys)):
@@ -92,8 +92,8 @@ class LayerLoads:
         """Equal-length chunks packed by ChunkCache.pin(): one copy per chunk moves this group of
         layers' K and V to a device staging buffer; layers sharing a rotation are re-rotated in
         one call (chunks × layers as its batch), and each layer's K and V are written into the
-        cache's rows with one kernel each. Per 2-layer group of 6 chunks: 6 copies, 1-2
-        re-rotations, 4 writes — against 6 × 2 copies, a re-rotation and 2 writes per layer."""
+        cache's rows with one kernel each. Per 8-layer group of 6 chunks: 6 copies, 1-2
+        re-rotations, 16 writes — against 6 × 2 copies, a re-rotation and 2 writes per layer."""
         cache = self.cache
         count, length = len(chunks), chunks[0].length
         heads, dim = chunks[0].keys[0].shape[1], chunks[0].keys[0].shape[3]
@@ -209,6 +209,12 @@ class LoadChannel:
             self.events: Optional[List[torch.cuda.Event]] = [torch.cuda.Event(external=True) for _ in range(layers)]
         except TypeError:
             self.events = None
+
+
+def layer_groups(layers: int, group: int, first: int = 2) -> List[range]:
+    """Consecutive layer ranges: the first `first` layers, then up to each multiple of `group`."""
+    bounds = [0, min(first, layers)] + [b for b in range(group, layers, group) if b > first] + [layers]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def write_chunks(layer_cache: torch.Tensor, rows: torch.Tensor) -> None:
