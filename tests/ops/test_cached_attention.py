@@ -138,3 +138,26 @@ def test_cuda_split_key_attention_equals_the_op_unsplit(P, S, Q, parts):
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     via_op = torch.ops.kvcompile.cached_attention(*step, 0.088)  # the op's own choice of parts
     torch.testing.assert_close(via_op, want, atol=2e-2, rtol=2e-2)
+
+
+def test_a_refused_split_falls_back_and_is_not_tried_again(monkeypatch):
+    # a cuDNN that refuses the parts (a head size it does not take, say): the op's caller gets
+    # None, attends unsplit, and the (dtype, head_dim, device) is remembered
+    from kvcompile.ops.cached_attention import split_keys
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cuDNN: no execution plan for this head size\nmore detail")
+
+    monkeypatch.setattr(split_keys, "attend_parts", refuse)
+    monkeypatch.setattr(split_keys, "refused", {})
+    step = scattered_step(200, 30, 5)
+    assert split_keys.split_key_attention_or_none(*step, 0.25, 2) is None
+    assert split_keys.refused == {(torch.float32, 16, "cpu"): "cuDNN: no execution plan for this head size"}
+
+
+def test_parts_for_call_never_splits_what_cudnn_cannot_take():
+    from kvcompile.ops.cached_attention.split_keys import parts_for_call
+
+    assert parts_for_call(torch.zeros(1, 32, 64, 128), 3136) == 1  # the CPU
+    if torch.cuda.is_available():
+        assert parts_for_call(torch.zeros(1, 32, 64, 128, device="cuda"), 3136) == 1  # fp32: not cuDNN's

@@ -144,7 +144,10 @@ def cached_attention(
     if sinks is None and key_cache.shape[2] > 0:
         parts = split_keys.parts_for_call(query, key_cache.shape[2] + key.shape[2])
         if parts > 1:  # few queries over a long past: the keys in parts, more thread blocks (split_keys.py)
-            return split_keys.split_key_attention(query, key, value, key_cache, value_cache, attn_bias, scale, parts)
+            out = split_keys.split_key_attention_or_none(query, key, value, key_cache, value_cache, attn_bias,
+                                                         scale, parts)
+            if out is not None:
+                return out
     keys, values = past_then_new(key_cache, key), past_then_new(value_cache, value)  # [B, Hkv, P+T, D]
     if sinks is not None:
         return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)

@@ -33,6 +33,8 @@ ALIGN = 16  # rows per part a multiple of this: the bias's strides stay 32-byte 
 
 _sm_counts: dict = {}
 _views_accepted = [True]  # whether cuDNN took the parts as strided views (else copies)
+CUDNN_DTYPES = (torch.float16, torch.bfloat16)
+refused: dict = {}  # (dtype, head_dim, device) -> why cuDNN refused the parts: those calls stay unsplit
 
 
 def _sm_count(device) -> int:
@@ -59,9 +61,14 @@ def parts_for(batch: int, query_heads: int, queries: int, keys: int, sm_count: i
 
 
 def parts_for_call(query: Tensor, keys: int) -> int:
-    if not query.is_cuda:
+    # cuDNN's attention takes fp16/bf16 only; a (dtype, head_dim, device) it refused once is not tried again
+    if not query.is_cuda or query.dtype not in CUDNN_DTYPES or _refusal_key(query) in refused:
         return 1
     return parts_for(query.shape[0], query.shape[1], query.shape[2], keys, _sm_count(query.device))
+
+
+def _refusal_key(query: Tensor):
+    return query.dtype, query.shape[-1], str(query.device)
 
 
 def padded_past_then_new(past: Tensor, new: Tensor, rows: int) -> Tensor:
@@ -139,3 +146,17 @@ def split_key_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Te
     bias = padded_bias(attn_bias, rows, query.dtype)
     out, lse = attend_parts(query, keys, values, bias, scale, parts)
     return merge_parts(out, lse)
+
+
+def split_key_attention_or_none(query: Tensor, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
+                                attn_bias: Tensor, scale: float, parts: int):
+    """split_key_attention, or None when the kernel refuses this call (a head size or layout this
+    cuDNN does not take): the caller then attends unsplit, and calls alike are not split again.
+    Inside a CUDA graph capture a refusal is raised instead (the warm-up before it decides)."""
+    try:
+        return split_key_attention(query, key, value, key_cache, value_cache, attn_bias, scale, parts)
+    except RuntimeError as error:
+        if query.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise
+        refused[_refusal_key(query)] = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return None
