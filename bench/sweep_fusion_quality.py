@@ -61,6 +61,9 @@ def main() -> int:
     parser.add_argument("--selectors", default=",".join(TokenSelector.names()))
     parser.add_argument("--check-layer", type=int, default=None, help="default: each selector's own")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="reference", help="a bundled model: reference, or reference-long "
+                        "(the fusion benchmark's layout, 6 chunks x 512 tokens)")
+    parser.add_argument("--seed", type=int, default=0, help="the evaluation prompts' seed")
     parser.add_argument("--name", default="fusion_quality", help="file name of the JSON and PNG")
     parser.add_argument("--combine", nargs="+", metavar="JSON", help="runs to put in one table and plot")
     args = parser.parse_args()
@@ -68,16 +71,20 @@ def main() -> int:
         return combine(args.combine, Path(args.out), args.name)
     ratios = [float(r) for r in args.ratios.split(",")]
     selectors = args.selectors.split(",")
-    model = kvcompile.load_model("reference").to(args.device)
+    from kvcompile.eval import suite_for_context
+
+    model = kvcompile.load_model(args.model).to(args.device)
     compiled = kvcompile.compile(model)
+    suite = suite_for_context(compiled.spec.max_context)  # the layout `kvcompile eval` scores this model with
     runner = FusionRunner(compiled, args.check_layer)
     modes = ["full_prefill", "full_reuse"] + [f"fuse:{s}:{r}" for s in selectors for r in ratios]
     started = time.perf_counter()
-    scores = score_cross_chunk(runner, count=args.samples, modes=tuple(modes))
+    scores = score_cross_chunk(runner, count=args.samples, seed=args.seed, modes=tuple(modes), n_chunks=suite.n_chunks,
+                               lines_per_chunk=suite.lines_per_chunk, chunk_tokens=suite.chunk_tokens)
     check_layers = {s: compiled.fusion.resolve_check_layer(TokenSelector.parse(s, "selector"), args.check_layer) for s in selectors}
     results = {"samples": args.samples, "ratios": ratios, "selectors": selectors, "check_layers": check_layers,
                "seconds": round(time.perf_counter() - started, 1), "scores": scores,
-               "torch": torch.__version__, "device": args.device}
+               "torch": torch.__version__, "device": args.device, "model": args.model, "seed": args.seed}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -166,7 +173,7 @@ def plot(results: dict, path: Path) -> None:
     ax.axhline(100 * chain["full_reuse"], color="gray", linestyle=":", label="full reuse")
     ax.set_xlabel("tokens recomputed (% of chunk tokens)")
     ax.set_ylabel("cross-chunk chain accuracy (%)")
-    ax.set_title(f"KV fusion on the reference model (n={results['samples']} per point)")
+    ax.set_title(f"KV fusion on {results.get('model', 'reference')} (n={results['samples']} per point)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
