@@ -184,8 +184,11 @@ def main() -> int:
         notes[f"{label}_parts_chosen"] = chosen
         for parts in (1, 2, 3, 4, 6, 8):
             name = f"{label}_parts_{parts}"
-            fn = unsplit if parts == 1 else (lambda parts=parts: split_keys.split_key_attention(
-                q, new_k, new_v, past_k, past_v, mask, scale, parts))
+            def split(parts=parts):  # the op's split path: past ++ new padded to whole parts, then the parts
+                rows = split_keys.padded_rows(past_k.shape[2] + new_k.shape[2], parts)
+                return split_keys.split_key_attention(q, past_then_new(past_k, new_k, rows),
+                                                      past_then_new(past_v, new_v, rows), mask, scale, parts)
+            fn = unsplit if parts == 1 else split
             try:
                 error = (fn().float() - want).abs().max().item()
                 if error > tolerance:

@@ -88,27 +88,34 @@ def scattered_step(P, S, Q, Hq=4, Hkv=2, D=16, dtype=torch.float32, device="cpu"
     return rand(1, Hq, T, D), rand(1, Hkv, T, D), rand(1, Hkv, T, D), rand(1, Hkv, P, D), rand(1, Hkv, P, D), bias
 
 
+def split_step(query, key, value, key_cache, value_cache, bias, scale, parts, or_none=False):
+    """The op's split path on one step: past ++ new padded to whole parts, then split_keys."""
+    from kvcompile.ops.cached_attention import split_keys
+    from kvcompile.ops.cached_attention.definition import past_then_new
+
+    rows = split_keys.padded_rows(key_cache.shape[2] + key.shape[2], parts)
+    attend = split_keys.split_key_attention_or_none if or_none else split_keys.split_key_attention
+    return attend(query, past_then_new(key_cache, key, rows), past_then_new(value_cache, value, rows), bias, scale,
+                  parts)
+
+
 @pytest.mark.parametrize("parts", [2, 3, 8])
 @pytest.mark.parametrize("P,S,Q", [(200, 30, 5), (61, 7, 3), (1000, 150, 20)])
 def test_split_key_attention_equals_sdpa_over_the_concatenated_cache(parts, P, S, Q):
-    from kvcompile.ops.cached_attention.split_keys import split_key_attention
-
     step = scattered_step(P, S, Q)
-    got = split_key_attention(*step, 0.25, parts)
+    got = split_step(*step, 0.25, parts)
     torch.testing.assert_close(got, concat_reference(*step, 0.25), atol=1e-5, rtol=1e-5)
 
 
 def test_split_parts_where_every_key_is_hidden_get_no_weight():
     # The first queries see only the first keys: every later part is wholly hidden from them,
     # with parts made of padding only, too (8 parts of 16 rows for 40 keys).
-    from kvcompile.ops.cached_attention.split_keys import split_key_attention
-
     P, T = 30, 10
     q, k, v, kc, vc, _ = scattered_step(P, 0, T)
     bias = torch.zeros(1, 1, T, P + T)
     bias[..., P:] = torch.triu(torch.full((T, T), MIN), diagonal=1)
     bias[..., 0, 5:P] = MIN  # query 0 sees keys 0..4 and itself only
-    got = split_key_attention(q, k, v, kc, vc, bias, 0.25, 8)
+    got = split_step(q, k, v, kc, vc, bias, 0.25, 8)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, concat_reference(q, k, v, kc, vc, bias, 0.25), atol=1e-5, rtol=1e-5)
 
@@ -130,10 +137,8 @@ def test_parts_for_splits_only_what_underfills_the_gpu(blocks_heads, queries, ke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("P,S,Q,parts", [(3072, 461, 64, 4), (3072, 0, 64, 8), (1500, 200, 17, 2)])
 def test_cuda_split_key_attention_equals_the_op_unsplit(P, S, Q, parts):
-    from kvcompile.ops.cached_attention.split_keys import split_key_attention
-
     step = scattered_step(P, S, Q, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda")
-    got = split_key_attention(*step, 0.088, parts)
+    got = split_step(*step, 0.088, parts)
     want = concat_reference(*step, 0.088).to(torch.bfloat16)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     via_op = torch.ops.kvcompile.cached_attention(*step, 0.088)  # the op's own choice of parts
@@ -151,7 +156,7 @@ def test_a_refused_split_falls_back_and_is_not_tried_again(monkeypatch):
     monkeypatch.setattr(split_keys, "attend_parts", refuse)
     monkeypatch.setattr(split_keys, "refused", {})
     step = scattered_step(200, 30, 5)
-    assert split_keys.split_key_attention_or_none(*step, 0.25, 2) is None
+    assert split_step(*step, 0.25, 2, or_none=True) is None
     assert split_keys.refused == {(torch.float32, 16, "cpu"): "cuDNN: no execution plan for this head size"}
 
 
@@ -161,3 +166,21 @@ def test_parts_for_call_never_splits_what_cudnn_cannot_take():
     assert parts_for_call(torch.zeros(1, 32, 64, 128), 3136) == 1  # the CPU
     if torch.cuda.is_available():
         assert parts_for_call(torch.zeros(1, 32, 64, 128, device="cuda"), 3136) == 1  # fp32: not cuDNN's
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_the_op_split_path_and_its_fallback_equal_sdpa(monkeypatch, refuse):
+    # the op's own branch on the CPU: parts forced to 3; refused, it attends the padded
+    # past ++ new cut back to P + T rows
+    from kvcompile.ops.cached_attention import split_keys
+
+    monkeypatch.setattr(split_keys, "parts_for_call", lambda query, keys: 3)
+    monkeypatch.setattr(split_keys, "refused", {})
+    if refuse:
+        def refusing(*args, **kwargs):
+            raise RuntimeError("refused")
+        monkeypatch.setattr(split_keys, "attend_parts", refusing)
+    step = scattered_step(300, 40, 6)
+    got = torch.ops.kvcompile.cached_attention(*step, 0.25)
+    torch.testing.assert_close(got, concat_reference(*step, 0.25), atol=1e-5, rtol=1e-5)
+    assert bool(split_keys.refused) == refuse

@@ -35,16 +35,22 @@ def expand_kv_heads(x: Tensor, query_heads: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def past_then_new(past: Tensor, new: Tensor) -> Tensor:
-    """[B, H, P + T, D]: the past rows, then the new ones, as two plain copies into one buffer.
+def past_then_new(past: Tensor, new: Tensor, rows: Optional[int] = None) -> Tensor:
+    """[B, H, rows, D] (rows = P + T by default): the past rows, then the new ones, as two plain
+    copies into one buffer, then zeros up to `rows` (zeros, not garbage: a NaN in a hidden key
+    would still poison its scores' row; split_keys.py pads to whole parts).
     The past is a strided view of the cache (its capacity between heads); torch.cat's batched
     kernel for such inputs was most of the 3 ms of cats in the 8B fused prefill's profile
     (docs/fusion_profile.txt); bench/bench_fused_attention.py times both ways."""
-    if past.shape[2] == 0:
+    P, T = past.shape[2], new.shape[2]
+    rows = P + T if rows is None else rows
+    if P == 0 and rows == T:
         return new
-    out = new.new_empty(new.shape[0], new.shape[1], past.shape[2] + new.shape[2], new.shape[3])
-    out[:, :, :past.shape[2]].copy_(past)
-    out[:, :, past.shape[2]:].copy_(new)
+    out = new.new_empty(new.shape[0], new.shape[1], rows, new.shape[3])
+    out[:, :, :P].copy_(past)
+    out[:, :, P:P + T].copy_(new)
+    if rows > P + T:
+        out[:, :, P + T:].zero_()
     return out
 
 
@@ -141,14 +147,16 @@ def cached_attention(
         return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)
     if query.shape[2] == 1 and key_cache.shape[2] > 0:
         return decode_attention(query, key, value, key_cache, value_cache, attn_bias, scale, sinks)
-    if sinks is None and key_cache.shape[2] > 0:
-        parts = split_keys.parts_for_call(query, key_cache.shape[2] + key.shape[2])
-        if parts > 1:  # few queries over a long past: the keys in parts, more thread blocks (split_keys.py)
-            out = split_keys.split_key_attention_or_none(query, key, value, key_cache, value_cache, attn_bias,
-                                                         scale, parts)
-            if out is not None:
-                return out
-    keys, values = past_then_new(key_cache, key), past_then_new(value_cache, value)  # [B, Hkv, P+T, D]
+    total = key_cache.shape[2] + key.shape[2]
+    parts = split_keys.parts_for_call(query, total) if sinks is None and key_cache.shape[2] > 0 else 1
+    # [B, Hkv, P+T, D], padded to whole parts when the keys are split
+    rows = split_keys.padded_rows(total, parts) if parts > 1 else None
+    keys, values = past_then_new(key_cache, key, rows), past_then_new(value_cache, value, rows)
+    if parts > 1:  # few queries over a long past: the keys in parts, more thread blocks (split_keys.py)
+        out = split_keys.split_key_attention_or_none(query, keys, values, attn_bias, scale, parts)
+        if out is not None:
+            return out
+        keys, values = keys[:, :, :total], values[:, :, :total]  # refused: attend unsplit
     if sinks is not None:
         return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)
     # enable_gqa lets SDPA read each KV head for its query group instead of materialising

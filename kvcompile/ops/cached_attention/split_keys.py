@@ -9,7 +9,7 @@ and the 64-query probe is 32 blocks. docs/fused_attention.json measured cuDNN wi
 the GPU's arithmetic rate.
 
 Splitting the keys into S equal parts and giving the parts to the kernel as S batch entries
-(strided views of one padded buffer: no copy of K/V beyond the past ++ new the op makes anyway)
+(strided views of the op's past ++ new buffer, padded to whole parts: no other copy of K/V)
 makes S times the blocks, each walking 1/S of the keys; the parts' outputs are then combined
 through their log-sum-exps (flash-decoding's merge): out = sum_s exp(lse_s - lse) out_s with
 lse = logsumexp_s lse_s. Exact up to rounding: the same softmax, summed in another order.
@@ -71,16 +71,9 @@ def _refusal_key(query: Tensor):
     return query.dtype, query.shape[-1], str(query.device)
 
 
-def padded_past_then_new(past: Tensor, new: Tensor, rows: int) -> Tensor:
-    """[B, H, rows, D]: past rows, new rows, then zeros up to `rows` (zeros, not garbage: a NaN
-    in a hidden key would still poison its scores' row)."""
-    B, H, P, D = past.shape
-    T = new.shape[2]
-    out = new.new_empty(B, H, rows, D)
-    out[:, :, :P].copy_(past)
-    out[:, :, P:P + T].copy_(new)
-    out[:, :, P + T:].zero_()
-    return out
+def padded_rows(keys: int, parts: int) -> int:
+    """Rows of the padded past ++ new: `keys` rounded up to `parts` parts of a multiple of ALIGN."""
+    return -(-keys // (parts * ALIGN)) * parts * ALIGN
 
 
 def padded_bias(attn_bias: Tensor, rows: int, dtype) -> Tensor:
@@ -136,25 +129,23 @@ def merge_parts(out: Tensor, lse: Tensor) -> Tensor:
     return (out * weights).sum(dim=0, keepdim=True).to(out.dtype)  # promoted to fp32 in the product
 
 
-def split_key_attention(query: Tensor, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
-                        attn_bias: Tensor, scale: float, parts: int) -> Tensor:
-    """cached_attention's multi-token step (batch 1, no sinks or softcap) with the keys in `parts`."""
-    keys_total = key_cache.shape[2] + key.shape[2]
-    rows = -(-keys_total // (parts * ALIGN)) * parts * ALIGN
-    keys = padded_past_then_new(key_cache, key, rows)
-    values = padded_past_then_new(value_cache, value, rows)
-    bias = padded_bias(attn_bias, rows, query.dtype)
+def split_key_attention(query: Tensor, keys: Tensor, values: Tensor, attn_bias: Tensor, scale: float,
+                        parts: int) -> Tensor:
+    """cached_attention's multi-token step (batch 1, no sinks or softcap) with the keys in `parts`:
+    keys/values [1, Hkv, R, D] are the past ++ new padded with zeros to R = padded_rows(...)
+    (definition.past_then_new), attn_bias [1, 1, M, P + T] the step's bias."""
+    bias = padded_bias(attn_bias, keys.shape[2], query.dtype)
     out, lse = attend_parts(query, keys, values, bias, scale, parts)
     return merge_parts(out, lse)
 
 
-def split_key_attention_or_none(query: Tensor, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
-                                attn_bias: Tensor, scale: float, parts: int):
+def split_key_attention_or_none(query: Tensor, keys: Tensor, values: Tensor, attn_bias: Tensor, scale: float,
+                                parts: int):
     """split_key_attention, or None when the kernel refuses this call (a head size or layout this
     cuDNN does not take): the caller then attends unsplit, and calls alike are not split again.
     Inside a CUDA graph capture a refusal is raised instead (the warm-up before it decides)."""
     try:
-        return split_key_attention(query, key, value, key_cache, value_cache, attn_bias, scale, parts)
+        return split_key_attention(query, keys, values, attn_bias, scale, parts)
     except RuntimeError as error:
         if query.is_cuda and torch.cuda.is_current_stream_capturing():
             raise
