@@ -43,7 +43,7 @@ CHUNK_TOKENS = 256
 DEFAULT_LEVEL = 4  # ≥ 3.5x smaller than 8-bit, the least task loss measured there (docs/CODEC.md, "Level 4")
 LOSSLESS_LEVEL = 0  # symbol-exact for per-(layer, token) 8-bit input
 LEVELS: Dict[int, str] = {level: spec.note for level, spec in quant.LEVELS.items()}
-STREAM_CHANNELS = 4  # channels per rANS stream (one final state per 4 channels, not per channel)
+STREAM_CHANNELS = 8  # channels per rANS stream (one final state per 8 channels, not per channel)
 GROUPS = (1, 2, 4, 8)  # the stream widths the GPU decoders take
 _FP16_MAX = 65504.0
 

@@ -275,7 +275,7 @@ def test_stream_groups_and_their_limits():
         codec.encode((keys, values), level=1, group=3)
     with pytest.raises(UsageError, match="chunk_tokens x group"):
         codec.encode((keys, values), level=1, chunk_tokens=40000, group=2)
-    assert codec.stream_group(32, 40000) == 1 and codec.stream_group(32, 256) == 4
+    assert codec.stream_group(32, 40000) == 1 and codec.stream_group(32, 256) == codec.STREAM_CHANNELS == 8
 
 
 def test_corrupt_chunk_contents_fail_even_with_a_valid_crc():
