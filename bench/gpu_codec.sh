@@ -10,7 +10,7 @@
 # pieces with `bash bench/gpu_codec.sh stash DIR` calls right before (each within 30 s of the last),
 # and carry the last piece in $WHL: the pieces are joined back into the wheel here.
 # A kernel library built beforehand may be named by $KVCOMPILE_KERNELS_LIB (skips the nvcc build).
-# PARTS picks what runs (default: all three), e.g. PARTS="tests bench" with `--skip-8b` for the
+# PARTS picks what runs (default: tests memcheck bench; racecheck on request), e.g. PARTS="tests bench" with `--skip-8b` for the
 # decoder alone: GPU tests of both kernels (v1, v2) and the decode benchmark (v1, v2, peers).
 # MEMCHECK_KERNEL (default v2) is the kernel compute-sanitizer checks. The benchmark times bitstream
 # format 3 at 4 and 8 channels a stream (--groups) and the fastest kernel on the same chunks as format 2.
@@ -62,9 +62,7 @@ timeout 300 python3 -m pytest tests/ops/test_kv_decode.py -q -p no:cacheprovider
 echo "gpu tests: ${SECONDS}s"
 fi
 
-if part memcheck; then
-echo "== compute-sanitizer memcheck of kernel ${MEMCHECK_KERNEL:-v2}: valid chunks of every level, then corrupted ones"
-SECONDS=0
+if part memcheck || part racecheck; then
 export KVCOMPILE_KV_DECODE_KERNEL=${MEMCHECK_KERNEL:-v2}
 cat > /tmp/codec_memcheck.py <<'PY'
 import dataclasses, io, pathlib, random, torch
@@ -103,9 +101,14 @@ for path in sorted(pathlib.Path("tests/codec/data").glob("format2_*.kvcb")):  # 
 torch.cuda.synchronize()
 print("memcheck script: decoded", ok, "rejected", rejected)
 PY
-timeout 200 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/codec_memcheck.py 2>&1 | tail -12
+for tool in memcheck racecheck; do  # racecheck: the shared-memory rings and tables (v2), the bank (v1)
+  part $tool || continue
+  echo "== compute-sanitizer $tool of kernel $KVCOMPILE_KV_DECODE_KERNEL: valid chunks of every level, then corrupted ones"
+  SECONDS=0
+  timeout 200 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/codec_memcheck.py 2>&1 | tail -12
+  echo "$tool: ${SECONDS}s"
+done
 unset KVCOMPILE_KV_DECODE_KERNEL
-echo "memcheck: ${SECONDS}s"
 fi
 
 if [ -n "${TORCHAC_BUILD:-}" ]; then
