@@ -9,9 +9,11 @@ prompt but its last token is the compressed context) and cross-chunk accuracy (f
 compressed the same way); plus the cache's size against fp16 and against 8-bit per-(layer, token)
 quantisation of the same KV ("none" is the uncompressed baseline).
 
-`--model reference-long --lengths 4096 8192 --window 8192 --context 4096 --no-cross-chunk` runs the
-long-context model (its cross-chunk chain task is not learned, so only retrieval and bits per byte
-mean anything there).
+`--model reference-long --lengths 4096 8192 --window 8192 --context 4096` runs the long-context
+model; add `--chunks 6 --chunk-tokens 512` for its cross-chunk layout (6 chunks of up to 512 tokens,
+the one its chain was trained and measured in, docs/REFERENCE_MODEL.md; the default is the first
+reference model's 4 chunks x 16 lines). The first job's long weights did not learn the chain
+(`--no-cross-chunk` then); the shipped second job's did.
 
 Settings not (yet) a level: `--try 'k=5,5,11,15/v=2,2,7,3'` scores K / V with those halves (levels
 each side of zero) per equal group of layers; `--seed` picks other prompts of the same tasks (tune
@@ -123,8 +125,11 @@ def evaluate_level(model, level, args) -> dict:
     row = {"level": level if level is None or level in SHIPPED else codec_quantise.LEVELS[level].note,
            "bpb": bits / count, "retrieval": {k: v for k, v in retrieval.items() if k.isdigit()}}
     if args.cross_chunk:
-        cross = score_cross_chunk(runner, args.count, args.seed, modes=("full_prefill",))
+        cross = score_cross_chunk(runner, args.count, args.seed, modes=("full_prefill",),
+                                  n_chunks=args.chunks, chunk_tokens=args.chunk_tokens)
         row["cross_chunk"] = {kind: cross[kind]["full_prefill"] for kind in ("chain", "direct")}
+        row["cross_chunk_layout"] = {key: cross[key] for key in ("n_chunks", "lines_per_chunk", "chunk_tokens",
+                                                                 "prompt_tokens") if key in cross}
     sizes = runner.sizes
     row.update(bytes=sizes, seconds=round(time.perf_counter() - began, 1))
     if level is not None:
@@ -146,7 +151,7 @@ def answer_nll(model, level, args) -> dict:
     prompts = [("retrieval", e["prompt"], e["answer"])
                for e in retrieval_examples(max(args.lengths), args.count, args.seed)]
     for i in range(args.count):
-        example = cross_chunk_example(i, args.seed, "chain")
+        example = cross_chunk_example(i, args.seed, "chain", args.chunks, chunk_tokens=args.chunk_tokens)
         prompts.append(("chain", [t for c in example["chunks"] for t in c] + list(example["question"]),
                         example["answer"]))
     runner = CodecRunner(model, level)
@@ -190,8 +195,12 @@ def main(argv=None) -> int:
     parser.add_argument("--nll", action="store_true", help="score the answers' likelihood (answer_nll) "
                         "instead of generating; an uncompressed baseline is always scored first")
     parser.add_argument("--no-cross-chunk", dest="cross_chunk", action="store_false")
+    parser.add_argument("--chunks", type=int, default=4, help="cross-chunk task: chunks per prompt")
+    parser.add_argument("--chunk-tokens", type=int, default=None,
+                        help="cross-chunk task: tokens per chunk (reference-long: 512); default 16 lines a chunk")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     from kvcompile.frontend.loading import resolve_model_dir
