@@ -13,6 +13,7 @@
 # Everything lands under $OUT (logs, floors.json, codec_decode.json, codec_restore.json, fuzz replay,
 # codec_streaming.*).
 #   OUT=/tmp/out bash bench/gpu_codec_runtime.sh        # ~8 min on an H200
+#   STEPS="3 2b" ...                                     runs only those steps, in the script's order
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_install.sh
@@ -23,12 +24,18 @@ echo "== device"; print_device
 echo "== install"
 install_kvcompile || exit 1
 python3 -c "from kvcompile.plugins import build, load_kernels; load_kernels()" || exit 1
+STEPS=${STEPS:-1 2 2b 3 4}
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 
+if step 1; then
 echo "== 1. floors: host gather by row size"
 SECONDS=0
 timeout 240 python3 bench/floors.py --out "$OUT" || echo "floors failed"
 echo "floors: ${SECONDS}s"
+fi
 
+
+if step 2; then
 echo "== 2. codec decode on the GPU"
 SECONDS=0
 timeout 180 python3 - "$OUT" <<'PY' || echo "decode timing failed"
@@ -63,26 +70,35 @@ for name, shape in shapes.items():
 json.dump(out, open(f"{sys.argv[1]}/codec_decode.json", "w"), indent=1)
 PY
 echo "decode: ${SECONDS}s"
+fi
 
+
+if step 2b; then
 echo "== 2b. restore vs prefill on the GPU (reference model; restore graph = kv_decode kernel)"
 SECONDS=0
 timeout 240 python3 bench/bench_codec_restore.py --out "$OUT" --device cuda --repeats 5 || echo "restore bench failed"
 echo "restore: ${SECONDS}s"
+fi
 
+
+if step 3; then
 echo "== 3. fuzz corpus: CPU vs GPU decode, under compute-sanitizer memcheck"
 SECONDS=0
-timeout 200 python3 bench/fuzz_corpus.py --count 10000 --keep-errors --out "$OUT/fuzz_corpus" > "$OUT/fuzz_cpu.json"
+timeout 200 python3 bench/fuzz_corpus.py --count 10000 --keep-errors --out /tmp/fuzz_corpus > "$OUT/fuzz_cpu.json"
 tail -20 "$OUT/fuzz_cpu.json"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 --log-file "$OUT/memcheck.log" \
-    python3 bench/fuzz_corpus.py --replay "$OUT/fuzz_corpus" --device cuda > "$OUT/fuzz_replay.json"
+    python3 bench/fuzz_corpus.py --replay /tmp/fuzz_corpus --device cuda > "$OUT/fuzz_replay.json"
   echo "memcheck exit code: $?"; tail -5 "$OUT/memcheck.log"; cat "$OUT/fuzz_replay.json"
 else
   echo "compute-sanitizer not found: replay without it"
-  timeout 200 python3 bench/fuzz_corpus.py --replay "$OUT/fuzz_corpus" --device cuda | tee "$OUT/fuzz_replay.json"
+  timeout 200 python3 bench/fuzz_corpus.py --replay /tmp/fuzz_corpus --device cuda | tee "$OUT/fuzz_replay.json"
 fi
 echo "fuzz: ${SECONDS}s"
+fi
 
+
+step 4 || exit 0
 echo "== 4. streaming simulation with the measured decode rate"
 RATE=$(python3 -c "
 import json; rows = json.load(open('$OUT/codec_decode.json'))['rows']
