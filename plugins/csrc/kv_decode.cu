@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(kvc_kv_decode_args a) 
   const float top = a.log_scales ? maxima[side * L + layer] : 0.f;
   const uint8_t* codes = base + 8LL * L + (int64_t)(side * L + layer) * tokens;
   const float* token_scales = reinterpret_cast<const float*>(base) + (int64_t)(side * L + layer) * tokens;
-  if (a.log_scales && !(top >= 0.f && isfinite(top))) {
+  if (a.log_scales && !(top >= 0.f && top <= cache_max<T>())) {
     fail(a.status, chunk, KVC_DECODE_BAD_SCALE);
     return;
   }
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(kvc_kv_decode_args a) 
       scale = __fmul_rn(top, a.scale_steps[codes[t]]);
     } else {
       scale = token_scales[t];
-      if (!(scale >= 0.f && isfinite(scale))) { ok = false; break; }
+      if (!(scale >= 0.f && scale <= cache_max<T>())) { ok = false; break; }
     }
     float v[G];
 #pragma unroll

@@ -20,6 +20,13 @@ template <> __device__ inline float to_cache(float x) { return x; }
 template <> __device__ inline __half to_cache(float x) { return __float2half_rn(x); }
 template <> __device__ inline __nv_bfloat16 to_cache(float x) { return __float2bfloat16_rn(x); }
 
+// The largest scale a cache of T can hold (codec/chunk.py DTYPE_MAX): a larger one cannot come from
+// real K/V of that dtype and would decode to inf, so both decoders refuse it as the CPU one does.
+template <typename T> __device__ inline float cache_max();
+template <> __device__ inline float cache_max<float>() { return 3.402823466e38f; }
+template <> __device__ inline float cache_max<__half>() { return 65504.f; }
+template <> __device__ inline float cache_max<__nv_bfloat16>() { return 3.3895313892515355e38f; }
+
 __device__ inline uint32_t load_u32(const uint8_t* p) {  // 4-byte aligned by the layout checks
   return *reinterpret_cast<const uint32_t*>(p);
 }
@@ -75,7 +82,19 @@ __device__ __forceinline__ bool view_chunk(const kvc_kv_decode_args& a, int chun
   }
   if (c->words_at > bytes || ((bytes - c->words_at) & 3)) return false;
   c->words = (bytes - c->words_at) / 2;
-  return true;
+  // The words end where the last stream ends, then at most one zero word of padding: what the CPU
+  // decoder requires, so a chunk with words to spare or a dirty pad is refused by both.
+  int64_t used;
+  if (c->v3) {
+    const int last = (streams - 1) & ~31;
+    const uint16_t* lengths = reinterpret_cast<const uint16_t*>(c->base + c->lengths_at);
+    used = load_u32(c->base + c->ends_at + 4LL * (last >> 5));
+    for (int j = last; j < streams; ++j) used += lengths[j];
+  } else {
+    used = load_u32(c->base + c->ends_at + 4LL * (streams - 1));
+  }
+  const uint16_t* words = reinterpret_cast<const uint16_t*>(c->base + c->words_at);
+  return (used + 1) / 2 * 2 == c->words && (used == c->words || words[used] == 0);
 }
 
 // The words [begin, end) of `stream`, from the chunk's first word; false when the stream is
@@ -85,6 +104,11 @@ __device__ __forceinline__ bool stream_span(const ChunkView& c, int stream, int6
   if (c.v3) {
     const uint16_t* lengths = reinterpret_cast<const uint16_t*>(c.base + c.lengths_at);
     int64_t at = load_u32(c.base + c.ends_at + 4LL * (stream >> 5));
+    if ((stream & 31) == 0) {  // a warp's start is the one before plus its lengths (0 for the first)
+      int64_t want = stream ? load_u32(c.base + c.ends_at + 4LL * ((stream >> 5) - 1)) : 0;
+      for (int j = stream - 32; j >= 0 && j < stream; ++j) want += lengths[j];
+      if (at != want) return false;
+    }
     for (int j = stream & ~31; j < stream; ++j) at += lengths[j];
     *begin = at;
     *end = at + lengths[stream];

@@ -147,7 +147,7 @@ __device__ __forceinline__ void decode_stream(const kvc_kv_decode_args& a, Work<
         scale[i] = __fmul_rn(w.top, steps[w.scales[t]]);
       } else {
         scale[i] = reinterpret_cast<const float*>(w.scales)[t];
-        if (!(scale[i] >= 0.f && isfinite(scale[i]))) ok = false;  // v1 calls it a bad stream too
+        if (!(scale[i] >= 0.f && scale[i] <= cache_max<T>())) ok = false;  // v1 calls it a bad stream too
       }
     }
 #pragma unroll
@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(kBlock, 8) decode_kernel_v2(kvc_kv_decode_args
       else w.table[g] = (fast ? (int)(row - window) : row) << 8 | centre;
     }
     const float top = a.log_scales ? reinterpret_cast<const float*>(base)[sl] : 0.f;
-    if (code == KVC_DECODE_OK && a.log_scales && !(top >= 0.f && isfinite(top))) code = KVC_DECODE_BAD_SCALE;
+    if (code == KVC_DECODE_OK && a.log_scales && !(top >= 0.f && top <= cache_max<T>())) code = KVC_DECODE_BAD_SCALE;
     if (code == KVC_DECODE_OK) {
       w.top = top;
       w.row0 = fast ? (int)(a.table_base[sl] - window) : a.table_base[sl];  // read at G = 8
