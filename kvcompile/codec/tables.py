@@ -129,7 +129,8 @@ def choose(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, np.ndarray]:
     for j in range(candidates.shape[1]):
         centre = candidates[:, j]
         shifted = np.take_along_axis(counts, (index[None] + centre[:, None]) % alphabet, axis=1)  # counts of d
-        cost = shifted @ bits.T  # [rows, SHAPES]
+        # [rows, SHAPES] by einsum's own loop, not BLAS: BLAS threads made the whole encode 2-3x slower
+        cost = np.einsum("ra,sa->rs", shifted, bits)
         shape = cost.argmin(axis=1)
         value = cost[np.arange(rows), shape]
         better = value < best_cost
