@@ -25,9 +25,7 @@ from kvcompile.core.layout import GraphSpec
 class RestoreModule(torch.nn.Module):
     def __init__(self, spec: GraphSpec, level: int, chunk_tokens: int):
         super().__init__()
-        import math
-
-        from kvcompile.codec import STREAM_CHANNELS
+        from kvcompile.codec import default_group
         from kvcompile.codec.bitstream import DTYPES
         from kvcompile.codec.quantise import LEVELS
         from kvcompile.ops.kv_decode.definition import level_tables
@@ -37,7 +35,7 @@ class RestoreModule(torch.nn.Module):
             self.register_buffer(name, table)
         self.spec = spec
         self.attributes = (spec.num_layers, spec.kv_heads, spec.head_dim, chunk_tokens,
-                           math.gcd(STREAM_CHANNELS, spec.kv_heads * spec.head_dim),
+                           default_group(spec.kv_heads * spec.head_dim, chunk_tokens),
                            int(LEVELS[level].log_scales), DTYPES.index(spec.dtype))
 
     def forward(self, data: torch.Tensor, chunk_offsets: torch.Tensor):

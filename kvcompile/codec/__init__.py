@@ -59,14 +59,21 @@ def _from_rows(rows: np.ndarray, heads: int, dim: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rows)).reshape(layers, tokens, heads, dim).permute(0, 2, 1, 3)
 
 
+def default_group(channels: int, chunk_tokens: int) -> int:
+    """The stream width `encode` writes without `group=` (and the restore graph decodes): the
+    widest up to STREAM_CHANNELS that divides `channels` and keeps a stream of chunk_tokens·group
+    symbols within format 3's u16 length (at most one word a symbol, plus two)."""
+    group = math.gcd(STREAM_CHANNELS, channels)
+    while group > 1 and chunk_tokens * group + 2 > chunk_codec.MAX_STREAM_WORDS:
+        group //= 2
+    return group
+
+
 def stream_group(channels: int, chunk_tokens: int, group=None) -> int:
-    """Channels per rANS stream: `group` (one of GROUPS, dividing `channels`), by default the
-    widest up to STREAM_CHANNELS that divides them; a stream of chunk_tokens·group symbols must
-    fit format 3's u16 length (at most one word a symbol, plus two)."""
+    """Channels per rANS stream: `group` (one of GROUPS, dividing `channels`), by default
+    default_group's; refused when it cannot be written."""
     if group is None:
-        group = math.gcd(STREAM_CHANNELS, channels)
-        while group > 1 and chunk_tokens * group + 2 > chunk_codec.MAX_STREAM_WORDS:
-            group //= 2
+        group = default_group(channels, chunk_tokens)
     if group not in GROUPS or channels % group:
         raise UsageError(f"group (channels per stream) must be one of {GROUPS} and divide {channels}, got {group}")
     if chunk_tokens * group + 2 > chunk_codec.MAX_STREAM_WORDS:

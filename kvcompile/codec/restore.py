@@ -14,7 +14,6 @@ anything is decoded (RestoreMismatchError, one line).
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -113,9 +112,9 @@ def restore_cache(model, source, extra_capacity: int = 0):
     cache = model.new_cache(1, header.tokens + extra_capacity)
     chunks = [data for _, data in codec.iter_chunks(stream, header)]
     whole = header.tokens // header.chunk_tokens
-    # the restore graph's streams are STREAM_CHANNELS wide; a bitstream written with another
+    # the restore graph's streams are codec.default_group wide; a bitstream written with another
     # width (codec.encode's group) decodes through the codec instead
-    if header.group != math.gcd(codec.STREAM_CHANNELS, header.channels):
+    if header.group != codec.default_group(header.channels, header.chunk_tokens):
         whole = 0
     # the graph's kv_decode node (and an exported restore.onnx) reads format-2 chunks: a format-3
     # chunk is laid out as one (the same words; its header's tables copied into it)
