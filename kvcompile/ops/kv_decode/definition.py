@@ -164,14 +164,13 @@ def decode_chunks(header, chunks, device="cpu", tokens=None) -> Tensor:
     `tokens` tokens (default header.chunk_tokens) -> [2, L, Hkv, N·tokens, D] on `device`."""
     from kvcompile.codec.bitstream import BitstreamError
 
-    offsets, parts, at = [], [], 0
+    offsets, at = [], 0
     for n, data in enumerate(chunks):
         if len(data) % 4:  # every part of a chunk is padded to 4 bytes: codec.decode refuses it too
             raise BitstreamError(f"KV bitstream chunk {n} is {len(data)} bytes, not a multiple of 4")
         offsets.append(at)
-        parts.append(data)
         at += len(data)
-    joined = b"".join(parts)  # torch.frombuffer refuses an empty buffer: empty chunks are the decoder's to refuse
+    joined = b"".join(chunks)  # torch.frombuffer refuses an empty buffer: empty chunks are the decoder's to refuse
     blob = (torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.zeros(0, dtype=torch.uint8)).to(device)
     bank_cdf, halves, table_base, steps = level_tables(header.level, header.layers, device)
     from kvcompile.codec.bitstream import DTYPES as NAMES
