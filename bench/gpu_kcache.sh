@@ -67,6 +67,17 @@ for dtype, T, D in ((torch.bfloat16, 1, 64), (torch.float32, 1, 64), (torch.bflo
             want = ref(q, k, v, kc, vh, bias, 0.125, topn, select, True)
             err = (got.cpu().float() - want.float()).abs().max().item()
             print(dtype, "T", T, "D", D, select, topn, "max|diff|", err)
+import os  # the op pipelined over batch slices (side stream): B = 3 in 2 slices
+os.environ["KVC_PIPELINE_PARTS"] = "2"
+for T, select in ((1, "head"), (5, "layer")):
+    B, Hq, Hkv, P, D = 3, 8, 2, 1300, 128
+    q = torch.randn(B, Hq, T, D, dtype=torch.bfloat16); k = torch.randn(B, Hkv, T, D, dtype=torch.bfloat16)
+    kc = torch.randn(B, Hkv, P, D, dtype=torch.bfloat16); vh = torch.randn(B, P, Hkv, D, dtype=torch.bfloat16)
+    bias = torch.zeros(B, 1, T, P + T); bias[..., P:] = torch.full((T, T), -1e30).triu(1)
+    got = op(q.cuda(), k.cuda(), k.cuda(), kc.cuda(), vh.pin_memory(), bias.cuda(), 0.125, 64, select, False)
+    want = ref(q, k, k, kc, vh, bias, 0.125, 64, select, False)
+    print("pipelined parts=2", select, "T", T, "max|diff|", (got.cpu().float() - want.float()).abs().max().item())
+os.environ["KVC_PIPELINE_PARTS"] = "1"
 for dtype in (torch.bfloat16, torch.float32):  # the full cache's decode: fused past + merge kernel
     q = torch.randn(2, 8, 1, 64, dtype=dtype, device="cuda"); k = torch.randn(2, 2, 1, 64, dtype=dtype, device="cuda")
     kc = torch.randn(2, 2, 700, 64, dtype=dtype, device="cuda"); b = torch.zeros(2, 1, 1, 701, dtype=dtype, device="cuda")
@@ -92,5 +103,5 @@ fi
 has bench || exit 0
 echo "== benchmark"
 SECONDS=0
-timeout 100 python3 bench/bench_kcache_op.py --out "$OUT" "${FLOORS[@]}" "$@"
+timeout ${BENCH_TIMEOUT:-200} python3 bench/bench_kcache_op.py --out "$OUT" "${FLOORS[@]}" "$@"
 echo "bench: ${SECONDS}s"

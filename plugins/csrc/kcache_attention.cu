@@ -15,6 +15,8 @@ int fail(int code, const std::string& message) {
   return code;
 }
 
+constexpr int kPipelineGatherCtas = 64;  // the fetch's grid cap when pipelined
+
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
@@ -90,6 +92,17 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   // CTAs hold every SM for the whole fetch. $KVC_GATHER_CTAS sets the cap (0: none).
   q.gather_ctas = 0;
   if (const char* v = getenv("KVC_GATHER_CTAS")) q.gather_ctas = atoi(v) > 0 ? atoi(v) : 0;
+  // Batch slices pipelined inside the op (kvc_kcache_decode): a slice's fetch runs while the
+  // next slice's scores read K. Each slice adds its own latency-bound stages (top-N, launch
+  // gaps: ~20-50 µs on the H200), so two slices pay only when both the K pass and the fetch
+  // are long: measured at 32K (B=8, N=512: 0.36 vs 0.37-0.39 ms; the 8B model's B=30, N=512
+  // layers: 1.12x the step) and not at 8K or for N <= 128 (docs/BENCHMARKS.md).
+  // $KVC_PIPELINE_PARTS overrides (1: off).
+  const double k_bytes = (double)q.B * q.Hkv * q.S * q.D * elem;
+  const double fetch_bytes = (double)q.B * q.select_rows * q.N * (layer ? q.Hkv : 1) * q.D * elem;
+  q.pipeline_parts = k_bytes >= 256e6 && fetch_bytes >= 8e6 ? 2 : 1;
+  if (const char* v = getenv("KVC_PIPELINE_PARTS"); v && *v) q.pipeline_parts = atoi(v) > 1 ? atoi(v) : 1;
+  if (q.pipeline_parts > q.B) q.pipeline_parts = q.B;
   if (gather_smem_bytes(q) > 48 * 1024)
     return fail(KVC_ERR_ARGUMENT, "kcache_decode: a fetched row and the probabilities of its query rows (heads x tokens) are too wide for one CTA");
   if ((int64_t)q.B * q.Hkv * q.head_tiles > 65535 || (int64_t)q.B * q.select_rows > 65535)
@@ -110,6 +123,108 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
 
 int cuda_fail(cudaError_t err, const char* stage) {
   return fail(KVC_ERR_CUDA, std::string("kcache_decode: ") + stage + ": " + cudaGetErrorString(err));
+}
+
+// The workspace's arrays; every one is indexed by sequence first.
+struct Workspace {
+  float* logits;
+  MaxSum* tile_stats;
+  MaxSum* stats;
+  float* select;
+  int32_t* index;
+  float* partial;
+  float* mass;
+};
+
+Workspace carve(const KCachePlan& p, char* ws) {
+  return Workspace{reinterpret_cast<float*>(ws + p.off_logits),
+                   reinterpret_cast<MaxSum*>(ws + p.off_tile_stats),
+                   reinterpret_cast<MaxSum*>(ws + p.off_stats),
+                   reinterpret_cast<float*>(ws + p.off_select),
+                   reinterpret_cast<int32_t*>(ws + p.off_index),
+                   reinterpret_cast<float*>(ws + p.off_partial),
+                   reinterpret_cast<float*>(ws + p.off_mass)};
+}
+
+// Sequences [b0, b0 + nb) as a call of their own: tensor pointers moved to sequence b0, the
+// workspace's arrays to its rows, the plan's batch set to nb. Returns the host values' device
+// alias for the slice.
+const void* slice(const kvc_kcache_decode_args& a, const KCachePlan& p, const Workspace& w,
+                  const void* host, int b0, int nb, kvc_kcache_decode_args* sa, KCachePlan* sp,
+                  Workspace* sw) {
+  const int64_t e = p.elem_bytes;
+  auto at = [&](const void* ptr, int64_t stride_b) {
+    return static_cast<const void*>(static_cast<const char*>(ptr) + b0 * stride_b * e);
+  };
+  *sa = a;
+  sa->batch = nb;
+  sa->query = at(a.query, a.query_stride_b);
+  sa->key = at(a.key, a.key_stride_b);
+  sa->value = at(a.value, a.value_stride_b);
+  sa->key_cache = at(a.key_cache, a.key_cache_stride_b);
+  sa->value_host = at(a.value_host, a.value_host_stride_b);
+  sa->attn_bias = a.attn_bias + b0 * a.attn_bias_stride_b;
+  sa->out = static_cast<char*>(a.out) + (int64_t)b0 * p.QR * p.D * e;
+  *sp = p;
+  sp->B = nb;
+  const int64_t qr = (int64_t)b0 * p.QR, sel = (int64_t)b0 * p.select_rows;
+  *sw = Workspace{w.logits + qr * p.S,
+                  w.tile_stats + qr * p.score_tiles,
+                  w.stats + qr,
+                  w.select + sel * p.S,
+                  w.index + sel * p.N,
+                  w.partial + qr * p.gather_chunks * p.D,
+                  w.mass + qr * p.gather_chunks};
+  return at(host, a.value_host_stride_b);
+}
+
+// The side stream of the pipelined op and its fork / join events, one set per (host thread,
+// device) so that threads never re-record each other's events between a record and its wait;
+// made on first use (non-blocking, so the legacy default stream does not serialise it; under
+// CUDA-graph capture the fork and join bring its work into the graph).
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+};
+
+SideStream* side_stream() {
+  thread_local SideStream streams[64];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= 64) return nullptr;
+  SideStream& s = streams[device];
+  if (!s.stream) {
+    int least = 0, greatest = 0;
+    cudaError_t err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    if (!err) err = cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming);
+    if (!err) err = cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming);
+    if (!err) err = cudaStreamCreateWithPriority(&s.stream, cudaStreamNonBlocking, greatest);
+    if (err) {
+      last_error = cudaGetErrorString(err);
+      s.stream = nullptr;
+      return nullptr;
+    }
+  }
+  return &s;
+}
+
+// The six stages of one slice: scores to top-N on `stream`, the fetch and the weighted sum on
+// `fetch_stream` (after the top-N, when it is another stream).
+int enqueue_slice(const kvc_kcache_decode_args& a, const KCachePlan& p, const Workspace& w,
+                  const void* host, cudaStream_t stream, cudaStream_t fetch_stream) {
+  cudaError_t err;
+  if ((err = launch_scores(a, p, w.logits, w.tile_stats, stream))) return cuda_fail(err, "scores");
+  if ((err = launch_softmax_stats(p, w.tile_stats, a.sinks, w.stats, stream))) return cuda_fail(err, "softmax stats");
+  if ((err = launch_selection_scores(p, w.logits, w.stats, w.select, stream))) return cuda_fail(err, "selection scores");
+  if ((err = launch_topn_select(p, w.select, w.index, stream))) return cuda_fail(err, "top-n select");
+  if (fetch_stream != stream) {
+    SideStream* side = side_stream();
+    if ((err = cudaEventRecord(side->fork, stream)) || (err = cudaStreamWaitEvent(fetch_stream, side->fork, 0)))
+      return cuda_fail(err, "pipeline fork");
+  }
+  if ((err = launch_gather(a, p, host, w.logits, w.stats, w.index, w.partial, w.mass, fetch_stream)))
+    return cuda_fail(err, "gather");
+  if ((err = launch_finalize(a, p, w.partial, w.mass, fetch_stream))) return cuda_fail(err, "finalize");
+  return KVC_OK;
 }
 
 }  // namespace
@@ -146,23 +261,33 @@ int kvc_kcache_decode(const kvc_kcache_decode_args* args, void* workspace, size_
   if (attr.type != cudaMemoryTypeHost || !attr.devicePointer)
     return fail(KVC_ERR_ARGUMENT, "kcache_decode: value_host must be pinned (page-locked, mapped) host memory");
 
-  char* ws = static_cast<char*>(workspace);
-  float* logits = reinterpret_cast<float*>(ws + p.off_logits);
-  MaxSum* tile_stats = reinterpret_cast<MaxSum*>(ws + p.off_tile_stats);
-  MaxSum* stats = reinterpret_cast<MaxSum*>(ws + p.off_stats);
-  float* select = reinterpret_cast<float*>(ws + p.off_select);
-  int32_t* index = reinterpret_cast<int32_t*>(ws + p.off_index);
-  float* partial = reinterpret_cast<float*>(ws + p.off_partial);
-  float* mass = reinterpret_cast<float*>(ws + p.off_mass);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+  const Workspace w = carve(p, static_cast<char*>(workspace));
+  if (p.pipeline_parts == 1)
+    return enqueue_slice(*args, p, w, attr.devicePointer, stream, stream);
 
-  if ((err = launch_scores(*args, p, logits, tile_stats, stream))) return cuda_fail(err, "scores");
-  if ((err = launch_softmax_stats(p, tile_stats, args->sinks, stats, stream))) return cuda_fail(err, "softmax stats");
-  if ((err = launch_selection_scores(p, logits, stats, select, stream))) return cuda_fail(err, "selection scores");
-  if ((err = launch_topn_select(p, select, index, stream))) return cuda_fail(err, "top-n select");
-  if ((err = launch_gather(*args, p, attr.devicePointer, logits, stats, index, partial, mass, stream)))
-    return cuda_fail(err, "gather");
-  if ((err = launch_finalize(*args, p, partial, mass, stream))) return cuda_fail(err, "finalize");
+  // Pipelined: the batch in slices; a slice's fetch and weighted sum run on a side stream
+  // (higher priority, so its few CTAs are scheduled ahead of the score pass's) while the
+  // main stream scores the next slice: the host link and HBM are busy at once. Every stage
+  // works per sequence, so each slice is the same computation as in one call.
+  SideStream* side = side_stream();
+  if (!side) return fail(KVC_ERR_CUDA, "kcache_decode: could not create the pipeline's side stream: " + last_error);
+  const int parts = p.pipeline_parts;
+  // The fetch needs few CTAs (it waits on the link); uncapped, its grid would hold the SMs the
+  // next slice's score pass needs. $KVC_GATHER_CTAS still overrides.
+  KCachePlan piped = p;
+  if (!piped.gather_ctas) piped.gather_ctas = kPipelineGatherCtas;
+  for (int i = 0, b0 = 0; i < parts; ++i) {
+    const int nb = p.B / parts + (i < p.B % parts ? 1 : 0);
+    kvc_kcache_decode_args sa;
+    KCachePlan sp;
+    Workspace sw;
+    const void* host = slice(*args, piped, w, attr.devicePointer, b0, nb, &sa, &sp, &sw);
+    if (int rc = enqueue_slice(sa, sp, sw, host, stream, side->stream)) return rc;
+    b0 += nb;
+  }
+  if ((err = cudaEventRecord(side->join, side->stream)) || (err = cudaStreamWaitEvent(stream, side->join, 0)))
+    return cuda_fail(err, "pipeline join");
   return KVC_OK;
 }
 

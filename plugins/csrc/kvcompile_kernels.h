@@ -51,7 +51,10 @@ int kvc_kcache_decode_workspace_size(const kvc_kcache_decode_args* args, size_t*
 
 /* Scores over all keys, softmax statistics, top-N select (per KV head or layer, summed over
  * its query heads and the T rows), zero-copy gather of the kept value rows from host memory,
- * weighted sum. Enqueued on `stream` (a cudaStream_t; NULL = default). */
+ * weighted sum. Enqueued on `stream` (a cudaStream_t; NULL = default). Large calls (a long K
+ * pass and a large fetch, or $KVC_PIPELINE_PARTS > 1) run in batch slices whose fetch goes on
+ * an internal side stream forked from `stream` and joined back before the call returns, so
+ * `stream` (and a CUDA graph captured from it) still orders all of the call's work. */
 int kvc_kcache_decode(const kvc_kcache_decode_args* args, void* workspace, size_t workspace_bytes,
                       void* stream);
 
