@@ -10,6 +10,10 @@ Runtimes, each at the largest batch whose GPU-resident cache of `--context` toke
                     one's V fetch over the host link overlaps the other's HBM work; the row also
                     times the same graphs one after the other (serial_step_ms). kvc_full_mb2 is
                     the control: no host fetch to hide, so it should gain little
+  <kcache row>_pK   one batch, the kcache op of every layer pipelined over K batch slices
+                    ($KVC_PIPELINE_PARTS): a slice's V fetch on a side stream while the next
+                    slice's scores read K; _p1 forces one slice, rows without the suffix take
+                    the kernel library's own rule
   hf_dynamic        HF model forward with a DynamicCache, one token per step (what generate runs)
   hf_offloaded      the same with the offloaded cache (transformers 5: DynamicCache(offloading=True);
                     older: OffloadedCache). Its GPU footprint is ~2 layers, so the budget allows a
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -45,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floors import add_floors_argument, floors_for  # noqa: E402
 from kcache_e2e_runtimes import (  # noqa: E402
     GIB, Shape, attention_floor_ms, base_runtime, build_model, cache_classes,
-    free_memory, microbatches_of,
+    free_memory, microbatches_of, pipeline_parts_of,
     gpu_kv_bytes_per_token, host_kv_bytes_per_token, llama_config, run_hf, run_kvcompile,
     run_kvcompile_microbatched)
 
@@ -91,6 +96,9 @@ def summarize(rows: list) -> dict:
                     by_name[name]["gpu_kv_bytes_per_token"] / by_name[peer]["gpu_kv_bytes_per_token"])
     if "kvc_full" in by_name and "hf_dynamic" in by_name:
         summary["kvc_full/hf_dynamic tokens_per_s"] = by_name["kvc_full"]["tokens_per_s"] / by_name["hf_dynamic"]["tokens_per_s"]
+    for name in (n for n in by_name if pipeline_parts_of(n) and base_runtime(n) in by_name):
+        summary[f"{name}/{base_runtime(name)} tokens_per_s"] = (
+            by_name[name]["tokens_per_s"] / by_name[base_runtime(name)]["tokens_per_s"])
     for name in (n for n in by_name if microbatches_of(n) > 1):
         if base_runtime(name) in by_name:
             summary[f"{name}/{base_runtime(name)} tokens_per_s"] = (
@@ -99,12 +107,15 @@ def summarize(rows: list) -> dict:
     return summary
 
 
-RUNTIMES = ("kvc_full", "kvc_full_mb2", "kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_layer_mb3", "kvc_kcache_head",
-            "kvc_kcache_head_mb2", "hf_dynamic", "hf_offloaded")
+RUNTIMES = ("kvc_full", "kvc_full_mb2", "kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_layer_mb3",
+            "kvc_kcache_layer_p1", "kvc_kcache_layer_p2", "kvc_kcache_layer_p4", "kvc_kcache_layer_p8", "kvc_kcache_layer_p16",
+            "kvc_kcache_head", "kvc_kcache_head_mb2", "kvc_kcache_head_p1", "kvc_kcache_head_p4", "kvc_kcache_head_p8",
+            "hf_dynamic", "hf_offloaded")
 # runtimes that share one filled cache (same layout and batch), run in this order
 CACHE_GROUPS = (("kvc_full", "kvc_full_mb2"),
-                ("kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_layer_mb3", "kvc_kcache_head",
-                 "kvc_kcache_head_mb2"))
+                ("kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_layer_mb3", "kvc_kcache_layer_p1",
+                 "kvc_kcache_layer_p2", "kvc_kcache_layer_p4", "kvc_kcache_layer_p8", "kvc_kcache_layer_p16", "kvc_kcache_head",
+                 "kvc_kcache_head_mb2", "kvc_kcache_head_p1", "kvc_kcache_head_p4", "kvc_kcache_head_p8"))
 
 
 def run(args) -> dict:
@@ -150,13 +161,20 @@ def run(args) -> dict:
             cache_config = (kvcompile.CacheConfig(kind="full") if base == "kvc_full" else
                             kvcompile.CacheConfig(kind="kcache", topn=args.topn, select=base.rsplit("_", 1)[1]))
 
-            def measure(cache_config=cache_config, batch=batch, parts=parts, rows=len(names)):
+            def measure(cache_config=cache_config, batch=batch, parts=parts, rows=len(names),
+                        pipeline=pipeline_parts_of(name)):
+                # read by the kernel library per call; without a _pK suffix, its own rule decides
+                if pipeline:
+                    os.environ["KVC_PIPELINE_PARTS"] = str(pipeline)
+                else:
+                    os.environ.pop("KVC_PIPELINE_PARTS", None)
                 if parts > 1:
                     row, shared["cache"] = run_kvcompile_microbatched(
                         model, cache_config, batch, parts, args, device, shared.get("cache"), rows)
                 else:
                     row, shared["cache"] = run_kvcompile(model, cache_config, batch, args, device,
                                                          shared.get("cache"), rows)
+                row["pipeline_parts"] = pipeline or "library rule"
                 return row
 
             record(name, batch, limit, measure)
@@ -176,7 +194,6 @@ def run(args) -> dict:
 
 def kernels_library(device):
     """Which kernel library the kcache op loads (a pinned prebuilt one, or the source-hash cache)."""
-    import os
 
     if device.type != "cuda":
         return None

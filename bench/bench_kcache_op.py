@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -135,7 +136,6 @@ SCORE_VARIANTS = [dict(KVC_SCORE_LOADS=str(loads), KVC_SCORE_TILE=str(tile))
 def score_sweep(case: dict, context: int, iters: int = 20) -> dict:
     """Device µs of the tensor-core score kernel for each SCORE_VARIANTS setting (the library
     reads them from the environment per call); sets the fastest for the rest of the process."""
-    import os
 
     op = torch.ops.kvcompile.kcache_attention
     fn = lambda: op(*case.values(), D ** -0.5, 64, "head", False)  # noqa: E731
@@ -150,6 +150,14 @@ def score_sweep(case: dict, context: int, iters: int = 20) -> dict:
     best = min(SCORE_VARIANTS, key=lambda v: timings[f"loads={v['KVC_SCORE_LOADS']} tile={v['KVC_SCORE_TILE']}"]["score_us"])
     os.environ.update(best)
     return dict(context=context, timings=timings, chosen=best)
+
+
+def set_pipeline_parts(parts: int) -> None:
+    """The kernel library reads $KVC_PIPELINE_PARTS per call; 0 leaves it to the library's rule."""
+    if parts:
+        os.environ["KVC_PIPELINE_PARTS"] = str(parts)
+    else:
+        os.environ.pop("KVC_PIPELINE_PARTS", None)
 
 
 def make_case(context: int, seed: int = 0):
@@ -173,7 +181,8 @@ def make_case(context: int, seed: int = 0):
                 attn_bias=bias), k_full, v_full
 
 
-def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = False) -> dict:
+def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = False,
+        pipeline_parts=(1,)) -> dict:
     import kvcompile.ops  # noqa: F401  (registers the op)
     from kvcompile.ops.kcache_attention import kernels as kcache_decode
 
@@ -240,15 +249,24 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
                   f"floor {floor_ms:.4f} ms", flush=True)
 
         for select in ("head", "layer"):
-            for topn in topns:
-                fn = lambda select=select, topn=topn: op(*case.values(), scale, topn, select, False)  # noqa: E731
-                eager, graph = time_eager(fn, iters), time_graph(fn, iters)
-                floor_ms = kcache_floor_s(context, topn, select) * 1e3
-                rows.append(dict(context=context, kind="kcache", select=select, topn=topn,
-                                 eager_ms=eager, graph_ms=graph, floor_ms=floor_ms,
-                                 hbm_bytes=k_bytes, host_us=host_us_per_call(fn)))
-                print(f"  kcache {select:5s} N={topn:5d} eager {eager:.4f} ms  graph "
-                      f"{graph and round(graph, 4)} ms  floor {floor_ms:.4f} ms", flush=True)
+            os.environ["KVC_PIPELINE_PARTS"] = "1"
+            one_call = op(*case.values(), scale, 128, select, False)
+            for parts in pipeline_parts:  # batch slices pipelined inside the op (1: none, 0: its default)
+                set_pipeline_parts(parts)
+                if parts != 1:  # the same computation per sequence: bit-identical output
+                    same = torch.equal(op(*case.values(), scale, 128, select, False), one_call)
+                    checks[f"{context}/{select}/parts={parts} equals one call"] = same
+                    assert same, f"pipelined parts={parts} differs from one call"
+                for topn in topns:
+                    fn = lambda select=select, topn=topn: op(*case.values(), scale, topn, select, False)  # noqa: E731
+                    eager, graph = time_eager(fn, iters), time_graph(fn, iters)
+                    floor_ms = kcache_floor_s(context, topn, select) * 1e3
+                    rows.append(dict(context=context, kind="kcache", select=select, topn=topn, parts=parts,
+                                     eager_ms=eager, graph_ms=graph, floor_ms=floor_ms,
+                                     hbm_bytes=k_bytes, host_us=host_us_per_call(fn)))
+                    print(f"  kcache {select:5s} N={topn:5d} parts={parts} eager {eager:.4f} ms  graph "
+                          f"{graph and round(graph, 4)} ms  floor {floor_ms:.4f} ms", flush=True)
+            set_pipeline_parts(1)  # the breakdown times each kernel of one call
             fn = lambda select=select: op(*case.values(), scale, 128, select, False)  # noqa: E731
             breakdowns[f"{context}/{select}/128"] = kernel_breakdown(fn)
         del case, k_full, v_full
@@ -303,7 +321,9 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(contexts), figsize=(7 * len(contexts), 4.5), squeeze=False)
     for ax, context in zip(axes[0], contexts):
         rows = [r for r in result["rows"] if r["context"] == context]
-        labels = [r["kind"] if r["kind"] != "kcache" else f"{r['select']} N={r['topn']}" for r in rows]
+        labels = [r["kind"] if r["kind"] != "kcache" else
+                  f"{r['select']} N={r['topn']}" + (f" p{r['parts'] or 'auto'}" if r.get("parts", 1) != 1 else "")
+                  for r in rows]
         x = range(len(rows))
         ax.bar(x, [r["best_ms"] for r in rows], color=["tab:gray" if r["kind"] != "kcache" else
                                                         "tab:blue" if r["select"] == "head" else "tab:orange"
@@ -327,6 +347,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="redraw the PNG from an existing JSON and exit")
     parser.add_argument("--score-sweep", action="store_true",
                         help="time the score kernel's tuning variants first and run the rest with the fastest")
+    parser.add_argument("--parts", type=int, nargs="+", default=[0],
+                        help="batch slices the kcache op pipelines (its $KVC_PIPELINE_PARTS; 0: the library's "
+                             "own rule), each timed")
     add_floors_argument(parser)
     args = parser.parse_args()
     if args.plot:
@@ -334,7 +357,8 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_kcache_op needs a CUDA GPU")
-    result = run(args.out, args.contexts, args.topn, args.iters, floors_for(args), args.score_sweep)
+    result = run(args.out, args.contexts, args.topn, args.iters, floors_for(args), args.score_sweep,
+                 args.parts)
     if result["score_sweep"]:  # for the next benchmark of the same GPU call (bench/gpu_kcache.sh)
         chosen = result["score_sweep"]["chosen"]
         (args.out / "score_variant.env").write_text("".join(f"export {k}={v}\n" for k, v in chosen.items()))

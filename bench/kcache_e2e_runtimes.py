@@ -70,16 +70,26 @@ class Shape:
         return self.kv_heads * self.head_dim * self.element
 
 
+def _split_suffix(name: str, marker: str, default: int) -> tuple[str, int]:
+    head, _, tail = name.rpartition(marker)
+    return (head, int(tail)) if head and tail.isdigit() else (name, default)
+
+
+def pipeline_parts_of(name: str) -> int:
+    """Batch slices the kcache op pipelines inside each layer ($KVC_PIPELINE_PARTS):
+    "kvc_kcache_layer_p4" -> 4, "..._p1" -> 1 (off); 0 without the suffix (the library's rule)."""
+    return _split_suffix(name, "_p", 0)[1]
+
+
 def microbatches_of(name: str) -> int:
     """How many micro-batches a runtime's name asks for: "kvc_kcache_layer_mb2" -> 2, else 1."""
-    head, _, tail = name.rpartition("_mb")
-    return int(tail) if head and tail.isdigit() else 1
+    return _split_suffix(_split_suffix(name, "_p", 0)[0], "_mb", 1)[1]
 
 
 def base_runtime(name: str) -> str:
-    """The runtime without its micro-batching: "kvc_kcache_layer_mb2" -> "kvc_kcache_layer"
-    (same cache, batch and floor; only the step is split)."""
-    return name.rpartition("_mb")[0] if microbatches_of(name) > 1 else name
+    """The runtime without its micro-batching or pipelining: "kvc_kcache_layer_mb2" and
+    "kvc_kcache_layer_p4" -> "kvc_kcache_layer" (same cache, batch and floor; only the step is split)."""
+    return _split_suffix(_split_suffix(name, "_p", 0)[0], "_mb", 1)[0]
 
 
 def gpu_kv_bytes_per_token(name: str, shape: Shape) -> int:
