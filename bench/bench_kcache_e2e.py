@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kcache_op import set_pipeline_parts  # noqa: E402
 from floors import add_floors_argument, floors_for  # noqa: E402
 from kcache_e2e_runtimes import (  # noqa: E402
     GIB, Shape, attention_floor_ms, base_runtime, build_model, cache_classes,
@@ -96,14 +97,12 @@ def summarize(rows: list) -> dict:
                     by_name[name]["gpu_kv_bytes_per_token"] / by_name[peer]["gpu_kv_bytes_per_token"])
     if "kvc_full" in by_name and "hf_dynamic" in by_name:
         summary["kvc_full/hf_dynamic tokens_per_s"] = by_name["kvc_full"]["tokens_per_s"] / by_name["hf_dynamic"]["tokens_per_s"]
-    for name in (n for n in by_name if pipeline_parts_of(n) and base_runtime(n) in by_name):
-        summary[f"{name}/{base_runtime(name)} tokens_per_s"] = (
-            by_name[name]["tokens_per_s"] / by_name[base_runtime(name)]["tokens_per_s"])
-    for name in (n for n in by_name if microbatches_of(n) > 1):
+    for name in (n for n in by_name if base_runtime(n) != n):  # micro-batched or pipelined rows
         if base_runtime(name) in by_name:
             summary[f"{name}/{base_runtime(name)} tokens_per_s"] = (
                 by_name[name]["tokens_per_s"] / by_name[base_runtime(name)]["tokens_per_s"])
-        summary[f"{name} serial/overlapped step_ms"] = by_name[name]["overlap_speedup"]
+        if microbatches_of(name) > 1:
+            summary[f"{name} serial/overlapped step_ms"] = by_name[name]["overlap_speedup"]
     return summary
 
 
@@ -112,10 +111,8 @@ RUNTIMES = ("kvc_full", "kvc_full_mb2", "kvc_kcache_layer", "kvc_kcache_layer_mb
             "kvc_kcache_head", "kvc_kcache_head_mb2", "kvc_kcache_head_p1", "kvc_kcache_head_p4", "kvc_kcache_head_p8",
             "hf_dynamic", "hf_offloaded")
 # runtimes that share one filled cache (same layout and batch), run in this order
-CACHE_GROUPS = (("kvc_full", "kvc_full_mb2"),
-                ("kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_layer_mb3", "kvc_kcache_layer_p1",
-                 "kvc_kcache_layer_p2", "kvc_kcache_layer_p4", "kvc_kcache_layer_p8", "kvc_kcache_layer_p16", "kvc_kcache_head",
-                 "kvc_kcache_head_mb2", "kvc_kcache_head_p1", "kvc_kcache_head_p4", "kvc_kcache_head_p8"))
+CACHE_GROUPS = (tuple(n for n in RUNTIMES if n.startswith("kvc_full")),
+                tuple(n for n in RUNTIMES if n.startswith("kvc_kcache")))
 
 
 def run(args) -> dict:
@@ -163,11 +160,7 @@ def run(args) -> dict:
 
             def measure(cache_config=cache_config, batch=batch, parts=parts, rows=len(names),
                         pipeline=pipeline_parts_of(name)):
-                # read by the kernel library per call; without a _pK suffix, its own rule decides
-                if pipeline:
-                    os.environ["KVC_PIPELINE_PARTS"] = str(pipeline)
-                else:
-                    os.environ.pop("KVC_PIPELINE_PARTS", None)
+                set_pipeline_parts(pipeline)  # without a _pK suffix (0), the library's own rule decides
                 if parts > 1:
                     row, shared["cache"] = run_kvcompile_microbatched(
                         model, cache_config, batch, parts, args, device, shared.get("cache"), rows)
@@ -194,7 +187,6 @@ def run(args) -> dict:
 
 def kernels_library(device):
     """Which kernel library the kcache op loads (a pinned prebuilt one, or the source-hash cache)."""
-
     if device.type != "cuda":
         return None
     from kvcompile.plugins import build

@@ -136,7 +136,6 @@ SCORE_VARIANTS = [dict(KVC_SCORE_LOADS=str(loads), KVC_SCORE_TILE=str(tile))
 def score_sweep(case: dict, context: int, iters: int = 20) -> dict:
     """Device µs of the tensor-core score kernel for each SCORE_VARIANTS setting (the library
     reads them from the environment per call); sets the fastest for the rest of the process."""
-
     op = torch.ops.kvcompile.kcache_attention
     fn = lambda: op(*case.values(), D ** -0.5, 64, "head", False)  # noqa: E731
     timings = {}
@@ -249,7 +248,7 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
                   f"floor {floor_ms:.4f} ms", flush=True)
 
         for select in ("head", "layer"):
-            os.environ["KVC_PIPELINE_PARTS"] = "1"
+            set_pipeline_parts(1)
             one_call = op(*case.values(), scale, 128, select, False)
             for parts in pipeline_parts:  # batch slices pipelined inside the op (1: none, 0: its default)
                 set_pipeline_parts(parts)
