@@ -99,7 +99,7 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   // layers: 1.12x the step) and not at 8K or for N <= 128 (docs/BENCHMARKS.md).
   // $KVC_PIPELINE_PARTS overrides (1: off).
   const double k_bytes = (double)q.B * q.Hkv * q.S * q.D * elem;
-  const double fetch_bytes = (double)q.B * q.select_rows * q.N * (layer ? q.Hkv : 1) * q.D * elem;
+  const double fetch_bytes = (double)q.B * q.select_rows * q.N * q.row_elems * elem;
   q.pipeline_parts = k_bytes >= 256e6 && fetch_bytes >= 8e6 ? 2 : 1;
   if (const char* v = getenv("KVC_PIPELINE_PARTS"); v && *v) q.pipeline_parts = atoi(v) > 1 ? atoi(v) : 1;
   if (q.pipeline_parts > q.B) q.pipeline_parts = q.B;
@@ -208,19 +208,17 @@ SideStream* side_stream() {
 }
 
 // The six stages of one slice: scores to top-N on `stream`, the fetch and the weighted sum on
-// `fetch_stream` (after the top-N, when it is another stream).
+// the side stream when there is one (forked after the top-N), else on `stream` too.
 int enqueue_slice(const kvc_kcache_decode_args& a, const KCachePlan& p, const Workspace& w,
-                  const void* host, cudaStream_t stream, cudaStream_t fetch_stream) {
+                  const void* host, cudaStream_t stream, const SideStream* side) {
   cudaError_t err;
   if ((err = launch_scores(a, p, w.logits, w.tile_stats, stream))) return cuda_fail(err, "scores");
   if ((err = launch_softmax_stats(p, w.tile_stats, a.sinks, w.stats, stream))) return cuda_fail(err, "softmax stats");
   if ((err = launch_selection_scores(p, w.logits, w.stats, w.select, stream))) return cuda_fail(err, "selection scores");
   if ((err = launch_topn_select(p, w.select, w.index, stream))) return cuda_fail(err, "top-n select");
-  if (fetch_stream != stream) {
-    SideStream* side = side_stream();
-    if ((err = cudaEventRecord(side->fork, stream)) || (err = cudaStreamWaitEvent(fetch_stream, side->fork, 0)))
-      return cuda_fail(err, "pipeline fork");
-  }
+  const cudaStream_t fetch_stream = side ? side->stream : stream;
+  if (side && ((err = cudaEventRecord(side->fork, stream)) || (err = cudaStreamWaitEvent(fetch_stream, side->fork, 0))))
+    return cuda_fail(err, "pipeline fork");
   if ((err = launch_gather(a, p, host, w.logits, w.stats, w.index, w.partial, w.mass, fetch_stream)))
     return cuda_fail(err, "gather");
   if ((err = launch_finalize(a, p, w.partial, w.mass, fetch_stream))) return cuda_fail(err, "finalize");
@@ -264,7 +262,7 @@ int kvc_kcache_decode(const kvc_kcache_decode_args* args, void* workspace, size_
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   const Workspace w = carve(p, static_cast<char*>(workspace));
   if (p.pipeline_parts == 1)
-    return enqueue_slice(*args, p, w, attr.devicePointer, stream, stream);
+    return enqueue_slice(*args, p, w, attr.devicePointer, stream, nullptr);
 
   // Pipelined: the batch in slices; a slice's fetch and weighted sum run on a side stream
   // (higher priority, so its few CTAs are scheduled ahead of the score pass's) while the
@@ -283,7 +281,7 @@ int kvc_kcache_decode(const kvc_kcache_decode_args* args, void* workspace, size_
     KCachePlan sp;
     Workspace sw;
     const void* host = slice(*args, piped, w, attr.devicePointer, b0, nb, &sa, &sp, &sw);
-    if (int rc = enqueue_slice(sa, sp, sw, host, stream, side->stream)) return rc;
+    if (int rc = enqueue_slice(sa, sp, sw, host, stream, side)) return rc;
     b0 += nb;
   }
   if ((err = cudaEventRecord(side->join, side->stream)) || (err = cudaStreamWaitEvent(stream, side->join, 0)))
