@@ -78,6 +78,17 @@ for T, select in ((1, "head"), (5, "layer")):
     want = ref(q, k, k, kc, vh, bias, 0.125, 64, select, False)
     print("pipelined parts=2", select, "T", T, "max|diff|", (got.cpu().float() - want.float()).abs().max().item())
 os.environ["KVC_PIPELINE_PARTS"] = "1"
+for cluster in ("2", "8"):  # the top-N split over a thread-block cluster (sm_90), both of its paths
+    os.environ["KVC_TOPN_CLUSTER"] = cluster
+    B, Hq, Hkv, P, D = 2, 8, 2, 9000, 64
+    for spread in (1.0, 0.01):  # 0.01: the boundary bin crowded past the candidate list
+        q = torch.randn(B, Hq, 1, D) * spread; kc = torch.randn(B, Hkv, P, D); vh = torch.randn(B, P, Hkv, D)
+        k = torch.randn(B, Hkv, 1, D); bias = torch.zeros(B, 1, 1, P + 1)
+        for select in ("head", "layer"):
+            got = op(q.cuda(), k.cuda(), k.cuda(), kc.cuda(), vh.pin_memory(), bias.cuda(), 0.125, 300, select, False)
+            want = ref(q, k, k, kc, vh, bias, 0.125, 300, select, False)
+            print("top-N cluster", cluster, "spread", spread, select, "max|diff|", (got.cpu() - want).abs().max().item())
+os.environ.pop("KVC_TOPN_CLUSTER")
 for dtype in (torch.bfloat16, torch.float32):  # the full cache's decode: fused past + merge kernel
     q = torch.randn(2, 8, 1, 64, dtype=dtype, device="cuda"); k = torch.randn(2, 2, 1, 64, dtype=dtype, device="cuda")
     kc = torch.randn(2, 2, 700, 64, dtype=dtype, device="cuda"); b = torch.zeros(2, 1, 1, 701, dtype=dtype, device="cuda")

@@ -407,3 +407,38 @@ def test_cuda_pipelined_slices_equal_one_call_also_under_graph_capture(select, T
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out[0], want), f"graph, parts={parts}"
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("select", ["head", "layer"])
+@pytest.mark.parametrize("spread", [3.0, 0.03], ids=["few-in-bin", "crowded-bin"])
+def test_cuda_topn_cluster_sizes_give_identical_output(select, spread, monkeypatch):
+    # On sm_90 a selection row is split over a thread-block cluster ($KVC_TOPN_CLUSTER CTAs);
+    # ranks run over the whole row, so the kept positions and their order, and with them the
+    # output, are the same for every cluster size: bit-identical, also replayed from a graph.
+    # spread=0.03 crowds the boundary bin past the candidate list (the whole-row path).
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    B, Hq, Hkv, P, D = 3, 16, 4, 20000, 128
+    args = make_inputs(B, Hq, Hkv, 1, P, D, [0, 5, 19999], dtype=torch.bfloat16, seed=31, spread=spread)
+    gpu_args = to_cuda_args(args)
+    for topn in (1, 100, 1000, 5000):
+        monkeypatch.setenv("KVC_TOPN_CLUSTER", "1")
+        want = op(*gpu_args, D ** -0.5, topn, select, False)
+        reference = kcache_attention_reference(*args, D ** -0.5, topn, select, False)
+        torch.testing.assert_close(want.cpu().float(), reference.float(), atol=3e-2, rtol=3e-2)
+        for cluster in ("2", "4", "8"):
+            monkeypatch.setenv("KVC_TOPN_CLUSTER", cluster)
+            got = op(*gpu_args, D ** -0.5, topn, select, False)
+            assert torch.equal(got, want), f"topn={topn} cluster={cluster}"
+    graph = torch.cuda.CUDAGraph()
+    op(*gpu_args, D ** -0.5, 1000, select, False)  # warm-up outside the capture (cluster 8)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static_out = op(*gpu_args, D ** -0.5, 1000, select, False)
+    static_out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setenv("KVC_TOPN_CLUSTER", "1")
+    assert torch.equal(static_out, op(*gpu_args, D ** -0.5, 1000, select, False))
