@@ -145,11 +145,16 @@ score_mma_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ log
 
   for (int base = warp * 16 * MT; base < tile_len; base += kWarps * 16 * MT) {
     uint4 raw[MT][NB][2];
+    // The bias of the step's logits is loaded with its keys: loaded after the mma, its latency
+    // stalled every step.
+    float bias[MT][2][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = base + mt * 16 + row_in_tile + 8 * half;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) bias[mt][half][e] = r < tile_len && row_valid[e] ? __ldg(bias_row[e] + r) : 0.f;
         const int pos = tile_start + r;
         const T* row = r < tile_len ? (pos < p.P ? past_keys + (int64_t)pos * a.key_cache_stride_p
                                                  : new_key + (int64_t)(pos - p.P) * a.key_stride_t)
@@ -180,7 +185,7 @@ score_mma_kernel(kvc_kcache_decode_args a, KCachePlan p, float* __restrict__ log
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             if (!row_valid[e]) continue;
-            const float x = finish_logit(a, acc[2 * half + e], bias_row[e][r]);
+            const float x = finish_logit(a, acc[2 * half + e], bias[mt][half][e]);
             logit_row[e][r] = x;
             fold_online(st[e], x);
           }
