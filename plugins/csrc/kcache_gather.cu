@@ -40,23 +40,13 @@ gather_kernel(kvc_kcache_decode_args a, KCachePlan p, const T* __restrict__ valu
       positions[i] = index[(int64_t)select_row * p.N + first + i];
     __syncthreads();
 
-    for (int i = tid; i < Hs * R; i += blockDim.x) {
-      const int h = i / R, r = i % R;
-      float pr = 0.f;
-      if (r < count) {
-        const int head = b * p.QR + h0 + h;
-        const MaxSum st = stats[head];
-        pr = __expf(logits[(int64_t)head * p.S + positions[r]] - st.max) * st.sum;
-      }
-      probs[i] = pr;
-    }
-
     const T* value = static_cast<const T*>(a.value) + b * a.value_stride_b;
     const T* host = value_host + b * a.value_host_stride_b;
     const int row_vecs = W / VE;
     const int total = count * row_vecs;
-    for (int base = tid; base < total; base += blockDim.x * kLoadsInFlight) {
-      uint4 buf[kLoadsInFlight];
+    // Vectors base, base + blockDim.x, ... (kLoadsInFlight of them) of the item's kept rows:
+    // loaded together into registers, then stored to shared memory.
+    auto load_round = [&](int base, uint4 (&buf)[kLoadsInFlight]) {
 #pragma unroll
       for (int k = 0; k < kLoadsInFlight; ++k) {
         const int i = base + k * blockDim.x;
@@ -68,6 +58,8 @@ gather_kernel(kvc_kcache_decode_args a, KCachePlan p, const T* __restrict__ valu
           buf[k] = *reinterpret_cast<const uint4*>(src);
         }
       }
+    };
+    auto store_round = [&](int base, const uint4 (&buf)[kLoadsInFlight]) {
 #pragma unroll
       for (int k = 0; k < kLoadsInFlight; ++k) {
         const int i = base + k * blockDim.x;
@@ -76,6 +68,27 @@ gather_kernel(kvc_kcache_decode_args a, KCachePlan p, const T* __restrict__ valu
           *reinterpret_cast<uint4*>(rows + r * W + col) = buf[k];
         }
       }
+    };
+    // The first round goes out before the probabilities are formed: its host-link latency
+    // (microseconds) then hides their logit loads instead of following them.
+    uint4 buf[kLoadsInFlight];
+    load_round(tid, buf);
+
+    for (int i = tid; i < Hs * R; i += blockDim.x) {
+      const int h = i / R, r = i % R;
+      float pr = 0.f;
+      if (r < count) {
+        const int head = b * p.QR + h0 + h;
+        const MaxSum st = stats[head];
+        pr = __expf(logits[(int64_t)head * p.S + positions[r]] - st.max) * st.sum;
+      }
+      probs[i] = pr;
+    }
+
+    store_round(tid, buf);
+    for (int base = tid + blockDim.x * kLoadsInFlight; base < total; base += blockDim.x * kLoadsInFlight) {
+      load_round(base, buf);
+      store_round(base, buf);
     }
     __syncthreads();
 
