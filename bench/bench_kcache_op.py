@@ -1,6 +1,7 @@
 """KCache decode op vs torch SDPA over a full K+V cache, each as a ratio to its floor.
 
-One decode step of one layer, B=8, 32 query / 8 KV heads, d=128, bf16, contexts 8K and 32K.
+One decode step of one layer, B=8 (--batch), 32 query / 8 KV heads, d=128, bf16, contexts 8K
+and 32K.
   kcache: torch.ops.kvcompile.kcache_attention with K on the GPU and V in pinned host memory,
           a few topn, both selection modes.
   peers:  F.scaled_dot_product_attention over K and V both on the GPU (GQA, no copy), default
@@ -151,6 +152,32 @@ def score_sweep(case: dict, context: int, iters: int = 20) -> dict:
     return dict(context=context, timings=timings, chosen=best)
 
 
+TOPN_CLUSTERS = ("1", "2", "4", "8", "")  # "": the library's own rule
+
+
+def topn_cluster_sweep(fn, iters: int = 20) -> dict:
+    """Device µs of the top-N select for each $KVC_TOPN_CLUSTER (CTAs per selection row on
+    sm_90; read by the library per call)."""
+    timings = {}
+    for cluster in TOPN_CLUSTERS:
+        if cluster:
+            os.environ["KVC_TOPN_CLUSTER"] = cluster
+        else:
+            os.environ.pop("KVC_TOPN_CLUSTER", None)
+        kernels = kernel_breakdown(fn, iters)
+        timings[cluster or "rule"] = sum(us for name, us in kernels.items() if "topn_select" in name)
+    os.environ.pop("KVC_TOPN_CLUSTER", None)
+    return timings
+
+
+def set_gather_ctas(ctas: int) -> None:
+    """The fetch's grid cap ($KVC_GATHER_CTAS, read per call); 0 leaves it to the library."""
+    if ctas:
+        os.environ["KVC_GATHER_CTAS"] = str(ctas)
+    else:
+        os.environ.pop("KVC_GATHER_CTAS", None)
+
+
 def set_pipeline_parts(parts: int) -> None:
     """The kernel library reads $KVC_PIPELINE_PARTS per call; 0 leaves it to the library's rule."""
     if parts:
@@ -181,7 +208,7 @@ def make_case(context: int, seed: int = 0):
 
 
 def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = False,
-        pipeline_parts=(1,)) -> dict:
+        pipeline_parts=(1,), breakdown_topn: int = 128, gather_caps=(0,)) -> dict:
     import kvcompile.ops  # noqa: F401  (registers the op)
     from kvcompile.ops.kcache_attention import kernels as kcache_decode
 
@@ -191,7 +218,7 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
 
     from kvcompile.ops.cached_attention import decode_backends
 
-    rows, breakdowns, checks, skipped = [], {}, {}, {}
+    rows, breakdowns, checks, skipped, topn_clusters, pipelined = [], {}, {}, {}, {}, {}
     sweep_result = None
     if sweep:  # on the largest context first, so every row below runs the chosen variant
         print(f"score-kernel sweep at context {max(contexts)}", flush=True)
@@ -250,8 +277,11 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
         for select in ("head", "layer"):
             set_pipeline_parts(1)
             one_call = op(*case.values(), scale, 128, select, False)
-            for parts in pipeline_parts:  # batch slices pipelined inside the op (1: none, 0: its default)
+            for parts, gather_ctas in [(parts, ctas) for parts in pipeline_parts
+                                       for ctas in (gather_caps if parts != 1 else (0,))]:
+                # batch slices pipelined inside the op (1: none, 0: its default); the fetch's grid cap
                 set_pipeline_parts(parts)
+                set_gather_ctas(gather_ctas)
                 if parts != 1:  # the same computation per sequence: bit-identical output
                     same = torch.equal(op(*case.values(), scale, 128, select, False), one_call)
                     checks[f"{context}/{select}/parts={parts} equals one call"] = same
@@ -261,13 +291,21 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
                     eager, graph = time_eager(fn, iters), time_graph(fn, iters)
                     floor_ms = kcache_floor_s(context, topn, select) * 1e3
                     rows.append(dict(context=context, kind="kcache", select=select, topn=topn, parts=parts,
-                                     eager_ms=eager, graph_ms=graph, floor_ms=floor_ms,
+                                     gather_ctas=gather_ctas or "library", eager_ms=eager, graph_ms=graph, floor_ms=floor_ms,
                                      hbm_bytes=k_bytes, host_us=host_us_per_call(fn)))
-                    print(f"  kcache {select:5s} N={topn:5d} parts={parts} eager {eager:.4f} ms  graph "
+                    print(f"  kcache {select:5s} N={topn:5d} parts={parts} gather CTAs {gather_ctas or 'lib'} eager {eager:.4f} ms  graph "
                           f"{graph and round(graph, 4)} ms  floor {floor_ms:.4f} ms", flush=True)
+            set_gather_ctas(0)
+            fn = lambda select=select: op(*case.values(), scale, breakdown_topn, select, False)  # noqa: E731
+            key = f"{context}/{select}/{breakdown_topn}"
+            for parts in pipeline_parts:  # each kernel's device time once slices overlap (it may stretch)
+                if parts != 1:
+                    set_pipeline_parts(parts)
+                    pipelined[f"{key}/parts={parts}"] = kernel_breakdown(fn)
             set_pipeline_parts(1)  # the breakdown times each kernel of one call
-            fn = lambda select=select: op(*case.values(), scale, 128, select, False)  # noqa: E731
-            breakdowns[f"{context}/{select}/128"] = kernel_breakdown(fn)
+            breakdowns[key] = kernel_breakdown(fn)
+            topn_clusters[key] = sweep = topn_cluster_sweep(fn)
+            print(f"  top-N select µs by CTAs per row: {sweep}", flush=True)
         del case, k_full, v_full
         torch.cuda.empty_cache()
 
@@ -301,6 +339,7 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
         floors=floors, full_decode_backends=decode_backends.chosen(), skipped=skipped,
         score_sweep=sweep_result,
         exactness_max_abs_diff=checks, rows=rows, kernel_breakdown_us=breakdowns,
+        topn_select_us_by_cluster=topn_clusters, pipelined_kernel_breakdown_us=pipelined,
         gather_link_rate=link,
         note="best_ms = graph replay when capture worked, else eager; vs_sdpa is against the "
              "fastest SDPA variant of the same context; host_us = CPU time to enqueue one call",
@@ -343,6 +382,12 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--topn", type=int, nargs="+", default=[64, 128, 256, 1024])
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=B, help="sequences per step (the 8B end to end runs 30)")
+    parser.add_argument("--breakdown-topn", type=int, default=128,
+                        help="topn of the per-kernel breakdown (one call, and each --parts)")
+    parser.add_argument("--gather-ctas", type=int, nargs="+", default=[0],
+                        help="grid caps of the fetch timed for each pipelined --parts ($KVC_GATHER_CTAS; "
+                             "0: the library's)")
     parser.add_argument("--plot", type=Path, help="redraw the PNG from an existing JSON and exit")
     parser.add_argument("--score-sweep", action="store_true",
                         help="time the score kernel's tuning variants first and run the rest with the fastest")
@@ -356,8 +401,9 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_kcache_op needs a CUDA GPU")
+    globals()["B"] = args.batch  # the module's shape constant, read by every helper
     result = run(args.out, args.contexts, args.topn, args.iters, floors_for(args), args.score_sweep,
-                 args.parts)
+                 args.parts, args.breakdown_topn, args.gather_ctas)
     if result["score_sweep"]:  # for the next benchmark of the same GPU call (bench/gpu_kcache.sh)
         chosen = result["score_sweep"]["chosen"]
         (args.out / "score_variant.env").write_text("".join(f"export {k}={v}\n" for k, v in chosen.items()))
