@@ -13,7 +13,8 @@ Runtimes, each at the largest batch whose GPU-resident cache of `--context` toke
   <kcache row>_pK   one batch, the kcache op of every layer pipelined over K batch slices
                     ($KVC_PIPELINE_PARTS): a slice's V fetch on a side stream while the next
                     slice's scores read K; _p1 forces one slice, rows without the suffix take
-                    the kernel library's own rule
+                    the kernel library's own rule; _mbM_pK combines both (M micro-batches, each
+                    op in K slices)
   hf_dynamic        HF model forward with a DynamicCache, one token per step (what generate runs)
   hf_offloaded      the same with the offloaded cache (transformers 5: DynamicCache(offloading=True);
                     older: OffloadedCache). Its GPU footprint is ~2 layers, so the budget allows a
@@ -107,6 +108,7 @@ def summarize(rows: list) -> dict:
 
 
 RUNTIMES = ("kvc_full", "kvc_full_mb2", "kvc_kcache_layer", "kvc_kcache_layer_mb2", "kvc_kcache_layer_mb3",
+            "kvc_kcache_layer_mb2_p1", "kvc_kcache_layer_mb2_p4", "kvc_kcache_layer_mb3_p1",
             "kvc_kcache_layer_p1", "kvc_kcache_layer_p2", "kvc_kcache_layer_p4", "kvc_kcache_layer_p8", "kvc_kcache_layer_p16",
             "kvc_kcache_head", "kvc_kcache_head_mb2", "kvc_kcache_head_p1", "kvc_kcache_head_p4", "kvc_kcache_head_p8",
             "hf_dynamic", "hf_offloaded")
