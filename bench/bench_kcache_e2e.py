@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kcache_op import set_pipeline_parts  # noqa: E402
+from bench_kcache_op import kernel_env, set_pipeline_parts  # noqa: E402
 from floors import add_floors_argument, floors_for  # noqa: E402
 from kcache_e2e_runtimes import (  # noqa: E402
     GIB, Shape, attention_floor_ms, base_runtime, build_model, cache_classes,
@@ -135,7 +135,7 @@ def run(args) -> dict:
                    vocab=config.vocab_size, dtype=str(dtype), weight_gib=weight_bytes / GIB),
         context=args.context, budget_gib=args.budget_gib, topn=args.topn, warmup=args.warmup, steps=args.steps,
         floors=floors_for(args) if device.type == "cuda" else None,
-        transformers_caches=cache_classes(), kernels_library=kernels_library(device), rows=[], errors={},
+        transformers_caches=cache_classes(), kernels_library=kernels_library(device), kernel_env=kernel_env(), rows=[], errors={},
     )
     print(f"device {result['device']}, model {result['model']}", flush=True)
 

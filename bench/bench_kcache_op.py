@@ -170,6 +170,11 @@ def topn_cluster_sweep(fn, iters: int = 20) -> dict:
     return timings
 
 
+def kernel_env() -> dict:
+    """The kernel library's tuning variables ($KVC_*) set when a benchmark starts, for its JSON."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("KVC_")}
+
+
 def set_gather_ctas(ctas: int) -> None:
     """The fetch's grid cap ($KVC_GATHER_CTAS, read per call); 0 leaves it to the library."""
     if ctas:
@@ -219,6 +224,7 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
     from kvcompile.ops.cached_attention import decode_backends
 
     rows, breakdowns, checks, skipped, topn_clusters, pipelined = [], {}, {}, {}, {}, {}
+    env_at_start = kernel_env()
     sweep_result = None
     if sweep:  # on the largest context first, so every row below runs the chosen variant
         print(f"score-kernel sweep at context {max(contexts)}", flush=True)
@@ -333,7 +339,7 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
             link[key]["score_tbps"] = round(k_read / (score_us * 1e-6) / 1e12, 2)
             link[key]["score_vs_hbm"] = round(k_read / (score_us * 1e-6) / hbm_bytes_per_s(), 3)
     result = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__,
+        device=torch.cuda.get_device_name(), torch=torch.__version__, kernel_env=env_at_start,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         shape=dict(batch=B, query_heads=HQ, kv_heads=HKV, head_dim=D, dtype=str(DTYPE)),
         floors=floors, full_decode_backends=decode_backends.chosen(), skipped=skipped,
