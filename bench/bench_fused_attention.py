@@ -158,7 +158,7 @@ def main() -> int:
     except Exception as error:  # noqa: BLE001
         notes["sdpa_no_mask_flash"] = f"not measured: {type(error).__name__}"
     # the op's past ++ new: torch.cat of a strided cache view vs two copies (past_then_new)
-    from kvcompile.ops.cached_attention.definition import past_then_new
+    from kvcompile.ops.cached_attention.definition import past_then_new, split_step
 
     capacity = torch.zeros(1, HKV, P + 2 * (S + Q), D, device=device, dtype=dtype)
     past_view, new_rows = capacity[:, :, :P], keys[:, :, P:].contiguous()
@@ -185,9 +185,7 @@ def main() -> int:
         for parts in (1, 2, 3, 4, 6, 8):
             name = f"{label}_parts_{parts}"
             def split(parts=parts):  # the op's split path: past ++ new padded to whole parts, then the parts
-                rows = split_keys.padded_rows(past_k.shape[2] + new_k.shape[2], parts)
-                return split_keys.split_key_attention(q, past_then_new(past_k, new_k, rows),
-                                                      past_then_new(past_v, new_v, rows), mask, scale, parts)
+                return split_step(q, new_k, new_v, past_k, past_v, mask, scale, parts)
             fn = unsplit if parts == 1 else split
             try:
                 error = (fn().float() - want).abs().max().item()

@@ -88,15 +88,11 @@ def scattered_step(P, S, Q, Hq=4, Hkv=2, D=16, dtype=torch.float32, device="cpu"
     return rand(1, Hq, T, D), rand(1, Hkv, T, D), rand(1, Hkv, T, D), rand(1, Hkv, P, D), rand(1, Hkv, P, D), bias
 
 
-def split_step(query, key, value, key_cache, value_cache, bias, scale, parts, or_none=False):
-    """The op's split path on one step: past ++ new padded to whole parts, then split_keys."""
-    from kvcompile.ops.cached_attention import split_keys
-    from kvcompile.ops.cached_attention.definition import past_then_new
+def split_step(*args, **kwargs):
+    """The op's split path on one step (definition.split_step)."""
+    from kvcompile.ops.cached_attention.definition import split_step as op_split_step
 
-    rows = split_keys.padded_rows(key_cache.shape[2] + key.shape[2], parts)
-    attend = split_keys.split_key_attention_or_none if or_none else split_keys.split_key_attention
-    return attend(query, past_then_new(key_cache, key, rows), past_then_new(value_cache, value, rows), bias, scale,
-                  parts)
+    return op_split_step(*args, **kwargs)
 
 
 @pytest.mark.parametrize("parts", [2, 3, 8])
@@ -170,8 +166,7 @@ def test_parts_for_call_never_splits_what_cudnn_cannot_take():
 
 @pytest.mark.parametrize("refuse", [False, True])
 def test_the_op_split_path_and_its_fallback_equal_sdpa(monkeypatch, refuse):
-    # the op's own branch on the CPU: parts forced to 3; refused, it attends the padded
-    # past ++ new cut back to P + T rows
+    # the op's own branch on the CPU: parts forced to 3; refused, it attends past ++ new unsplit
     from kvcompile.ops.cached_attention import split_keys
 
     monkeypatch.setattr(split_keys, "parts_for_call", lambda query, keys: 3)

@@ -54,6 +54,18 @@ def past_then_new(past: Tensor, new: Tensor, rows: Optional[int] = None) -> Tens
     return out
 
 
+def split_step(query: Tensor, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
+               attn_bias: Tensor, scale: float, parts: int, or_none: bool = False):
+    """The op's split path on one multi-token step: past ++ new padded to whole parts, then the
+    keys in `parts` merged by log-sum-exp (split_keys.py). or_none: None where the kernel
+    refuses the call (split_key_attention_or_none). The op, its tests and
+    bench/bench_fused_attention.py all run this one function."""
+    rows = split_keys.padded_rows(key_cache.shape[2] + key.shape[2], parts)
+    attend = split_keys.split_key_attention_or_none if or_none else split_keys.split_key_attention
+    return attend(query, past_then_new(key_cache, key, rows), past_then_new(value_cache, value, rows),
+                  attn_bias, scale, parts)
+
+
 def _attention_with_lse(query: Tensor, keys: Tensor, values: Tensor, bias, scale: float):
     """Attention of [B, H, M, D] queries over the given keys, and its log-sum-exp [B, H, M].
 
@@ -149,14 +161,12 @@ def cached_attention(
         return decode_attention(query, key, value, key_cache, value_cache, attn_bias, scale, sinks)
     total = key_cache.shape[2] + key.shape[2]
     parts = split_keys.parts_for_call(query, total) if sinks is None and key_cache.shape[2] > 0 else 1
-    # [B, Hkv, P+T, D], padded to whole parts when the keys are split
-    rows = split_keys.padded_rows(total, parts) if parts > 1 else None
-    keys, values = past_then_new(key_cache, key, rows), past_then_new(value_cache, value, rows)
     if parts > 1:  # few queries over a long past: the keys in parts, more thread blocks (split_keys.py)
-        out = split_keys.split_key_attention_or_none(query, keys, values, attn_bias, scale, parts)
+        out = split_step(query, key, value, key_cache, value_cache, attn_bias, scale, parts, or_none=True)
         if out is not None:
             return out
-        keys, values = keys[:, :, :total], values[:, :, :total]  # refused: attend unsplit
+        # refused (once per kind of call: later ones are not split): attend unsplit below
+    keys, values = past_then_new(key_cache, key), past_then_new(value_cache, value)  # [B, Hkv, P+T, D]
     if sinks is not None:
         return attention_math.attention(query, keys, values, attn_bias, scale, softcap, sinks)
     # enable_gqa lets SDPA read each KV head for its query group instead of materialising
