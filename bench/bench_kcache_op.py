@@ -160,13 +160,10 @@ def topn_cluster_sweep(fn, iters: int = 20) -> dict:
     sm_90; read by the library per call)."""
     timings = {}
     for cluster in TOPN_CLUSTERS:
-        if cluster:
-            os.environ["KVC_TOPN_CLUSTER"] = cluster
-        else:
-            os.environ.pop("KVC_TOPN_CLUSTER", None)
+        set_kernel_env("KVC_TOPN_CLUSTER", cluster)
         kernels = kernel_breakdown(fn, iters)
         timings[cluster or "rule"] = sum(us for name, us in kernels.items() if "topn_select" in name)
-    os.environ.pop("KVC_TOPN_CLUSTER", None)
+    set_kernel_env("KVC_TOPN_CLUSTER", None)
     return timings
 
 
@@ -175,20 +172,23 @@ def kernel_env() -> dict:
     return {name: value for name, value in sorted(os.environ.items()) if name.startswith("KVC_")}
 
 
-def set_gather_ctas(ctas: int) -> None:
-    """The fetch's grid cap ($KVC_GATHER_CTAS, read per call); 0 leaves it to the library."""
-    if ctas:
-        os.environ["KVC_GATHER_CTAS"] = str(ctas)
+def set_kernel_env(name: str, value) -> None:
+    """Sets one of the kernel library's $KVC_* variables (it reads them per call); a falsy value
+    (0, "", None) unsets it, leaving the choice to the library's own rule."""
+    if value:
+        os.environ[name] = str(value)
     else:
-        os.environ.pop("KVC_GATHER_CTAS", None)
+        os.environ.pop(name, None)
+
+
+def set_gather_ctas(ctas: int) -> None:
+    """The fetch's grid cap ($KVC_GATHER_CTAS); 0 leaves it to the library."""
+    set_kernel_env("KVC_GATHER_CTAS", ctas)
 
 
 def set_pipeline_parts(parts: int) -> None:
-    """The kernel library reads $KVC_PIPELINE_PARTS per call; 0 leaves it to the library's rule."""
-    if parts:
-        os.environ["KVC_PIPELINE_PARTS"] = str(parts)
-    else:
-        os.environ.pop("KVC_PIPELINE_PARTS", None)
+    """The op's batch slices ($KVC_PIPELINE_PARTS); 0 leaves them to the library's rule."""
+    set_kernel_env("KVC_PIPELINE_PARTS", parts)
 
 
 def make_case(context: int, seed: int = 0):
