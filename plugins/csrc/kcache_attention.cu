@@ -80,12 +80,6 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   q.score_tiles = (q.S + q.score_tile - 1) / q.score_tile;
   q.row_elems = layer ? q.Hkv * q.D : q.D;
   const int row_bytes = q.row_elems * elem;
-  // ~8 KiB of rows per gather CTA: enough loads in flight per CTA, and enough CTAs; fewer
-  // when the probabilities of many query rows (T > 1) must share the CTA's shared memory.
-  q.gather_rows = 8192 / row_bytes;
-  q.gather_rows = q.gather_rows < 1 ? 1 : q.gather_rows > 64 ? 64 : q.gather_rows;
-  while (q.gather_rows > 1 && gather_smem_bytes(q) > 48 * 1024) --q.gather_rows;
-  q.gather_chunks = (q.N + q.gather_rows - 1) / q.gather_rows;
   // The fetch is bound by the host link, not by SMs: a few dozen CTAs keep enough loads in
   // flight. Capping its grid leaves the other SMs to a concurrent stream's kernels (another
   // micro-batch's score pass and GEMMs, runtime/microbatch.py); uncapped, its thousands of
@@ -103,6 +97,24 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   q.pipeline_parts = k_bytes >= 256e6 && fetch_bytes >= 8e6 ? 2 : 1;
   if (const char* v = getenv("KVC_PIPELINE_PARTS"); v && *v) q.pipeline_parts = atoi(v) > 1 ? atoi(v) : 1;
   if (q.pipeline_parts > q.B) q.pipeline_parts = q.B;
+  // Kept rows per gather item: 16 KiB. A capped fetch grid (pipelined: a few dozen CTAs)
+  // needs that many loads in flight per CTA; elsewhere it costs nothing measurable. Measured
+  // on the H200 (op, graph ms at 8 / 16 KiB items, docs/BENCHMARKS.md, ninth session): the 8B
+  // model's B=30, 32K, N=512 "layer" in 2 slices 1.040 / 1.006, 4 slices 1.087 / 0.983, one
+  // 1.241 / 1.231; B=8 (8K and 32K, N = 64-512, both modes) within 1% either way except 8K
+  // N=512 "layer" 0.254 / 0.249 and 32K N=512 "head" in 2 slices 0.356 / 0.361. One size for
+  // every call keeps pipelined slices bit-identical to one call (same chunks, same sums).
+  // Fewer rows when the probabilities of many query rows (T > 1) must share the CTA's shared
+  // memory. $KVC_GATHER_BYTES overrides (1-48 KiB), for the benchmark's sweep.
+  int item_bytes = 16384;
+  if (const char* v = getenv("KVC_GATHER_BYTES"); v && *v) {
+    item_bytes = atoi(v);
+    item_bytes = item_bytes < 1024 ? 1024 : item_bytes > 49152 ? 49152 : item_bytes;
+  }
+  q.gather_rows = item_bytes / row_bytes;
+  q.gather_rows = q.gather_rows < 1 ? 1 : q.gather_rows > 256 ? 256 : q.gather_rows;
+  while (q.gather_rows > 1 && gather_smem_bytes(q) > 48 * 1024) --q.gather_rows;
+  q.gather_chunks = (q.N + q.gather_rows - 1) / q.gather_rows;
   if (gather_smem_bytes(q) > 48 * 1024)
     return fail(KVC_ERR_ARGUMENT, "kcache_decode: a fetched row and the probabilities of its query rows (heads x tokens) are too wide for one CTA");
   if ((int64_t)q.B * q.Hkv * q.head_tiles > 65535 || (int64_t)q.B * q.select_rows > 65535)
