@@ -264,6 +264,9 @@ def parse_args(argv=None):
     parser.add_argument("--mb-priorities", type=int, nargs="+",
                         help="CUDA stream priority of each micro-batch in the _mb rows (lower first; "
                              "default all equal), e.g. -1 0")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record the kernels of 2 CUDA-graph steps of each kvcompile row (bench/kernel_timeline.py: "
+                             "device time by stage, the host link's busy share of the step) into its 'timeline'")
     add_floors_argument(parser)
     parser.add_argument("--plot", type=Path, help="redraw the PNG from an existing JSON and exit")
     args = parser.parse_args(argv)
