@@ -65,14 +65,18 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   q.mma_scores = elem == 2 && q.D <= 256;
   q.group_tile = q.mma_scores ? 8 : q.GR <= 1 ? 1 : q.GR <= 2 ? 2 : q.GR <= 4 ? 4 : 8;
   q.head_tiles = (q.GR + q.group_tile - 1) / q.group_tile;
-  // 8 loads in flight per lane (3 CTAs per SM) over 2048 keys per CTA: the fastest of the six
-  // variants bench_kcache_op.py --score-sweep timed on the H200 (156.8 µs at 32K, 3.42 TB/s,
-  // against 163.8-195.1 µs for 1024/4096 keys and 16 loads).
-  q.score_tile = q.mma_scores ? 2048 : 512;
+  // 8 loads in flight per lane (3 CTAs per SM): the faster of the two in bench_kcache_op.py
+  // --score-sweep on the H200. Keys per CTA: 2048 was the fastest of 1024 / 2048 / 4096 at 32K,
+  // B=8 (156.8 µs against 163.8-195.1), but that grid is 2.6 waves of the GPU's CTA slots with
+  // its last wave part-full, and one sequence's grid is a fraction of one wave:
+  // choose_score_tile fits the tile to the GPU's slots (bench/bench_score_tiles.py).
   // Tuning knobs of the tensor-core score pass, read for the benchmark's sweep
   // ($KVC_SCORE_LOADS: 8 or 16; $KVC_SCORE_TILE: keys per CTA, a multiple of 256).
   q.score_loads = 8;
   if (const char* v = getenv("KVC_SCORE_LOADS")) q.score_loads = atoi(v) >= 16 ? 16 : 8;
+  q.score_tile = q.mma_scores ? choose_score_tile((int64_t)q.B * q.Hkv * q.head_tiles, q.S,
+                                                  score_slots(q.D, q.score_loads))
+                              : 512;
   if (const char* v = getenv("KVC_SCORE_TILE"); v && q.mma_scores) {
     const int tile = atoi(v);
     if (tile >= 256 && tile % 256 == 0) q.score_tile = tile;

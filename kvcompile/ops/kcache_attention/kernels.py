@@ -9,6 +9,7 @@ declares the C functions this op needs (the kernel loader reads them from the re
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 from torch import Tensor
@@ -137,16 +138,18 @@ def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, sel
         attn_bias=bias.data_ptr(), attn_bias_stride_b=_stride(bias, 0), attn_bias_stride_t=_stride(bias, 1),
         out=out.data_ptr(),
     )
-    # The workspace depends on sizes only: asked once per shape (kvc_kcache_decode checks
-    # every argument again). Allocated from torch's caching allocator (so CUDA-graph capture
-    # takes it from the graph's pool).
-    size_key = (B, Hq, Hkv, P, T, D, topn, args.select, args.dtype)
-    workspace_bytes = _workspace_sizes.get(size_key)
-    if workspace_bytes is None:
-        size = ctypes.c_size_t(0)
-        _check(lib, lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)))
-        workspace_bytes = _workspace_sizes[size_key] = size.value
-    with torch.cuda.device(query.device):  # the library launches on the current device
+    with torch.cuda.device(query.device):  # the library plans for and launches on the current device
+        # The workspace depends on the sizes, the device (the score tile fits the GPU's CTA
+        # slots) and the library's tuning variables: asked once per combination (kvc_kcache_decode
+        # checks every argument again). Allocated from torch's caching allocator (so CUDA-graph
+        # capture takes it from the graph's pool).
+        size_key = (B, Hq, Hkv, P, T, D, topn, args.select, args.dtype, query.device.index,
+                    *(os.environ.get(name) for name in PLAN_VARIABLES))
+        workspace_bytes = _workspace_sizes.get(size_key)
+        if workspace_bytes is None:
+            size = ctypes.c_size_t(0)
+            _check(lib, lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)))
+            workspace_bytes = _workspace_sizes[size_key] = size.value
         workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=query.device)
         stream = torch.cuda.current_stream(query.device).cuda_stream
         _check(lib, lib.kvc_kcache_decode(ctypes.byref(args), workspace.data_ptr(), workspace_bytes, stream))
@@ -154,6 +157,8 @@ def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, sel
 
 
 _workspace_sizes: dict = {}
+# The library's $KVC_* variables that change its plan's workspace (score tiles, fetch items).
+PLAN_VARIABLES = ("KVC_SCORE_TILE", "KVC_SCORE_LOADS", "KVC_GATHER_BYTES")
 
 
 def _check(lib, code: int) -> None:
