@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kcache_op  # noqa: E402
-from bench_kcache_op import kernel_env, set_kernel_env  # noqa: E402
+from bench_kcache_op import run_header, set_kernel_env  # noqa: E402
 from kernel_timeline import recorded_kernels, summarize  # noqa: E402
 
 KINDS = ("alone", "ce_copy", "sm_copy", "gemm")
@@ -69,17 +69,6 @@ def side_work(kind: str, device):
     return enqueue
 
 
-def cycles_per_us(device) -> float:
-    """The spin kernel's (torch.cuda._sleep) clock cycles per µs, timed."""
-    torch.cuda._sleep(1000)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    return 10_000_000 / (start.elapsed_time(end) * 1e3)
-
-
 def run(batch: int, context: int, topn: int, select: str, calls: int, caps) -> dict:
     import kvcompile.ops  # noqa: F401  (registers the op)
 
@@ -89,9 +78,7 @@ def run(batch: int, context: int, topn: int, select: str, calls: int, caps) -> d
     op = torch.ops.kvcompile.kcache_attention
     scale = bench_kcache_op.D ** -0.5
     side = torch.cuda.Stream(device)
-    result = dict(device=torch.cuda.get_device_name(device), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  command=" ".join(sys.argv), batch=batch, context=context, topn=topn, select=select,
-                  kernel_env=kernel_env(), runs={})
+    result = dict(run_header(), batch=batch, context=context, topn=topn, select=select, runs={})
     for cap in caps:
         set_kernel_env("KVC_GATHER_CTAS", cap)
         set_kernel_env("KVC_PIPELINE_PARTS", 1)

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kcache_op  # noqa: E402
-from bench_kcache_op import kernel_env, set_kernel_env, time_graph  # noqa: E402
+from bench_kcache_op import cases, run_header, set_kernel_env, time_graph  # noqa: E402
 
 
 def time_op(case: dict, topn: int, select: str, iters: int) -> float | None:
@@ -37,28 +36,22 @@ def time_op(case: dict, topn: int, select: str, iters: int) -> float | None:
 def run(item_bytes, batch_large: int, iters: int) -> dict:
     import kvcompile.ops  # noqa: F401  (registers the op)
 
-    result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  command=" ".join(sys.argv), kernel_env=kernel_env(), bytes=list(item_bytes), rows=[])
+    result = dict(run_header(), bytes=list(item_bytes), rows=[])
     shapes = [(bench_kcache_op.B, context, select, topn, 0)
               for context in (8192, 32768) for select in ("head", "layer") for topn in (64, 128, 512)]
     shapes += [(batch_large, 32768, "layer", 512, parts) for parts in (1, 2, 4)]
-    for batch in sorted({s[0] for s in shapes}):
-        bench_kcache_op.B = batch
-        for context in sorted({s[1] for s in shapes if s[0] == batch}):
-            case, _, _ = bench_kcache_op.make_case(context)
-            for _, _, select, topn, parts in (s for s in shapes if s[0] == batch and s[1] == context):
-                set_kernel_env("KVC_PIPELINE_PARTS", parts)
-                row = dict(batch=batch, context=context, select=select, topn=topn, parts=parts or "library rule")
-                for size in item_bytes:
-                    set_kernel_env("KVC_GATHER_BYTES", size)
-                    row[f"ms_{size}"] = time_op(case, topn, select, iters)
-                set_kernel_env("KVC_GATHER_BYTES", None)
-                times = {size: row[f"ms_{size}"] for size in item_bytes if row[f"ms_{size}"]}
-                row["fastest_bytes"] = min(times, key=times.get) if times else None
-                result["rows"].append(row)
-                print(json.dumps(row), flush=True)
-            del case
-            torch.cuda.empty_cache()
+    for batch, context, case in cases(sorted({s[:2] for s in shapes})):
+        for _, _, select, topn, parts in (s for s in shapes if s[:2] == (batch, context)):
+            set_kernel_env("KVC_PIPELINE_PARTS", parts)
+            row = dict(batch=batch, context=context, select=select, topn=topn, parts=parts or "library rule")
+            for size in item_bytes:
+                set_kernel_env("KVC_GATHER_BYTES", size)
+                row[f"ms_{size}"] = time_op(case, topn, select, iters)
+            set_kernel_env("KVC_GATHER_BYTES", None)
+            times = {size: row[f"ms_{size}"] for size in item_bytes if row[f"ms_{size}"]}
+            row["fastest_bytes"] = min(times, key=times.get) if times else None
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
     set_kernel_env("KVC_PIPELINE_PARTS", None)
     return result
 

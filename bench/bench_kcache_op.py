@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -114,20 +115,17 @@ def time_graph(fn, iters: int, repeats: int = 5):
 
 def kernel_breakdown(fn, iters: int = 20) -> dict:
     """Mean device µs per call of each kernel the call launches (torch profiler, CUPTI)."""
-    from torch.profiler import ProfilerActivity, profile
+    from kernel_timeline import recorded_kernels
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if device_us:
-            out[event.key[:90]] = round(device_us / iters, 2)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    return per_kernel_us(recorded_kernels(fn, iters), iters)
+
+
+def per_kernel_us(kernels: list[dict], calls: int) -> dict:
+    """Mean device µs per call of each kernel name (first 90 characters), longest first."""
+    total = {}
+    for k in kernels:
+        total[k["name"][:90]] = total.get(k["name"][:90], 0.0) + k["end"] - k["start"]
+    return dict(sorted(((name, round(us / calls, 2)) for name, us in total.items()), key=lambda kv: -kv[1]))
 
 
 SCORE_VARIANTS = [dict(KVC_SCORE_LOADS=str(loads), KVC_SCORE_TILE=str(tile))
@@ -189,6 +187,24 @@ def set_gather_ctas(ctas: int) -> None:
 def set_pipeline_parts(parts: int) -> None:
     """The op's batch slices ($KVC_PIPELINE_PARTS); 0 leaves them to the library's rule."""
     set_kernel_env("KVC_PIPELINE_PARTS", parts)
+
+
+def run_header() -> dict:
+    """What every GPU benchmark's JSON starts with: device, date, command, $KVC_* set."""
+    return dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                command=" ".join(sys.argv), kernel_env=kernel_env())
+
+
+def cases(pairs):
+    """(batch, context, inputs) for each (batch, context) in `pairs`, in order, with the
+    module's batch B set to it; one case alive at a time (freed before the next is built)."""
+    global B
+    for batch, context in pairs:
+        B = batch
+        case, _, _ = make_case(context)
+        yield batch, context, case
+        del case
+        torch.cuda.empty_cache()
 
 
 def make_case(context: int, seed: int = 0):

@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kcache_op  # noqa: E402
-from bench_kcache_op import kernel_breakdown, kernel_env, set_kernel_env  # noqa: E402
+from bench_kcache_op import cases, kernel_breakdown, run_header, set_kernel_env  # noqa: E402
 
-TILES = ("", "1024", "1536", "2048", "2560", "2816", "3072", "4096")  # "": the library's rule
+TILES = ("1024", "1536", "2048", "2560", "2816", "3072", "4096")  # timed beside the library's rule
 
 
 def score_us(kernels: dict) -> float:
@@ -35,30 +34,24 @@ def run(batches, contexts, iters: int, tiles) -> dict:
 
     op = torch.ops.kvcompile.kcache_attention
     scale = bench_kcache_op.D ** -0.5
-    result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  command=" ".join(sys.argv), kernel_env=kernel_env(), rows=[])
+    result = dict(run_header(), rows=[])
     set_kernel_env("KVC_PIPELINE_PARTS", 1)
-    for batch in batches:
-        bench_kcache_op.B = batch
-        for context in contexts:
-            case, _, _ = bench_kcache_op.make_case(context)
-            k_bytes = batch * bench_kcache_op.HKV * context * bench_kcache_op.D * 2
-            row = dict(batch=batch, context=context)
-            for tile in ("", *tiles):
-                set_kernel_env("KVC_SCORE_TILE", tile)
-                us = score_us(kernel_breakdown(lambda: op(*case.values(), scale, 128, "head", False), iters))
-                row[f"us_{tile or 'rule'}"] = round(us, 2)
-                row[f"tbps_{tile or 'rule'}"] = round(k_bytes / (us * 1e-6) / 1e12, 3) if us else None
-            set_kernel_env("KVC_SCORE_TILE", None)
-            fixed = {t: row[f"us_{t}"] for t in tiles}
-            row["fastest_tile"] = min(fixed, key=fixed.get)
-            if "2048" in fixed:
-                row["rule_vs_2048"] = round(row["us_rule"] / row["us_2048"], 3)
-            row["rule_vs_fastest"] = round(row["us_rule"] / fixed[row["fastest_tile"]], 3)
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            del case
-            torch.cuda.empty_cache()
+    for batch, context, case in cases([(b, c) for b in batches for c in contexts]):
+        k_bytes = batch * bench_kcache_op.HKV * context * bench_kcache_op.D * 2
+        row = dict(batch=batch, context=context)
+        for tile in ("", *tiles):
+            set_kernel_env("KVC_SCORE_TILE", tile)
+            us = score_us(kernel_breakdown(lambda: op(*case.values(), scale, 128, "head", False), iters))
+            row[f"us_{tile or 'rule'}"] = round(us, 2)
+            row[f"tbps_{tile or 'rule'}"] = round(k_bytes / (us * 1e-6) / 1e12, 3) if us else None
+        set_kernel_env("KVC_SCORE_TILE", None)
+        fixed = {t: row[f"us_{t}"] for t in tiles}
+        row["fastest_tile"] = min(fixed, key=fixed.get)
+        if "2048" in fixed:
+            row["rule_vs_2048"] = round(row["us_rule"] / row["us_2048"], 3)
+        row["rule_vs_fastest"] = round(row["us_rule"] / fixed[row["fastest_tile"]], 3)
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
     set_kernel_env("KVC_PIPELINE_PARTS", None)
     return result
 
@@ -69,7 +62,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 15, 30])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--tiles", nargs="+", default=list(TILES[1:]), help="fixed tiles timed beside the rule")
+    parser.add_argument("--tiles", nargs="+", default=list(TILES), help="fixed tiles timed beside the rule")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_score_tiles needs a CUDA GPU")

@@ -50,3 +50,10 @@ def test_summary_of_a_two_stream_step():
 
 def test_summary_without_kernels_says_so():
     assert "error" in summarize([], calls=1)
+
+
+def test_op_bench_breakdown_averages_each_kernel_over_the_calls():
+    from bench_kcache_op import per_kernel_us
+
+    kernels = [kernel("scores", 0, 10), kernel("fetch", 10, 14), kernel("scores", 20, 32), kernel("fetch", 32, 35)]
+    assert per_kernel_us(kernels, calls=2) == {"scores": 11.0, "fetch": 3.5}
