@@ -16,8 +16,6 @@ import os
 import re
 import tempfile
 
-import torch
-
 # Kernel names (demangled, as CUPTI reports them) to the stage they belong to; first match wins.
 STAGES = (
     ("fetch", re.compile(r"gather_kernel")),
@@ -60,6 +58,7 @@ def overlap_us(interval, others) -> float:
 
 def recorded_kernels(fn, calls: int) -> list[dict]:
     """(name, stage, stream, start µs, end µs) of every kernel `calls` calls of fn ran."""
+    import torch  # here, so that reading a trace (union_us, summarize) needs no torch
     from torch.profiler import ProfilerActivity, profile
 
     fn()

@@ -14,6 +14,8 @@ import gzip
 import json
 from collections import defaultdict
 
+from kernel_timeline import union_us  # bench/, the script's folder
+
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
@@ -24,12 +26,8 @@ def load(path: str) -> list:
 
 
 def union_ms(intervals) -> float:
-    busy, end = 0.0, float("-inf")
-    for start, stop in sorted(intervals):
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
-    return busy / 1e3
+    """Length of the union of (start µs, end µs) intervals, in ms."""
+    return union_us(intervals) / 1e3
 
 
 def main() -> int:
