@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "kcache_score_tile.h"
 #include "kvcompile_kernels.h"
 
 namespace kvc {
@@ -91,11 +92,6 @@ template <> __device__ inline __nv_bfloat16 from_float(float x) { return __float
 // Score CTAs resident at once on the current device (SMs x CTAs per SM) for the tensor-core
 // score kernel of this head_dim and loads in flight; 0 when the device cannot be asked.
 int score_slots(int head_dim, int loads);
-// Keys per tensor-core score CTA for `rows` (b, KV head, head tile) rows of S keys on a GPU
-// with `slots` score CTAs resident at once: 1024 for a grid under half a wave, 2048 up to one
-// wave (and when slots is unknown), else the multiple of 256 in [1024, 4096] whose grid wastes
-// the least of its last wave.
-int choose_score_tile(int64_t rows, int S, int slots);
 
 // Stage launchers, in the order kvc_kcache_decode enqueues them.
 // logits [B, QR, S] = capped(q·k·scale) + bias; tile_stats [B, QR, score_tiles] per score CTA.

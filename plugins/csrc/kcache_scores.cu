@@ -423,34 +423,6 @@ int score_slots(int head_dim, int loads) {
   return t.sms * t.per_sm[nb][loads >= 16 ? 1 : 0];
 }
 
-int choose_score_tile(int64_t rows, int S, int slots) {
-  constexpr int kDefault = 2048;
-  // A CTA's own cost (query load, statistics fold, launch) in keys' worth of reading: fitted
-  // to the H200's 1024- and 2048-key timings at 32K, B=8 (6 and 3 waves: 163.8 and 156.8 µs).
-  constexpr double kCtaOverheadKeys = 96.0;
-  if (slots <= 0 || rows <= 0) return kDefault;
-  const int64_t default_ctas = rows * ((S + kDefault - 1) / kDefault);
-  // Under half a wave the pass is short of loads in flight: more, smaller CTAs (B=1: 0.61x the
-  // time at 8K, 0.71x at 32K). Between half a wave and one, the grid already saturates HBM
-  // (B=8, 8K, 256 CTAs: 2048 keys 41.6 µs, 1536 keys 42.8).
-  if (default_ctas * 2 < slots) return 1024;
-  if (default_ctas < slots) return kDefault;
-  // A wave or more: the tile whose last wave is fullest, every CTA taking about as long
-  // (B=8, 32K: 2816 keys, 2 whole waves, 147.9 µs against 153.4 for 2048's 2.6 waves).
-  int best = kDefault;
-  double best_cost = 0.0;
-  for (int tile = 1024; tile <= 4096; tile += 256) {
-    const int64_t ctas = rows * ((S + tile - 1) / tile);
-    const int64_t waves = (ctas + slots - 1) / slots;
-    const double cost = (double)waves * (tile + kCtaOverheadKeys);
-    if (tile == 1024 || cost < best_cost || (cost == best_cost && tile == kDefault)) {
-      best = tile;
-      best_cost = cost;
-    }
-  }
-  return best;
-}
-
 cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
                           MaxSum* tile_stats, cudaStream_t stream) {
   switch (a.dtype) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -175,7 +176,9 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_kernel_library_abi_plans_workspace_and_rejects_bad_args():
-    # The workspace query runs no CUDA call, so the ctypes struct layout is checked on CPU too.
+    # Without a GPU the workspace query's only CUDA calls (the device's CTA slots, for the score
+    # tile) fail quietly and the plan keeps its defaults, so the ctypes struct layout is checked
+    # on CPU too.
     import ctypes
 
     from kvcompile.plugins import load_kernels
@@ -199,6 +202,43 @@ def test_kernel_library_abi_plans_workspace_and_rejects_bad_args():
     args.topn, args.head_dim = topn, 36  # 72 bytes: not a whole number of 16-byte vectors
     assert lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)) != 0
     assert b"head_dim" in lib.kvc_last_error()
+
+
+# Score kernel device µs on the H200 (396 CTA slots: 132 SMs x 3) by keys per CTA, from
+# docs/kcache_timeline_h200/score_tiles_*.json (32 query / 8 KV heads, d=128: 8 rows a sequence).
+# The tile rule must pick the fastest measured tile, or one within 1% of it.
+H200_SCORE_US = {
+    (1, 8192): {1024: 15.17, 1536: 20.19, 2048: 25.16, 2560: 30.03, 2816: 32.24, 3072: 34.82, 4096: 45.44},
+    (1, 32768): {1024: 24.19, 1536: 29.83, 2048: 34.25, 2560: 39.39, 2816: 42.23, 3072: 45.54, 4096: 56.38},
+    (8, 8192): {1536: 42.78, 2048: 41.61, 2816: 49.49},
+    (8, 32768): {1536: 156.7, 2048: 153.36, 2816: 147.86},
+    (15, 32768): {2048: 268.0, 2560: 266.81, 4096: 289.6},
+    (30, 32768): {2048: 523.84, 2560: 519.76, 4096: 521.52},
+}
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+def test_score_tile_rule_picks_the_measured_fastest_tile(tmp_path):
+    # plugins/csrc/kcache_score_tile.h is plain C++ (no CUDA): compiled here and asked for the
+    # shapes the H200 timed.
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[2] / "plugins" / "csrc"
+    source = tmp_path / "rule.cpp"
+    source.write_text('#include <cstdio>\n#include "kcache_score_tile.h"\nint main() {\n' + "".join(
+        f'  std::printf("%d\\n", kvc::choose_score_tile({8 * b}, {s}, 396));\n' for b, s in H200_SCORE_US)
+        + '  std::printf("%d\\n", kvc::choose_score_tile(64, 32768, 0));\n}\n')
+    binary = tmp_path / "rule"
+    subprocess.run(["g++", "-std=c++17", "-I", str(csrc), str(source), "-o", str(binary)], check=True)
+    picks = [int(line) for line in subprocess.run([str(binary)], capture_output=True, text=True,
+                                                  check=True).stdout.split()]
+    for (shape, timings), tile in zip(H200_SCORE_US.items(), picks):
+        assert tile % 256 == 0 and 1024 <= tile <= 4096
+        if tile in timings:  # a measured tile: within 1% of the fastest measured
+            assert timings[tile] <= 1.01 * min(timings.values()), (shape, tile, timings)
+        else:
+            pytest.fail(f"{shape}: the rule picks {tile}, which was not measured")
+    assert picks[-1] == 2048  # slots unknown (no GPU): the measured default
 
 
 def bench_floors():
