@@ -74,14 +74,6 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   // ($KVC_SCORE_LOADS: 8 or 16; $KVC_SCORE_TILE: keys per CTA, a multiple of 256).
   q.score_loads = 8;
   if (const char* v = getenv("KVC_SCORE_LOADS")) q.score_loads = atoi(v) >= 16 ? 16 : 8;
-  q.score_tile = q.mma_scores ? choose_score_tile((int64_t)q.B * q.Hkv * q.head_tiles, q.S,
-                                                  score_slots(q.D, q.score_loads))
-                              : 512;
-  if (const char* v = getenv("KVC_SCORE_TILE"); v && q.mma_scores) {
-    const int tile = atoi(v);
-    if (tile >= 256 && tile % 256 == 0) q.score_tile = tile;
-  }
-  q.score_tiles = (q.S + q.score_tile - 1) / q.score_tile;
   q.row_elems = layer ? q.Hkv * q.D : q.D;
   const int row_bytes = q.row_elems * elem;
   // The fetch is bound by the host link, not by SMs: a few dozen CTAs keep enough loads in
@@ -98,9 +90,24 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   // $KVC_PIPELINE_PARTS overrides (1: off).
   const double k_bytes = (double)q.B * q.Hkv * q.S * q.D * elem;
   const double fetch_bytes = (double)q.B * q.select_rows * q.N * q.row_elems * elem;
-  q.pipeline_parts = k_bytes >= 256e6 && fetch_bytes >= 8e6 ? 2 : 1;
+  const int rule_parts = q.B >= 2 && k_bytes >= 256e6 && fetch_bytes >= 8e6 ? 2 : 1;
+  q.pipeline_parts = rule_parts;
   if (const char* v = getenv("KVC_PIPELINE_PARTS"); v && *v) q.pipeline_parts = atoi(v) > 1 ? atoi(v) : 1;
   if (q.pipeline_parts > q.B) q.pipeline_parts = q.B;
+  // The score tile is fitted to the grid one launch scores: the larger slice of the rule's
+  // (a B=30 call in two slices scores 15 sequences a launch: 2560 keys, where B=30's own fit,
+  // 4096, costs a 15-sequence launch 8%). Every slice shares the tile (the workspace holds
+  // their tile statistics), and $KVC_PIPELINE_PARTS does not move it, so an overridden
+  // slicing stays bit-identical to one call.
+  const int64_t launch_batch = (q.B + rule_parts - 1) / rule_parts;
+  q.score_tile = q.mma_scores ? choose_score_tile(launch_batch * q.Hkv * q.head_tiles, q.S,
+                                                  score_slots(q.D, q.score_loads))
+                              : 512;
+  if (const char* v = getenv("KVC_SCORE_TILE"); v && q.mma_scores) {
+    const int tile = atoi(v);
+    if (tile >= 256 && tile % 256 == 0) q.score_tile = tile;
+  }
+  q.score_tiles = (q.S + q.score_tile - 1) / q.score_tile;
   // Kept rows per gather item: 16 KiB. A capped fetch grid (pipelined: a few dozen CTAs)
   // needs that many loads in flight per CTA; elsewhere it costs nothing measurable. Measured
   // on the H200 (op, graph ms at 8 / 16 KiB items, docs/BENCHMARKS.md, ninth session): the 8B
