@@ -314,7 +314,8 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
                     floor_ms = kcache_floor_s(context, topn, select) * 1e3
                     rows.append(dict(context=context, kind="kcache", select=select, topn=topn, parts=parts,
                                      gather_ctas=gather_ctas or "library", eager_ms=eager, graph_ms=graph, floor_ms=floor_ms,
-                                     hbm_bytes=k_bytes, host_us=host_us_per_call(fn)))
+                                     hbm_bytes=k_bytes, host_us=host_us_per_call(fn),
+                                     plan=kcache_decode.describe(*case.values(), topn, select)))
                     print(f"  kcache {select:5s} N={topn:5d} parts={parts} gather CTAs {gather_ctas or 'lib'} eager {eager:.4f} ms  graph "
                           f"{graph and round(graph, 4)} ms  floor {floor_ms:.4f} ms", flush=True)
             set_gather_ctas(0)

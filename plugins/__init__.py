@@ -14,7 +14,7 @@ import threading
 from kvcompile.plugins.build import BuildError, library_path
 from kvcompile.errors import KernelLibraryError  # noqa: F401  (raised here)
 
-ABI_VERSION = 3  # must equal KVC_ABI_VERSION in csrc/kvcompile_kernels.h
+ABI_VERSION = 4  # must equal KVC_ABI_VERSION in csrc/kvcompile_kernels.h
 
 
 

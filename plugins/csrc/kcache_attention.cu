@@ -264,6 +264,17 @@ int kvc_kcache_decode_workspace_size(const kvc_kcache_decode_args* args, size_t*
   return KVC_OK;
 }
 
+int kvc_kcache_decode_describe(const kvc_kcache_decode_args* args, kvc_kcache_decode_plan* plan) {
+  kvc::KCachePlan p;
+  if (int rc = kvc::make_plan(args, &p)) return rc;
+  if (!plan) return kvc::fail(KVC_ERR_ARGUMENT, "kcache_decode_describe: plan is NULL");
+  // A pipelined call caps its fetch's grid unless $KVC_GATHER_CTAS did (kvc_kcache_decode).
+  const int ctas = p.gather_ctas || p.pipeline_parts == 1 ? p.gather_ctas : kvc::kPipelineGatherCtas;
+  *plan = kvc_kcache_decode_plan{p.score_tile, p.score_tiles, p.gather_rows, p.gather_chunks,
+                                 p.pipeline_parts, ctas, p.workspace_bytes};
+  return KVC_OK;
+}
+
 int kvc_kcache_decode(const kvc_kcache_decode_args* args, void* workspace, size_t workspace_bytes,
                       void* stream_handle) {
   using namespace kvc;

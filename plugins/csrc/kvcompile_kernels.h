@@ -11,7 +11,8 @@
 extern "C" {
 #endif
 
-#define KVC_ABI_VERSION 3  /* 2: softcap and sinks; 3: T new tokens per call (chunked prefill) */
+#define KVC_ABI_VERSION 4  /* 2: softcap and sinks; 3: T new tokens per call (chunked prefill);
+                              4: kvc_kcache_decode_describe */
 
 enum { KVC_OK = 0, KVC_ERR_ARGUMENT = 1, KVC_ERR_CUDA = 2, KVC_ERR_WORKSPACE = 3 };
 enum { KVC_DTYPE_F32 = 0, KVC_DTYPE_F16 = 1, KVC_DTYPE_BF16 = 2 };
@@ -48,6 +49,19 @@ const char* kvc_last_error(void);
 
 /* Device workspace (bytes) kvc_kcache_decode needs for these arguments' sizes. */
 int kvc_kcache_decode_workspace_size(const kvc_kcache_decode_args* args, size_t* bytes);
+
+/* The plan kvc_kcache_decode would run for these arguments on the current device (its rules and
+ * $KVC_* overrides applied), for benchmarks to record what ran. */
+typedef struct {
+  int32_t score_tile;      /* keys per score CTA */
+  int32_t score_tiles;     /* score CTAs per (sequence, KV head, head tile) */
+  int32_t gather_rows;     /* kept positions per fetch work item */
+  int32_t gather_chunks;   /* fetch work items per selection row */
+  int32_t pipeline_parts;  /* batch slices (1: one call) */
+  int32_t gather_ctas;     /* the fetch's grid cap (0: one CTA per item) */
+  size_t workspace_bytes;
+} kvc_kcache_decode_plan;
+int kvc_kcache_decode_describe(const kvc_kcache_decode_args* args, kvc_kcache_decode_plan* plan);
 
 /* Scores over all keys, softmax statistics, top-N select (per KV head or layer, summed over
  * its query heads and the T rows), zero-copy gather of the kept value rows from host memory,

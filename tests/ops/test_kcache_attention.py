@@ -204,6 +204,42 @@ def test_kernel_library_abi_plans_workspace_and_rejects_bad_args():
     assert b"head_dim" in lib.kvc_last_error()
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_describe_reports_the_plan_the_call_would_run(monkeypatch):
+    # kvc_kcache_decode_describe: the tilings and slices a benchmark row records. On a machine
+    # without a GPU the score tile is the default (the device's CTA slots cannot be asked).
+    from kvcompile.ops.kcache_attention.kernels import describe
+
+    B, Hq, Hkv, P, D = 2, 8, 2, 1000, 64
+    q, k, v = (torch.randn(B, h, 1, D, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    key_cache = torch.randn(B, Hkv, P, D, dtype=torch.bfloat16)
+    value_host = torch.randn(B, P, Hkv, D, dtype=torch.bfloat16)
+    bias = torch.zeros(B, 1, 1, P + 1)
+    for name in ("KVC_PIPELINE_PARTS", "KVC_SCORE_TILE", "KVC_GATHER_BYTES", "KVC_GATHER_CTAS"):
+        monkeypatch.delenv(name, raising=False)
+    plan = describe(q, k, v, key_cache, value_host, bias, 100, "head")
+    # 16 KiB fetch items of 128-byte rows; one slice (a small call), so no grid cap
+    assert plan["score_tile"] == 2048 and plan["score_tiles"] == 1
+    assert (plan["gather_rows"], plan["gather_chunks"], plan["pipeline_parts"], plan["gather_ctas"]) == (128, 1, 1, 0)
+    layer = describe(q, k, v, key_cache, value_host, bias, 100, "layer")
+    assert (layer["gather_rows"], layer["gather_chunks"]) == (64, 2)  # rows of Hkv * D: 256 bytes
+    monkeypatch.setenv("KVC_PIPELINE_PARTS", "2")
+    monkeypatch.setenv("KVC_SCORE_TILE", "512")
+    piped = describe(q, k, v, key_cache, value_host, bias, 100, "head")
+    assert (piped["pipeline_parts"], piped["gather_ctas"]) == (2, 64)  # a pipelined fetch is capped
+    assert (piped["score_tile"], piped["score_tiles"]) == (512, 2)
+    # the workspace it reports is the one the call asks for
+    import ctypes
+
+    from kvcompile.ops.kcache_attention.kernels import _decode_args
+    from kvcompile.plugins import load_kernels
+
+    args, _, _keep = _decode_args(q, k, v, key_cache, value_host, bias, 1.0, 100, "head", False, 0.0, None)
+    size = ctypes.c_size_t(0)
+    assert load_kernels().kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)) == 0
+    assert piped["workspace_bytes"] == size.value
+
+
 # Score kernel device µs on the H200 (396 CTA slots: 132 SMs x 3) by keys per CTA, from
 # docs/kcache_timeline_h200/score_tiles_*.json (32 query / 8 KV heads, d=128: 8 rows a sequence).
 # The tile rule must pick the fastest measured tile, or one within 1% of it.

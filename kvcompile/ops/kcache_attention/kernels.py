@@ -8,6 +8,7 @@ declares the C functions this op needs (the kernel loader reads them from the re
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -27,7 +28,14 @@ SYMBOLS = (
                  (ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t))),
     KernelSymbol("kvc_kcache_decode", ctypes.c_int,
                  (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)),
+    KernelSymbol("kvc_kcache_decode_describe", ctypes.c_int, (ctypes.c_void_p, ctypes.c_void_p)),
 )
+
+
+class DecodePlan(ctypes.Structure):
+    """kvc_kcache_decode_plan."""
+    _fields_ = [("score_tile", _int), ("score_tiles", _int), ("gather_rows", _int), ("gather_chunks", _int),
+                ("pipeline_parts", _int), ("gather_ctas", _int), ("workspace_bytes", ctypes.c_size_t)]
 
 
 class DecodeArgs(ctypes.Structure):
@@ -109,6 +117,44 @@ def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, sel
            softcap=0.0, sinks=None):
     """out [B, Hq, T, D] on query's device, enqueued on the current stream."""
     lib = load_kernels()
+    args, out, _keep = _decode_args(query, key, value, key_cache, value_host, attn_bias, scale, topn, select,
+                                    renormalize, softcap, sinks)
+    B, Hq, T, D = query.shape
+    Hkv, P = key.shape[1], key_cache.shape[2]
+    with torch.cuda.device(query.device):  # the library plans for and launches on the current device
+        # The workspace depends on the sizes, the device (the score tile fits the GPU's CTA
+        # slots) and the library's tuning variables: asked once per combination (kvc_kcache_decode
+        # checks every argument again). Allocated from torch's caching allocator (so CUDA-graph
+        # capture takes it from the graph's pool).
+        size_key = (B, Hq, Hkv, P, T, D, topn, args.select, args.dtype, query.device.index,
+                    *(os.environ.get(name) for name in PLAN_VARIABLES))
+        workspace_bytes = _workspace_sizes.get(size_key)
+        if workspace_bytes is None:
+            size = ctypes.c_size_t(0)
+            _check(lib, lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)))
+            workspace_bytes = _workspace_sizes[size_key] = size.value
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=query.device)
+        stream = torch.cuda.current_stream(query.device).cuda_stream
+        _check(lib, lib.kvc_kcache_decode(ctypes.byref(args), workspace.data_ptr(), workspace_bytes, stream))
+    return out
+
+
+def describe(query, key, value, key_cache, value_host, attn_bias, topn, select) -> dict:
+    """The plan the library would run for this call on query's device (score tile, fetch items,
+    slices, the fetch's grid cap, workspace bytes): what a benchmark row records."""
+    lib = load_kernels()
+    args, _out, _keep = _decode_args(query, key, value, key_cache, value_host, attn_bias, 1.0, topn, select,
+                                     False, 0.0, None)
+    plan = DecodePlan()
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        _check(lib, lib.kvc_kcache_decode_describe(ctypes.byref(args), ctypes.byref(plan)))
+    return {name: getattr(plan, name) for name, _ in DecodePlan._fields_}
+
+
+def _decode_args(query, key, value, key_cache, value_host, attn_bias, scale, topn, select, renormalize,
+                 softcap, sinks):
+    """The C argument struct for one call, its output tensor, and the tensors the struct points
+    into that the caller must keep alive until the call is enqueued."""
     B, Hq, T, D = query.shape
     Hkv, P = key.shape[1], key_cache.shape[2]
     # q/k/v of one token are tiny: copy them when their layout does not suit 16-byte loads.
@@ -138,22 +184,7 @@ def decode(query, key, value, key_cache, value_host, attn_bias, scale, topn, sel
         attn_bias=bias.data_ptr(), attn_bias_stride_b=_stride(bias, 0), attn_bias_stride_t=_stride(bias, 1),
         out=out.data_ptr(),
     )
-    with torch.cuda.device(query.device):  # the library plans for and launches on the current device
-        # The workspace depends on the sizes, the device (the score tile fits the GPU's CTA
-        # slots) and the library's tuning variables: asked once per combination (kvc_kcache_decode
-        # checks every argument again). Allocated from torch's caching allocator (so CUDA-graph
-        # capture takes it from the graph's pool).
-        size_key = (B, Hq, Hkv, P, T, D, topn, args.select, args.dtype, query.device.index,
-                    *(os.environ.get(name) for name in PLAN_VARIABLES))
-        workspace_bytes = _workspace_sizes.get(size_key)
-        if workspace_bytes is None:
-            size = ctypes.c_size_t(0)
-            _check(lib, lib.kvc_kcache_decode_workspace_size(ctypes.byref(args), ctypes.byref(size)))
-            workspace_bytes = _workspace_sizes[size_key] = size.value
-        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=query.device)
-        stream = torch.cuda.current_stream(query.device).cuda_stream
-        _check(lib, lib.kvc_kcache_decode(ctypes.byref(args), workspace.data_ptr(), workspace_bytes, stream))
-    return out
+    return args, out, (query, key, value, key_cache, bias, sink_device)
 
 
 _workspace_sizes: dict = {}
