@@ -289,7 +289,7 @@ def run_kvcompile(model, cache_config, batch: int, args, device, cache=None, row
 
             row["graph_step_ms"] = time_calls(graph_step, device, args.warmup, args.steps)
             row["step_ms"], row["step_mode"] = row["graph_step_ms"], "cuda_graph"
-            if getattr(args, "profile", False):
+            if args.profile:
                 row["timeline"] = profile_kernels(graph_step, calls=2)
             del decoder
         except Exception as error:  # noqa: BLE001 - keep the eager row, say why
@@ -349,22 +349,19 @@ def run_kvcompile_microbatched(model, cache_config, batch: int, parts: int, args
     ids = decoder.split(torch.randint(0, model.config.vocab_size, (batch,), device=device))
     step_ms, ids = time_microbatched(decoder, ids, args, device, overlap=True)
     serial_ms, ids = time_microbatched(decoder, ids, args, device, overlap=False)
-    timeline = None
-    if getattr(args, "profile", False) and device.type == "cuda":
-        def overlapped_step():
-            nonlocal ids
-            ids = decoder.greedy_step(ids, True)
-            decoder.join()
-
-        timeline = profile_kernels(overlapped_step, calls=2)
     row = dict(step_ms=step_ms, serial_step_ms=serial_ms, overlap_speedup=serial_ms / step_ms,
                step_mode="cuda_graph" if capture else "static_eager", microbatches=len(decoder.sizes),
                microbatch_sizes=decoder.sizes, stream_priorities=args.mb_priorities,
                compile_s=round(compile_s, 1), cache_capacity=cache.capacity,
                peak_gpu_gib=peak_gib(device), cache_device_gib=cache.device_bytes() / GIB,
                context_at_end=decoder.caches[0].length)
-    if timeline:
-        row["timeline"] = timeline
+    if args.profile and device.type == "cuda":
+        def overlapped_step():
+            nonlocal ids
+            ids = decoder.greedy_step(ids, True)
+            decoder.join()
+
+        row["timeline"] = profile_kernels(overlapped_step, calls=2)
     print(f"  micro-batches {decoder.sizes}: overlapped {step_ms:.2f} ms, serial {serial_ms:.2f} ms a step",
           flush=True)
     del decoder

@@ -94,6 +94,9 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   q.pipeline_parts = rule_parts;
   if (const char* v = getenv("KVC_PIPELINE_PARTS"); v && *v) q.pipeline_parts = atoi(v) > 1 ? atoi(v) : 1;
   if (q.pipeline_parts > q.B) q.pipeline_parts = q.B;
+  // A pipelined fetch needs few CTAs (it waits on the link); uncapped, its grid would hold the
+  // SMs the next slice's score pass needs. $KVC_GATHER_CTAS still overrides.
+  if (q.pipeline_parts > 1 && !q.gather_ctas) q.gather_ctas = kPipelineGatherCtas;
   // The score tile is fitted to the grid one launch scores: the larger slice of the rule's
   // (a B=30 call in two slices scores 15 sequences a launch: 2560 keys, where B=30's own fit,
   // 4096, costs a 15-sequence launch 8%). Every slice shares the tile (the workspace holds
@@ -268,10 +271,8 @@ int kvc_kcache_decode_describe(const kvc_kcache_decode_args* args, kvc_kcache_de
   kvc::KCachePlan p;
   if (int rc = kvc::make_plan(args, &p)) return rc;
   if (!plan) return kvc::fail(KVC_ERR_ARGUMENT, "kcache_decode_describe: plan is NULL");
-  // A pipelined call caps its fetch's grid unless $KVC_GATHER_CTAS did (kvc_kcache_decode).
-  const int ctas = p.gather_ctas || p.pipeline_parts == 1 ? p.gather_ctas : kvc::kPipelineGatherCtas;
   *plan = kvc_kcache_decode_plan{p.score_tile, p.score_tiles, p.gather_rows, p.gather_chunks,
-                                 p.pipeline_parts, ctas, p.workspace_bytes};
+                                 p.pipeline_parts, p.gather_ctas, p.workspace_bytes};
   return KVC_OK;
 }
 
@@ -305,16 +306,12 @@ int kvc_kcache_decode(const kvc_kcache_decode_args* args, void* workspace, size_
   SideStream* side = side_stream();
   if (!side) return fail(KVC_ERR_CUDA, "kcache_decode: could not create the pipeline's side stream: " + last_error);
   const int parts = p.pipeline_parts;
-  // The fetch needs few CTAs (it waits on the link); uncapped, its grid would hold the SMs the
-  // next slice's score pass needs. $KVC_GATHER_CTAS still overrides.
-  KCachePlan piped = p;
-  if (!piped.gather_ctas) piped.gather_ctas = kPipelineGatherCtas;
   for (int i = 0, b0 = 0; i < parts; ++i) {
     const int nb = p.B / parts + (i < p.B % parts ? 1 : 0);
     kvc_kcache_decode_args sa;
     KCachePlan sp;
     Workspace sw;
-    const void* host = slice(*args, piped, w, attr.devicePointer, b0, nb, &sa, &sp, &sw);
+    const void* host = slice(*args, p, w, attr.devicePointer, b0, nb, &sa, &sp, &sw);
     if (int rc = enqueue_slice(sa, sp, sw, host, stream, side)) return rc;
     b0 += nb;
   }

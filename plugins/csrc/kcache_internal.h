@@ -31,7 +31,7 @@ struct KCachePlan {
   int row_elems;                  // elements of one fetched value row: D or Hkv * D
   int gather_rows;                // kept positions per gather CTA
   int gather_chunks;              // ceil(N / gather_rows)
-  int gather_ctas;                // gather grid cap (0: one CTA per item), $KVC_GATHER_CTAS
+  int gather_ctas;                // gather grid cap (0: one CTA per item; 64 when pipelined), $KVC_GATHER_CTAS
   int pipeline_parts;             // batch slices whose fetch overlaps the next slice's scores
   size_t off_logits, off_tile_stats, off_stats, off_select, off_index, off_partial, off_mass;
   size_t workspace_bytes;
