@@ -90,6 +90,10 @@ __device__ inline void fold_online(MaxSum& st, float x) {
   }
 }
 
+// 32-dim blocks of the tensor-core kernel's instance for a head_dim (NB): 2, 4 or 8. The launch
+// and score_slots (which asks that instance's occupancy) both pick by it.
+__host__ __device__ constexpr int mma_dim_blocks(int head_dim) { return head_dim <= 64 ? 2 : head_dim <= 128 ? 4 : 8; }
+
 // 16-key tiles per warp step: LOADS 16-byte vectors per lane (2 keys x NB dim blocks each).
 __host__ __device__ constexpr int score_m_tiles(int NB, int LOADS) { return LOADS / 2 / NB > 0 ? LOADS / 2 / NB : 1; }
 // CTAs per SM the register budget is set for: 16 loads in flight fit 2, 8 fit 3 unspilled.
@@ -364,9 +368,11 @@ cudaError_t launch_scores_dtype(const kvc_kcache_decode_args& a, const KCachePla
                                 float* logits, MaxSum* tile_stats, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     if (p.mma_scores) {
-      if (p.D <= 64) return launch_scores_mma_loads<T, 2>(a, p, logits, tile_stats, stream);
-      if (p.D <= 128) return launch_scores_mma_loads<T, 4>(a, p, logits, tile_stats, stream);
-      return launch_scores_mma_loads<T, 8>(a, p, logits, tile_stats, stream);
+      switch (mma_dim_blocks(p.D)) {
+        case 2: return launch_scores_mma_loads<T, 2>(a, p, logits, tile_stats, stream);
+        case 4: return launch_scores_mma_loads<T, 4>(a, p, logits, tile_stats, stream);
+        default: return launch_scores_mma_loads<T, 8>(a, p, logits, tile_stats, stream);
+      }
     }
   }
   switch (p.group_tile) {
@@ -376,10 +382,6 @@ cudaError_t launch_scores_dtype(const kvc_kcache_decode_args& a, const KCachePla
     default: return launch_scores_t<T, 8>(a, p, logits, tile_stats, stream);
   }
 }
-
-}  // namespace
-
-namespace {
 
 template <int NB, int LOADS>
 int mma_ctas_per_sm() {
@@ -397,7 +399,7 @@ int mma_ctas_per_sm() {
 int score_slots(int head_dim, int loads) {
   struct Traits {
     bool ready = false;
-    int sms = 0, per_sm[3][2] = {};  // [NB 2 / 4 / 8][8 / 16 loads]
+    int sms = 0, per_sm[3][2] = {};  // [mma_dim_blocks 2 / 4 / 8][8 / 16 loads]
   };
   static Traits traits[64];
   int device = 0;
@@ -419,8 +421,7 @@ int score_slots(int head_dim, int loads) {
     t.per_sm[2][1] = mma_ctas_per_sm<8, 16>();
     t.ready = true;
   }
-  const int nb = head_dim <= 64 ? 0 : head_dim <= 128 ? 1 : 2;
-  return t.sms * t.per_sm[nb][loads >= 16 ? 1 : 0];
+  return t.sms * t.per_sm[mma_dim_blocks(head_dim) / 4][loads >= 16 ? 1 : 0];  // 2, 4, 8 -> 0, 1, 2
 }
 
 cudaError_t launch_scores(const kvc_kcache_decode_args& a, const KCachePlan& p, float* logits,
