@@ -1,7 +1,6 @@
 """Keys per CTA of the KCache score pass ($KVC_SCORE_TILE) against the library's own choice
 (choose_score_tile: the tile whose grid wastes least of its last wave of CTA slots), device µs
-of the score kernel (torch profiler, CUPTI) per batch and context, for each way of bringing K
-in (--kernels: $KVC_SCORE_KERNEL loads / hinted / bulk, bulk with $KVC_SCORE_STAGES 2-4).
+of the score kernel (torch profiler, CUPTI) per batch and context.
 
 The pass is memory-bound and its CTAs all take about as long, so a grid of 2.6 waves runs its
 last 0.6 wave part-full; a tile that makes the grid ~2 or ~3 whole waves reads K faster.
@@ -26,21 +25,11 @@ from bench_kcache_op import cases, kernel_breakdown, run_header, set_kernel_env 
 TILES = ("1024", "1536", "2048", "2560", "2816", "3072", "4096")  # timed beside the library's rule
 
 
-KERNELS = ("loads",)  # --kernels: loads, hinted, bulk2, bulk3, bulk4
-
-
 def score_us(kernels: dict) -> float:
-    return sum(us for name, us in kernels.items() if "score_mma_kernel" in name or "score_bulk_kernel" in name)
+    return sum(us for name, us in kernels.items() if "score_mma_kernel" in name)
 
 
-def set_score_kernel(kernel: str) -> None:
-    """$KVC_SCORE_KERNEL (and $KVC_SCORE_STAGES for bulkN) for one variant; None clears both."""
-    bulk = kernel is not None and kernel.startswith("bulk")
-    set_kernel_env("KVC_SCORE_KERNEL", "bulk" if bulk else kernel)
-    set_kernel_env("KVC_SCORE_STAGES", kernel[4:] if bulk and kernel[4:] else None)
-
-
-def run(batches, contexts, iters: int, tiles, kernels=KERNELS) -> dict:
+def run(batches, contexts, iters: int, tiles) -> dict:
     import kvcompile.ops  # noqa: F401  (registers the op)
 
     op = torch.ops.kvcompile.kcache_attention
@@ -49,23 +38,20 @@ def run(batches, contexts, iters: int, tiles, kernels=KERNELS) -> dict:
     set_kernel_env("KVC_PIPELINE_PARTS", 1)
     for batch, context, case in cases([(b, c) for b in batches for c in contexts]):
         k_bytes = batch * bench_kcache_op.HKV * context * bench_kcache_op.D * 2
-        for kernel in kernels:
-            set_score_kernel(kernel)
-            row = dict(batch=batch, context=context, kernel=kernel)
-            for tile in ("", *tiles):
-                set_kernel_env("KVC_SCORE_TILE", tile)
-                us = score_us(kernel_breakdown(lambda: op(*case.values(), scale, 128, "head", False), iters))
-                row[f"us_{tile or 'rule'}"] = round(us, 2)
-                row[f"tbps_{tile or 'rule'}"] = round(k_bytes / (us * 1e-6) / 1e12, 3) if us else None
-            set_kernel_env("KVC_SCORE_TILE", None)
-            fixed = {t: row[f"us_{t}"] for t in tiles}
-            row["fastest_tile"] = min(fixed, key=fixed.get)
-            if "2048" in fixed:
-                row["rule_vs_2048"] = round(row["us_rule"] / row["us_2048"], 3)
-            row["rule_vs_fastest"] = round(row["us_rule"] / fixed[row["fastest_tile"]], 3)
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
-        set_score_kernel(None)
+        row = dict(batch=batch, context=context)
+        for tile in ("", *tiles):
+            set_kernel_env("KVC_SCORE_TILE", tile)
+            us = score_us(kernel_breakdown(lambda: op(*case.values(), scale, 128, "head", False), iters))
+            row[f"us_{tile or 'rule'}"] = round(us, 2)
+            row[f"tbps_{tile or 'rule'}"] = round(k_bytes / (us * 1e-6) / 1e12, 3) if us else None
+        set_kernel_env("KVC_SCORE_TILE", None)
+        fixed = {t: row[f"us_{t}"] for t in tiles}
+        row["fastest_tile"] = min(fixed, key=fixed.get)
+        if "2048" in fixed:
+            row["rule_vs_2048"] = round(row["us_rule"] / row["us_2048"], 3)
+        row["rule_vs_fastest"] = round(row["us_rule"] / fixed[row["fastest_tile"]], 3)
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
     set_kernel_env("KVC_PIPELINE_PARTS", None)
     return result
 
@@ -77,12 +63,10 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--tiles", nargs="+", default=list(TILES), help="fixed tiles timed beside the rule")
-    parser.add_argument("--kernels", nargs="+", default=list(KERNELS),
-                        help="score kernels: loads, hinted, bulk2, bulk3, bulk4 ($KVC_SCORE_KERNEL, $KVC_SCORE_STAGES)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_score_tiles needs a CUDA GPU")
-    result = run(args.batches, args.contexts, args.iters, args.tiles, args.kernels)
+    result = run(args.batches, args.contexts, args.iters, args.tiles)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "score_tiles.json").write_text(json.dumps(result, indent=2))
 

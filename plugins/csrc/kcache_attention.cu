@@ -17,17 +17,6 @@ int fail(int code, const std::string& message) {
 
 constexpr int kPipelineGatherCtas = 64;  // the fetch's grid cap when pipelined
 
-// Compute capability major of the current device (0 when it cannot be asked).
-int device_major() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return major;
-}
-
 size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
@@ -85,14 +74,6 @@ int make_plan(const kvc_kcache_decode_args* a, KCachePlan* p) {
   // ($KVC_SCORE_LOADS: 8 or 16; $KVC_SCORE_TILE: keys per CTA, a multiple of 256).
   q.score_loads = 8;
   if (const char* v = getenv("KVC_SCORE_LOADS")) q.score_loads = atoi(v) >= 16 ? 16 : 8;
-  // $KVC_SCORE_KERNEL: loads (default), hinted, bulk (sm_90; $KVC_SCORE_STAGES 2-4, default 3).
-  q.score_kernel = kScoreLoads;
-  q.score_stages = 3;
-  if (const char* v = getenv("KVC_SCORE_KERNEL"); v && *v) {
-    const std::string kind(v);
-    q.score_kernel = kind == "bulk" && device_major() >= 9 ? kScoreBulk : kind == "hinted" ? kScoreLoadsHinted : kScoreLoads;
-  }
-  if (const char* v = getenv("KVC_SCORE_STAGES"); v && *v) q.score_stages = atoi(v) <= 2 ? 2 : atoi(v) >= 4 ? 4 : 3;
   q.row_elems = layer ? q.Hkv * q.D : q.D;
   const int row_bytes = q.row_elems * elem;
   // The fetch is bound by the host link, not by SMs: a few dozen CTAs keep enough loads in

@@ -11,10 +11,6 @@
 
 namespace kvc {
 
-// How the tensor-core score pass brings K in: global loads into registers, the same with an
-// L2 256-byte prefetch hint, or sm_90 bulk copies into a per-warp shared-memory ring.
-enum { kScoreLoads = 0, kScoreLoadsHinted = 1, kScoreBulk = 2 };
-
 // Sizes, tilings and workspace offsets, derived once from the arguments (also by the
 // workspace-size query, so both always agree).
 struct KCachePlan {
@@ -28,8 +24,6 @@ struct KCachePlan {
   int elem_bytes;
   int mma_scores;                 // 1: tensor-core score kernel (16-bit dtype, head_dim <= 256)
   int score_loads;                // its 16-byte K loads in flight per lane: 16 (2 CTAs/SM) or 8 (4)
-  int score_kernel;               // kScoreLoads, kScoreLoadsHinted or kScoreBulk (tensor-core kernels)
-  int score_stages;               // kScoreBulk: 16-key stages in flight per warp (2, 3 or 4)
   int group_tile;                 // query rows per score CTA (1, 2, 4 or 8; padded with zeros)
   int head_tiles;                 // ceil(GR / group_tile)
   int score_tile;                 // positions per score CTA
