@@ -30,7 +30,11 @@ __device__ inline float load_any(const void* base, int64_t index, int dtype) {
 // One warp per (b, query head): logit of the new key, then
 //   lse = logaddexp(lse_past, logit); out = past * e^(lse_past - lse) + v * e^(logit - lse)
 // and with a sink z, out *= sigmoid(lse - z) (the sink only enlarges the denominator).
-template <typename T>
+// Every load the warp needs (its PER_LANE dims of q, k, past and v, the bias, lse_past, the
+// sink) is issued before any is used: the kernel is a few microseconds of latency, and loading
+// past and v only after the dot product and lse_past only after its reduction made that three
+// rounds of global-memory latency instead of one.
+template <typename T, int PER_LANE>
 __global__ void decode_merge_kernel(kvc_decode_merge_args a) {
   const int warps_per_block = blockDim.x / 32;
   const int head = blockIdx.x * warps_per_block + threadIdx.x / 32;  // b * Hq + hq
@@ -42,22 +46,46 @@ __global__ void decode_merge_kernel(kvc_decode_merge_args a) {
   const T* k = static_cast<const T*>(a.key) + b * a.key_stride_b + kv * a.key_stride_h;
   const T* v = static_cast<const T*>(a.value) + b * a.value_stride_b + kv * a.value_stride_h;
   const T* past = static_cast<const T*>(a.past_out) + b * a.past_out_stride_b + hq * a.past_out_stride_h;
-  float dot = 0.f;
-  for (int d = lane; d < a.head_dim; d += 32) dot = fmaf(to_float(q[d]), to_float(k[d]), dot);
-  for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-  const float logit = dot * a.scale + load_any(a.new_bias, b * a.new_bias_stride_b, a.bias_dtype);
+  const float bias = load_any(a.new_bias, b * a.new_bias_stride_b, a.bias_dtype);
   const float lse_past = a.past_lse[b * a.past_lse_stride_b + hq * a.past_lse_stride_h];
+  const float sink = a.sinks != nullptr ? a.sinks[hq] : 0.f;
+  float qd[PER_LANE], kd[PER_LANE], pd[PER_LANE], vd[PER_LANE];
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) {
+    const int d = lane + 32 * i;
+    const bool in = d < a.head_dim;
+    qd[i] = in ? to_float(q[d]) : 0.f;
+    kd[i] = in ? to_float(k[d]) : 0.f;
+    pd[i] = in ? to_float(past[d]) : 0.f;
+    vd[i] = in ? to_float(v[d]) : 0.f;
+  }
+  float dot = 0.f;
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) dot = fmaf(qd[i], kd[i], dot);
+  for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  const float logit = dot * a.scale + bias;
   const float m = fmaxf(lse_past, logit);
   const float lse = m + logf(expf(lse_past - m) + expf(logit - m));
   float w_past = expf(lse_past - lse), w_new = expf(logit - lse);
   if (a.sinks != nullptr) {
-    const float keep = 1.f / (1.f + expf(a.sinks[hq] - lse));
+    const float keep = 1.f / (1.f + expf(sink - lse));
     w_past *= keep;
     w_new *= keep;
   }
   T* out = static_cast<T*>(a.out) + (int64_t)head * a.head_dim;
-  for (int d = lane; d < a.head_dim; d += 32)
-    out[d] = from_float<T>(fmaf(to_float(past[d]), w_past, to_float(v[d]) * w_new));
+#pragma unroll
+  for (int i = 0; i < PER_LANE; ++i) {
+    const int d = lane + 32 * i;
+    if (d < a.head_dim) out[d] = from_float<T>(fmaf(pd[i], w_past, vd[i] * w_new));
+  }
+}
+
+template <typename T>
+void launch_decode_merge(const kvc_decode_merge_args& a, int blocks, int threads, cudaStream_t stream) {
+  if (a.head_dim <= 64) decode_merge_kernel<T, 2><<<blocks, threads, 0, stream>>>(a);
+  else if (a.head_dim <= 128) decode_merge_kernel<T, 4><<<blocks, threads, 0, stream>>>(a);
+  else if (a.head_dim <= 256) decode_merge_kernel<T, 8><<<blocks, threads, 0, stream>>>(a);
+  else decode_merge_kernel<T, 16><<<blocks, threads, 0, stream>>>(a);
 }
 
 }  // namespace
@@ -70,15 +98,17 @@ extern "C" int kvc_decode_merge(const kvc_decode_merge_args* a, void* stream_han
     return merge_fail(KVC_ERR_ARGUMENT, "decode_merge: sizes must be >= 1 and query_heads a multiple of kv_heads");
   if (!a->query || !a->key || !a->value || !a->past_out || !a->past_lse || !a->new_bias || !a->out)
     return merge_fail(KVC_ERR_ARGUMENT, "decode_merge: a tensor pointer is NULL");
+  if (a->head_dim > 512)
+    return merge_fail(KVC_ERR_ARGUMENT, "decode_merge: head_dim must be <= 512");
   if (a->dtype < KVC_DTYPE_F32 || a->dtype > KVC_DTYPE_BF16 || a->bias_dtype < KVC_DTYPE_F32 || a->bias_dtype > KVC_DTYPE_BF16)
     return merge_fail(KVC_ERR_ARGUMENT, "decode_merge: dtype and bias_dtype must be KVC_DTYPE_*");
   constexpr int kThreads = 128;  // 4 warps, one (b, head) each
   const int heads = a->batch * a->query_heads;
   const int blocks = (heads + kThreads / 32 - 1) / (kThreads / 32);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-  if (a->dtype == KVC_DTYPE_F32) decode_merge_kernel<float><<<blocks, kThreads, 0, stream>>>(*a);
-  else if (a->dtype == KVC_DTYPE_F16) decode_merge_kernel<__half><<<blocks, kThreads, 0, stream>>>(*a);
-  else decode_merge_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(*a);
+  if (a->dtype == KVC_DTYPE_F32) launch_decode_merge<float>(*a, blocks, kThreads, stream);
+  else if (a->dtype == KVC_DTYPE_F16) launch_decode_merge<__half>(*a, blocks, kThreads, stream);
+  else launch_decode_merge<__nv_bfloat16>(*a, blocks, kThreads, stream);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return merge_fail(KVC_ERR_CUDA, std::string("decode_merge: ") + cudaGetErrorString(err));
   return KVC_OK;
