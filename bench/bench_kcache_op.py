@@ -195,15 +195,16 @@ def run_header() -> dict:
                 command=" ".join(sys.argv), kernel_env=kernel_env())
 
 
-def cases(pairs):
+def cases(pairs, full_cache: bool = False):
     """(batch, context, inputs) for each (batch, context) in `pairs`, in order, with the
-    module's batch B set to it; one case alive at a time (freed before the next is built)."""
+    module's batch B set to it; one case alive at a time (freed before the next is built).
+    full_cache: (batch, context, inputs, k_full, v_full), the SDPA peer's whole K and V too."""
     global B
     for batch, context in pairs:
         B = batch
-        case, _, _ = make_case(context)
-        yield batch, context, case
-        del case
+        case, k_full, v_full = make_case(context)
+        yield (batch, context, case, k_full, v_full) if full_cache else (batch, context, case)
+        del case, k_full, v_full
         torch.cuda.empty_cache()
 
 
