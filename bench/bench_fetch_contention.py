@@ -18,7 +18,6 @@ share. Writes fetch_contention.json to --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kcache_op  # noqa: E402
-from bench_kcache_op import run_header, set_kernel_env  # noqa: E402
+from bench_kcache_op import run_header, run_sweep, set_kernel_env, sweep_parser  # noqa: E402
 from kernel_timeline import recorded_kernels, summarize  # noqa: E402
 
 KINDS = ("alone", "ce_copy", "sm_copy", "gemm")
@@ -111,8 +110,7 @@ def run(batch: int, context: int, topn: int, select: str, calls: int, caps) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser = sweep_parser(__doc__)
     parser.add_argument("--batch", type=int, default=30)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--topn", type=int, default=512)
@@ -120,12 +118,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=4, help="op calls enqueued beside each burst of side work")
     parser.add_argument("--gather-ctas", type=int, nargs="+", default=[0, 64],
                         help="fetch grid caps to run ($KVC_GATHER_CTAS; 0: none for one slice, the library's when pipelined)")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_fetch_contention needs a CUDA GPU")
-    result = run(args.batch, args.context, args.topn, args.select, args.calls, args.gather_ctas)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fetch_contention.json").write_text(json.dumps(result, indent=2))
+    result = run_sweep(parser, "fetch_contention.json", lambda args: run(
+        args.batch, args.context, args.topn, args.select, args.calls, args.gather_ctas))
     print(json.dumps(result["runs"], indent=1))
 
 

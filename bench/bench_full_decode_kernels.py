@@ -9,8 +9,6 @@ full_decode_kernels.json to --out.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kcache_op  # noqa: E402
-from bench_kcache_op import cases, kernel_breakdown, run_header, time_graph  # noqa: E402
+from bench_kcache_op import cases, kernel_breakdown, run_header, run_sweep, sweep_parser, time_graph  # noqa: E402
 
 
 def peers(case: dict, k_full, v_full) -> dict:
@@ -70,18 +68,11 @@ def run(batches, contexts, iters: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser = sweep_parser(__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 15])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--iters", type=int, default=20)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_full_decode_kernels needs a CUDA GPU")
-    result = run(args.batches, args.contexts, args.iters)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "full_decode_kernels.json").write_text(json.dumps(result, indent=2, default=str))
-
+    run_sweep(parser, "full_decode_kernels.json", lambda args: run(args.batches, args.contexts, args.iters))
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ Writes gather_items.json to --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kcache_op  # noqa: E402
-from bench_kcache_op import cases, run_header, set_kernel_env, time_graph  # noqa: E402
+from bench_kcache_op import cases, run_header, run_sweep, set_kernel_env, sweep_parser, time_graph  # noqa: E402
 
 
 def time_op(case: dict, topn: int, select: str, iters: int) -> float | None:
@@ -57,18 +56,11 @@ def run(item_bytes, batch_large: int, iters: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser = sweep_parser(__doc__)
     parser.add_argument("--bytes", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--batch-large", type=int, default=30)
     parser.add_argument("--iters", type=int, default=10)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gather_items needs a CUDA GPU")
-    result = run(args.bytes, args.batch_large, args.iters)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gather_items.json").write_text(json.dumps(result, indent=2))
-
+    run_sweep(parser, "gather_items.json", lambda args: run(args.bytes, args.batch_large, args.iters))
 
 if __name__ == "__main__":
     main()

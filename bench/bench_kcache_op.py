@@ -195,6 +195,25 @@ def run_header() -> dict:
                 command=" ".join(sys.argv), kernel_env=kernel_env())
 
 
+def sweep_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser of a GPU sweep script (its docstring as help, --out)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    return parser
+
+
+def run_sweep(parser: argparse.ArgumentParser, json_name: str, run) -> dict:
+    """main() of a GPU sweep script: parse, refuse without CUDA, result = run(args), written to
+    --out/json_name; returns the result."""
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{parser.prog} needs a CUDA GPU")
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / json_name).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
 def cases(pairs, full_cache: bool = False):
     """(batch, context, inputs) for each (batch, context) in `pairs`, in order, with the
     module's batch B set to it; one case alive at a time (freed before the next is built).

@@ -11,7 +11,6 @@ slice). Writes score_tiles.json to --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kcache_op  # noqa: E402
-from bench_kcache_op import cases, kernel_breakdown, run_header, set_kernel_env  # noqa: E402
+from bench_kcache_op import cases, kernel_breakdown, run_header, run_sweep, set_kernel_env, sweep_parser  # noqa: E402
 
 TILES = ("1024", "1536", "2048", "2560", "2816", "3072", "4096")  # timed beside the library's rule
 
@@ -57,19 +56,12 @@ def run(batches, contexts, iters: int, tiles) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser = sweep_parser(__doc__)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 15, 30])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--tiles", nargs="+", default=list(TILES), help="fixed tiles timed beside the rule")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_score_tiles needs a CUDA GPU")
-    result = run(args.batches, args.contexts, args.iters, args.tiles)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "score_tiles.json").write_text(json.dumps(result, indent=2))
-
+    run_sweep(parser, "score_tiles.json", lambda args: run(args.batches, args.contexts, args.iters, args.tiles))
 
 if __name__ == "__main__":
     main()
