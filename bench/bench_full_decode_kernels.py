@@ -74,5 +74,6 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     run_sweep(parser, "full_decode_kernels.json", lambda args: run(args.batches, args.contexts, args.iters))
 
+
 if __name__ == "__main__":
     main()

@@ -62,5 +62,6 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     run_sweep(parser, "gather_items.json", lambda args: run(args.bytes, args.batch_large, args.iters))
 
+
 if __name__ == "__main__":
     main()

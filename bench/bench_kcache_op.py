@@ -260,7 +260,7 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
     from kvcompile.ops.cached_attention import decode_backends
 
     rows, breakdowns, checks, skipped, topn_clusters, pipelined = [], {}, {}, {}, {}, {}
-    env_at_start = kernel_env()
+    header = run_header()  # at the start: the run changes $KVC_* as it goes
     sweep_result = None
     if sweep:  # on the largest context first, so every row below runs the chosen variant
         print(f"score-kernel sweep at context {max(contexts)}", flush=True)
@@ -347,8 +347,8 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
                     pipelined[f"{key}/parts={parts}"] = kernel_breakdown(fn)
             set_pipeline_parts(1)  # the breakdown times each kernel of one call
             breakdowns[key] = kernel_breakdown(fn)
-            topn_clusters[key] = sweep = topn_cluster_sweep(fn)
-            print(f"  top-N select µs by CTAs per row: {sweep}", flush=True)
+            topn_clusters[key] = cluster_us = topn_cluster_sweep(fn)
+            print(f"  top-N select µs by CTAs per row: {cluster_us}", flush=True)
         del case, k_full, v_full
         torch.cuda.empty_cache()
 
@@ -376,8 +376,7 @@ def run(out_dir: Path, contexts, topns, iters: int, floors: dict, sweep: bool = 
             link[key]["score_tbps"] = round(k_read / (score_us * 1e-6) / 1e12, 2)
             link[key]["score_vs_hbm"] = round(k_read / (score_us * 1e-6) / hbm_bytes_per_s(), 3)
     result = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, kernel_env=env_at_start,
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **header, torch=torch.__version__,
         shape=dict(batch=B, query_heads=HQ, kv_heads=HKV, head_dim=D, dtype=str(DTYPE)),
         floors=floors, full_decode_backends=decode_backends.chosen(), skipped=skipped,
         score_sweep=sweep_result,

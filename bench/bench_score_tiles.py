@@ -63,5 +63,6 @@ def main() -> None:
     parser.add_argument("--tiles", nargs="+", default=list(TILES), help="fixed tiles timed beside the rule")
     run_sweep(parser, "score_tiles.json", lambda args: run(args.batches, args.contexts, args.iters, args.tiles))
 
+
 if __name__ == "__main__":
     main()
